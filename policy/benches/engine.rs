@@ -1,0 +1,177 @@
+//! Hot-path benchmarks of the compiled engine: what one request costs the sidecar.
+//! Run with `cargo bench -p corsair-policy`; figures are recorded in BENCHMARKS.md.
+
+use std::hint::black_box;
+
+use corsair_policy::{CompiledPolicy, Policy, PolicySpec, Request};
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Method};
+
+fn compile(spec: PolicySpec) -> CompiledPolicy {
+    let acknowledged: Vec<&str> = corsair_policy::Code::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    CompiledPolicy::new(
+        Policy::check(&spec, &acknowledged)
+            .expect("bench policy is valid")
+            .policy,
+    )
+}
+
+/// The bench policy: credentials, two methods, two headers, over the given origins.
+fn policy(allowed_origins: Vec<String>) -> CompiledPolicy {
+    compile(PolicySpec {
+        service: "bench".into(),
+        allowed_origins,
+        allowed_methods: vec!["PUT".into(), "DELETE".into()],
+        allowed_headers: vec!["content-type".into(), "x-request-id".into()],
+        exposed_headers: vec!["x-total".into()],
+        allow_credentials: true,
+        max_age: Some(600),
+        ..PolicySpec::default()
+    })
+}
+
+fn small_policy() -> CompiledPolicy {
+    policy(vec!["https://app.example.com".into()])
+}
+
+/// 10,000 exact origins and 1,000 wildcard domains.
+fn large_policy() -> CompiledPolicy {
+    let mut origins: Vec<String> = (0..10_000)
+        .map(|i| format!("https://app{i}.customer{i}.com"))
+        .collect();
+    origins.extend((0..1_000).map(|i| format!("https://*.tenant{i}.example.net")));
+    origins.push("https://app.example.com".into());
+    policy(origins)
+}
+
+fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (name, value) in pairs {
+        h.append(*name, HeaderValue::from_str(value).unwrap());
+    }
+    h
+}
+
+fn decide(c: &mut Criterion, name: &str, engine: &CompiledPolicy, method: &Method, h: &HeaderMap) {
+    c.bench_function(name, |b| {
+        b.iter(|| black_box(engine.decide(&Request::new(black_box(method), black_box(h)))))
+    });
+}
+
+fn benches(c: &mut Criterion) {
+    let small = small_policy();
+    let large = large_policy();
+
+    let actual = headers(&[("origin", "https://app.example.com"), ("accept", "*/*")]);
+    decide(c, "allowed_actual/1_origin", &small, &Method::GET, &actual);
+    decide(
+        c,
+        "allowed_actual/11k_origins",
+        &large,
+        &Method::GET,
+        &actual,
+    );
+    let tenant = headers(&[("origin", "https://eu.shop.tenant977.example.net")]);
+    decide(
+        c,
+        "allowed_actual/11k_origins_wildcard_hit",
+        &large,
+        &Method::GET,
+        &tenant,
+    );
+
+    // Decision plus writing it into a typical upstream response.
+    // A fresh upstream response each time (its `Vary` needs merging); cloning it is not timed.
+    c.bench_function("allowed_actual_and_apply/1_origin", |b| {
+        let upstream = headers(&[
+            ("content-type", "application/json"),
+            ("content-length", "42"),
+            ("vary", "Accept-Encoding"),
+        ]);
+        b.iter_batched_ref(
+            || upstream.clone(),
+            |response| {
+                let d = small.decide(&Request::new(&Method::GET, black_box(&actual)));
+                d.headers.unwrap().apply(response);
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+
+    let rejected = headers(&[
+        ("origin", "https://evil.example.org"),
+        ("access-control-request-method", "PUT"),
+    ]);
+    decide(
+        c,
+        "rejected_preflight/1_origin",
+        &small,
+        &Method::OPTIONS,
+        &rejected,
+    );
+    decide(
+        c,
+        "rejected_preflight/11k_origins",
+        &large,
+        &Method::OPTIONS,
+        &rejected,
+    );
+
+    let normal = headers(&[
+        ("origin", "https://app.example.com"),
+        ("access-control-request-method", "PUT"),
+        (
+            "access-control-request-headers",
+            "content-type,x-request-id",
+        ),
+    ]);
+    decide(
+        c,
+        "allowed_preflight/normal_acrh",
+        &small,
+        &Method::OPTIONS,
+        &normal,
+    );
+    let hostile_value = "x-aaaaaaaaaaaaaaaaaaaaaaaaaaa, ".repeat(8192 / 31);
+    let hostile = headers(&[
+        ("origin", "https://app.example.com"),
+        ("access-control-request-method", "PUT"),
+        (
+            "access-control-request-headers",
+            &hostile_value[..8192.min(hostile_value.len())],
+        ),
+    ]);
+    decide(
+        c,
+        "preflight/hostile_8k_acrh",
+        &small,
+        &Method::OPTIONS,
+        &hostile,
+    );
+    let hostile_lines = {
+        let mut h = headers(&[
+            ("origin", "https://app.example.com"),
+            ("access-control-request-method", "PUT"),
+        ]);
+        for _ in 0..256 {
+            h.append(
+                "access-control-request-headers",
+                HeaderValue::from_static("content-type, x-a"),
+            );
+        }
+        h
+    };
+    decide(
+        c,
+        "preflight/hostile_256_acrh_lines",
+        &small,
+        &Method::OPTIONS,
+        &hostile_lines,
+    );
+}
+
+criterion_group!(engine, benches);
+criterion_main!(engine);

@@ -1,0 +1,41 @@
+//! Corsair's CORS policy: the model an operator writes, its validation and lint, and the
+//! compiled engine that decides every request. Pure: no I/O, no async.
+//!
+//! ```
+//! use corsair_policy::{CompiledPolicy, Policy, PolicySpec, Request};
+//! use http::{HeaderMap, Method};
+//!
+//! let spec = PolicySpec {
+//!     service: "shop".into(),
+//!     allowed_origins: vec!["https://app.example.com".into()],
+//!     allowed_methods: vec!["PUT".into()],
+//!     ..PolicySpec::default()
+//! };
+//! let policy = Policy::check(&spec, &[] as &[&str]).unwrap().policy;
+//! let engine = CompiledPolicy::new(policy);
+//!
+//! let mut headers = HeaderMap::new();
+//! headers.insert("origin", "https://app.example.com".parse().unwrap());
+//! let decision = engine.decide(&Request::new(&Method::GET, &headers));
+//! assert!(decision.allowed);
+//! ```
+//!
+//! # Layout
+//! - [`model`]: [`PolicySpec`] (input) and [`Policy`] (validated, canonical), [`Mode`].
+//! - [`origin`]: the serialized-origin grammar and [`OriginPattern`], one parsed
+//!   allowed-origin entry.
+//! - [`lint`]: validation and lint, [`Finding`]s with field paths and stable [`Code`]s.
+//! - [`engine`]: [`CompiledPolicy`], [`Request`] in, [`Decision`] out.
+//! - [`headers`]: [`CorsHeaders`], written into a response with `Vary` merged.
+
+pub mod engine;
+pub mod headers;
+pub mod lint;
+pub mod model;
+pub mod origin;
+
+pub use engine::{Action, CompiledPolicy, Decision, Kind, Reason, Request};
+pub use headers::{CorsHeaders, Vary};
+pub use lint::{Code, Finding, Rejected, Severity, Validated, lint};
+pub use model::{Mode, Policy, PolicySpec};
+pub use origin::{OriginPattern, Scheme};

@@ -1,0 +1,635 @@
+//! Validation and lint: turns a [`PolicySpec`] into a canonical [`Policy`] plus
+//! [`Finding`]s, each naming the field path, a stable [`Code`] and a sentence.
+//!
+//! Errors always refuse the policy; risks refuse it unless the caller acknowledges their code;
+//! notices are returned and accepted.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use crate::model::{Policy, PolicySpec};
+use crate::origin::{OriginEntryError, OriginPattern, REGEX_PREFIX, Scheme};
+
+/// At most this many allowed-origin entries.
+pub const MAX_ORIGINS: usize = 20_000;
+/// At most this many entries in `allowed_methods`, `allowed_headers` or `exposed_headers`.
+pub const MAX_LIST_ENTRIES: usize = 256;
+/// At most this many bytes in one method or header name.
+pub const MAX_TOKEN_LEN: usize = 256;
+/// At most this many bytes in the whole policy (the sum of its strings).
+pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+/// Browsers cap preflight caching at this many seconds (Chromium: 7200).
+pub const BROWSER_MAX_AGE_CAP: u32 = 7200;
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Severity {
+    /// Always refused.
+    Error,
+    /// Refused unless the caller acknowledges the finding's code.
+    Risk,
+    /// Reported, accepted.
+    Notice,
+}
+
+impl Severity {
+    /// The severity's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Risk => "risk",
+            Severity::Notice => "notice",
+        }
+    }
+}
+
+macro_rules! codes {
+    ($($(#[$doc:meta])* $variant:ident => $severity:ident,)*) => {
+        /// A stable finding code. Its name (`WILDCARD_WITH_CREDENTIALS`) is what operators
+        /// acknowledge and scripts match on; it never changes meaning.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[allow(non_camel_case_types)]
+        pub enum Code {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Code {
+            /// Every code, in documentation order.
+            pub const ALL: &'static [Code] = &[$(Code::$variant,)*];
+
+            /// The code as written (`NULL_ORIGIN`).
+            pub fn as_str(self) -> &'static str {
+                match self { $(Code::$variant => stringify!($variant),)* }
+            }
+
+            /// The severity findings with this code always have.
+            pub fn severity(self) -> Severity {
+                match self { $(Code::$variant => Severity::$severity,)* }
+            }
+
+            /// Looks a code up by name.
+            pub fn from_name(name: &str) -> Option<Code> {
+                match name { $(stringify!($variant) => Some(Code::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+codes! {
+    /// The service name is not a lowercase DNS label.
+    INVALID_SERVICE_NAME => Error,
+    /// An allowed origin is malformed (path, userinfo, scheme, port, host, white space, IDN).
+    INVALID_ORIGIN => Error,
+    /// A `regex:` origin does not compile or exceeds the size limits.
+    INVALID_REGEX => Error,
+    /// A method is not an HTTP token.
+    INVALID_METHOD => Error,
+    /// A header name is not an HTTP token.
+    INVALID_HEADER => Error,
+    /// A list has more entries than allowed.
+    TOO_MANY_ENTRIES => Error,
+    /// The policy is larger than allowed.
+    POLICY_TOO_LARGE => Error,
+    /// `*` origin with credentials: browsers refuse it, and reflecting any origin instead
+    /// would hand every website the user's session.
+    WILDCARD_WITH_CREDENTIALS => Error,
+    /// `*` in allowed methods with credentials: browsers treat it literally.
+    CREDENTIALS_WITH_WILDCARD_METHODS => Error,
+    /// `*` in exposed headers with credentials: browsers treat it literally.
+    CREDENTIALS_WITH_WILDCARD_EXPOSED_HEADERS => Error,
+    /// Private network access granted to any origin.
+    PRIVATE_NETWORK_WITH_WILDCARD => Error,
+    /// `null` is allowed: sandboxed iframes, `file:` pages and redirects all send it.
+    NULL_ORIGIN => Risk,
+    /// An `http://` origin beside `https://` ones: anyone on the network path can inject it.
+    INSECURE_ORIGIN => Risk,
+    /// A regular-expression origin: easy to get wrong.
+    REGEX_ORIGIN => Risk,
+    /// A wildcard directly under a public suffix (`https://*.co.uk`, `https://*.github.io`)
+    /// allows sites owned by anyone.
+    WILDCARD_UNDER_PUBLIC_SUFFIX => Risk,
+    /// A wildcard subdomain: any dangling subdomain can be taken over.
+    WILDCARD_SUBDOMAIN => Notice,
+    /// A regex without `^`/`$`: it is matched against the whole origin anyway.
+    UNANCHORED_REGEX => Notice,
+    /// A regex with an unescaped `.`, which matches any character, not only a dot.
+    REGEX_UNESCAPED_DOT => Notice,
+    /// Max age above what browsers honour.
+    MAX_AGE_ABOVE_BROWSER_CAP => Notice,
+    /// A lowercase variant of a standard method (`patch`): methods are case-sensitive.
+    LOWERCASE_METHOD => Notice,
+    /// An entry that repeats an earlier one (after canonicalization); it is dropped.
+    DUPLICATE_ENTRY => Notice,
+    /// `*` in allowed headers never covers `authorization`.
+    WILDCARD_HEADERS_EXCLUDE_AUTHORIZATION => Notice,
+    /// No origin is allowed: the policy allows no cross-origin request.
+    NO_ORIGINS => Notice,
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One validation or lint finding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// The field path, as `allowed_origins[2]`.
+    pub field: String,
+    /// The stable code.
+    pub code: Code,
+    /// The code's severity.
+    pub severity: Severity,
+    /// A sentence for an operator.
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} [{} {}]",
+            self.field,
+            self.message,
+            self.severity.as_str(),
+            self.code
+        )
+    }
+}
+
+/// A policy that passed validation, with every finding (notices and acknowledged risks).
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// The canonical policy.
+    pub policy: Policy,
+    /// All findings, in field order.
+    pub findings: Vec<Finding>,
+}
+
+/// A refused policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("policy refused: {}", .blocking.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct Rejected {
+    /// What refused it: every error, and every risk not acknowledged.
+    pub blocking: Vec<Finding>,
+    /// Every finding, blocking or not.
+    pub findings: Vec<Finding>,
+}
+
+impl Rejected {
+    /// Whether only unacknowledged risks (no errors) refused the policy.
+    pub fn only_risks(&self) -> bool {
+        self.blocking.iter().all(|f| f.severity == Severity::Risk)
+    }
+}
+
+impl Policy {
+    /// Validates and lints `spec`. Refuses it on any error, and on any risk whose code is not
+    /// in `acknowledged`.
+    pub fn check<S: AsRef<str>>(
+        spec: &PolicySpec,
+        acknowledged: &[S],
+    ) -> Result<Validated, Rejected> {
+        let (policy, findings) = lint(spec);
+        let blocking: Vec<Finding> = findings
+            .iter()
+            .filter(|f| match f.severity {
+                Severity::Error => true,
+                Severity::Risk => !acknowledged.iter().any(|a| a.as_ref() == f.code.as_str()),
+                Severity::Notice => false,
+            })
+            .cloned()
+            .collect();
+        match policy {
+            Some(policy) if blocking.is_empty() => Ok(Validated { policy, findings }),
+            _ => Err(Rejected { blocking, findings }),
+        }
+    }
+}
+
+/// Validates and lints `spec`: the canonical policy (`None` when any finding is an error) and
+/// every finding, in field order.
+pub fn lint(spec: &PolicySpec) -> (Option<Policy>, Vec<Finding>) {
+    let mut l = Linter::default();
+    l.service(&spec.service);
+    let (origins, canonical_origins) = l.origins(spec);
+    let methods = l.methods(spec);
+    let headers = l.tokens(
+        "allowed_headers",
+        &spec.allowed_headers,
+        Code::INVALID_HEADER,
+        true,
+    );
+    if spec.allowed_headers.iter().any(|h| h == "*")
+        && !spec
+            .allowed_headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case("authorization"))
+    {
+        l.push(
+            "allowed_headers".into(),
+            Code::WILDCARD_HEADERS_EXCLUDE_AUTHORIZATION,
+            "`*` allows any request header except authorization; list authorization explicitly if it is needed".into(),
+        );
+    }
+    let exposed = l.tokens(
+        "exposed_headers",
+        &spec.exposed_headers,
+        Code::INVALID_HEADER,
+        true,
+    );
+    if spec.allow_credentials {
+        if let Some(i) = spec.allowed_methods.iter().position(|m| m == "*") {
+            l.push(
+                format!("allowed_methods[{i}]"),
+                Code::CREDENTIALS_WITH_WILDCARD_METHODS,
+                "`*` cannot be combined with allow_credentials: browsers read it as a method named `*`; list the methods".into(),
+            );
+        }
+        if let Some(i) = spec.exposed_headers.iter().position(|h| h == "*") {
+            l.push(
+                format!("exposed_headers[{i}]"),
+                Code::CREDENTIALS_WITH_WILDCARD_EXPOSED_HEADERS,
+                "`*` cannot be combined with allow_credentials: browsers read it as a header named `*`; list the headers".into(),
+            );
+        }
+    }
+    if let Some(max_age) = spec.max_age
+        && max_age > BROWSER_MAX_AGE_CAP
+    {
+        l.push(
+            "max_age".into(),
+            Code::MAX_AGE_ABOVE_BROWSER_CAP,
+            format!("browsers cache preflights for at most {BROWSER_MAX_AGE_CAP} seconds; {max_age} will be capped"),
+        );
+    }
+    let size: usize = spec.service.len()
+        + [
+            &spec.allowed_origins,
+            &spec.allowed_methods,
+            &spec.allowed_headers,
+            &spec.exposed_headers,
+        ]
+        .iter()
+        .flat_map(|list| list.iter())
+        .map(String::len)
+        .sum::<usize>();
+    if size > MAX_POLICY_BYTES {
+        l.push(
+            "".into(),
+            Code::POLICY_TOO_LARGE,
+            format!("the policy has {size} bytes of entries; the limit is {MAX_POLICY_BYTES}"),
+        );
+    }
+
+    let Linter { findings } = l;
+    let ok = !findings.iter().any(|f| f.severity == Severity::Error);
+    let policy = ok.then(|| Policy {
+        spec: PolicySpec {
+            service: spec.service.clone(),
+            allowed_origins: canonical_origins,
+            allowed_methods: methods,
+            allowed_headers: headers,
+            exposed_headers: exposed,
+            allow_credentials: spec.allow_credentials,
+            max_age: spec.max_age,
+            allow_private_network: spec.allow_private_network,
+            mode: spec.mode,
+        },
+        origins,
+    });
+    let mut findings = findings;
+    findings.sort_by_key(|f| field_order(&f.field));
+    (policy, findings)
+}
+
+/// Orders findings by field, then by index within the field.
+fn field_order(field: &str) -> (usize, usize) {
+    const FIELDS: [&str; 9] = [
+        "service",
+        "allowed_origins",
+        "allowed_methods",
+        "allowed_headers",
+        "exposed_headers",
+        "allow_credentials",
+        "max_age",
+        "allow_private_network",
+        "",
+    ];
+    let (name, index) = match field.split_once('[') {
+        Some((name, rest)) => (name, rest.trim_end_matches(']').parse().unwrap_or(0)),
+        None => (field, 0),
+    };
+    (
+        FIELDS
+            .iter()
+            .position(|f| *f == name)
+            .unwrap_or(FIELDS.len()),
+        index,
+    )
+}
+
+#[derive(Default)]
+struct Linter {
+    findings: Vec<Finding>,
+}
+
+impl Linter {
+    fn push(&mut self, field: String, code: Code, message: String) {
+        self.findings.push(Finding {
+            field,
+            code,
+            severity: code.severity(),
+            message,
+        });
+    }
+
+    fn service(&mut self, name: &str) {
+        let valid = (1..=63).contains(&name.len())
+            && name.as_bytes()[0].is_ascii_lowercase()
+            && !name.ends_with('-')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            self.push(
+                "service".into(),
+                Code::INVALID_SERVICE_NAME,
+                format!("{name:?} is not a valid service name: 1 to 63 lowercase letters, digits and hyphens, starting with a letter, not ending with a hyphen"),
+            );
+        }
+    }
+
+    fn origins(&mut self, spec: &PolicySpec) -> (Vec<OriginPattern>, Vec<String>) {
+        if spec.allowed_origins.len() > MAX_ORIGINS {
+            self.push(
+                "allowed_origins".into(),
+                Code::TOO_MANY_ENTRIES,
+                format!(
+                    "{} entries; the limit is {MAX_ORIGINS}",
+                    spec.allowed_origins.len()
+                ),
+            );
+            return (Vec::new(), Vec::new());
+        }
+        if spec.allowed_origins.is_empty() {
+            self.push(
+                "allowed_origins".into(),
+                Code::NO_ORIGINS,
+                "no origin is allowed, so no cross-origin request is".into(),
+            );
+        }
+        let mut patterns = Vec::with_capacity(spec.allowed_origins.len());
+        let mut canonical = Vec::with_capacity(spec.allowed_origins.len());
+        let mut seen = HashSet::with_capacity(spec.allowed_origins.len());
+        let has_https = spec.allowed_origins.iter().any(|o| {
+            o.get(..8)
+                .is_some_and(|p| p.eq_ignore_ascii_case("https://"))
+        });
+        for (i, entry) in spec.allowed_origins.iter().enumerate() {
+            let field = format!("allowed_origins[{i}]");
+            let pattern = match OriginPattern::parse(entry) {
+                Ok(p) => p,
+                Err(e) => {
+                    let code = match e {
+                        OriginEntryError::Regex(..) => Code::INVALID_REGEX,
+                        _ => Code::INVALID_ORIGIN,
+                    };
+                    self.push(field, code, e.to_string());
+                    continue;
+                }
+            };
+            let text = pattern.canonical();
+            if !seen.insert(text.clone()) {
+                self.push(
+                    field,
+                    Code::DUPLICATE_ENTRY,
+                    format!("{entry:?} repeats an earlier entry ({text}) and is dropped"),
+                );
+                continue;
+            }
+            match &pattern {
+                OriginPattern::Any => {
+                    if spec.allow_credentials {
+                        self.push(
+                            field.clone(),
+                            Code::WILDCARD_WITH_CREDENTIALS,
+                            "`*` cannot be combined with allow_credentials: list the origins that may send credentials".into(),
+                        );
+                    }
+                    if spec.allow_private_network {
+                        self.push(
+                            field.clone(),
+                            Code::PRIVATE_NETWORK_WITH_WILDCARD,
+                            "private network access cannot be granted to `*`: list the origins".into(),
+                        );
+                    }
+                }
+                OriginPattern::Null => self.push(
+                    field.clone(),
+                    Code::NULL_ORIGIN,
+                    "`null` is sent by sandboxed iframes, file: pages and cross-origin redirects, which any site can produce".into(),
+                ),
+                OriginPattern::Regex(_) => {
+                    let source = &entry[REGEX_PREFIX.len()..];
+                    self.push(
+                        field.clone(),
+                        Code::REGEX_ORIGIN,
+                        "regular-expression origins are easy to get wrong; prefer exact origins or https://*.domain".into(),
+                    );
+                    if !source.starts_with('^') || !source.ends_with('$') {
+                        self.push(
+                            field.clone(),
+                            Code::UNANCHORED_REGEX,
+                            "the pattern is matched against the whole origin (scheme, host and port), as if written ^(?:...)$".into(),
+                        );
+                    }
+                    if has_unescaped_dot(source) {
+                        self.push(
+                            field.clone(),
+                            Code::REGEX_UNESCAPED_DOT,
+                            "`.` matches any character; write `\\.` for a literal dot".into(),
+                        );
+                    }
+                }
+                OriginPattern::Subdomains { suffix, .. } => {
+                    if is_public_suffix(suffix) {
+                        self.push(
+                            field.clone(),
+                            Code::WILDCARD_UNDER_PUBLIC_SUFFIX,
+                            format!("{suffix} is a public suffix: *.{suffix} allows sites registered by anyone"),
+                        );
+                    } else {
+                        self.push(
+                            field.clone(),
+                            Code::WILDCARD_SUBDOMAIN,
+                            format!("every subdomain of {suffix} is allowed, including any that is dangling and can be taken over"),
+                        );
+                    }
+                }
+                OriginPattern::Exact(_) => {}
+            }
+            let insecure = matches!(&pattern,
+                OriginPattern::Exact(o) if o.starts_with("http://"))
+                || matches!(
+                    &pattern,
+                    OriginPattern::Subdomains {
+                        scheme: Scheme::Http,
+                        ..
+                    }
+                );
+            if insecure && has_https {
+                self.push(
+                    field,
+                    Code::INSECURE_ORIGIN,
+                    format!("{text} is plain http beside https origins: anyone on the network path can act as it"),
+                );
+            }
+            patterns.push(pattern);
+            canonical.push(text);
+        }
+        (patterns, canonical)
+    }
+
+    fn methods(&mut self, spec: &PolicySpec) -> Vec<String> {
+        let methods = self.tokens(
+            "allowed_methods",
+            &spec.allowed_methods,
+            Code::INVALID_METHOD,
+            false,
+        );
+        for (i, m) in spec.allowed_methods.iter().enumerate() {
+            const STANDARD: [&str; 9] = [
+                "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+            ];
+            if m.bytes().any(|b| b.is_ascii_lowercase())
+                && let Some(standard) = STANDARD.iter().find(|s| s.eq_ignore_ascii_case(m))
+            {
+                let note = if *standard == "PATCH" {
+                    "browsers send `patch` as written, so it only matches fetch(…, {method: 'patch'})".to_owned()
+                } else {
+                    format!("browsers always send {standard} in uppercase, so {m:?} never matches")
+                };
+                self.push(
+                    format!("allowed_methods[{i}]"),
+                    Code::LOWERCASE_METHOD,
+                    format!("methods are case-sensitive: {note}; did you mean {standard:?}?"),
+                );
+            }
+        }
+        methods
+    }
+
+    /// Checks a list of HTTP tokens (`*` allowed); returns it without duplicates.
+    fn tokens(
+        &mut self,
+        name: &str,
+        list: &[String],
+        invalid: Code,
+        case_insensitive: bool,
+    ) -> Vec<String> {
+        if list.len() > MAX_LIST_ENTRIES {
+            self.push(
+                name.into(),
+                Code::TOO_MANY_ENTRIES,
+                format!("{} entries; the limit is {MAX_LIST_ENTRIES}", list.len()),
+            );
+            return Vec::new();
+        }
+        let mut out: Vec<String> = Vec::with_capacity(list.len());
+        for (i, token) in list.iter().enumerate() {
+            let field = format!("{name}[{i}]");
+            if token != "*" && !is_token(token) {
+                self.push(
+                    field,
+                    invalid,
+                    format!("{token:?} is not a valid name: 1 to {MAX_TOKEN_LEN} characters from the HTTP token set, no spaces or commas"),
+                );
+                continue;
+            }
+            let dup = out.iter().any(|t| {
+                if case_insensitive {
+                    t.eq_ignore_ascii_case(token)
+                } else {
+                    t == token
+                }
+            });
+            if dup {
+                self.push(
+                    field,
+                    Code::DUPLICATE_ENTRY,
+                    format!("{token:?} repeats an earlier entry and is dropped"),
+                );
+                continue;
+            }
+            out.push(token.clone());
+        }
+        out
+    }
+}
+
+/// An HTTP token (RFC 9110 §5.6.2), at most [`MAX_TOKEN_LEN`] bytes.
+pub(crate) fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_TOKEN_LEN && s.bytes().all(is_tchar)
+}
+
+/// A token character: `!#$%&'*+-.^_`|~`, digits and letters.
+pub(crate) fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Whether `domain` is itself a public suffix (ICANN or private section of the list).
+fn is_public_suffix(domain: &str) -> bool {
+    psl::suffix(domain.as_bytes())
+        .is_some_and(|s| s.is_known() && s.as_bytes() == domain.as_bytes())
+}
+
+/// Whether a pattern has a `.` outside a character class that is not escaped.
+fn has_unescaped_dot(pattern: &str) -> bool {
+    let mut escaped = false;
+    let mut in_class = false;
+    let bytes = pattern.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'[' => in_class = true,
+            b']' => in_class = false,
+            // `.*` and `.+` are meant as "anything"; a lone `.` between name parts is the bug.
+            b'.' if !in_class && !matches!(bytes.get(i + 1), Some(b'*' | b'+' | b'?' | b'{')) => {
+                return true;
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_suffixes() {
+        assert!(is_public_suffix("co.uk"));
+        assert!(is_public_suffix("github.io"));
+        assert!(is_public_suffix("com"));
+        assert!(!is_public_suffix("example.com"));
+        assert!(!is_public_suffix("corp.internal"));
+    }
+
+    #[test]
+    fn every_code_round_trips() {
+        for code in Code::ALL {
+            assert_eq!(Code::from_name(code.as_str()), Some(*code));
+        }
+    }
+
+    #[test]
+    fn unescaped_dots() {
+        assert!(has_unescaped_dot(r"https://app.example\.com"));
+        assert!(!has_unescaped_dot(r"https://[a-z.]+\.example\.com"));
+        assert!(!has_unescaped_dot(r"https://.*\.example\.com"));
+    }
+}
