@@ -1,0 +1,18 @@
+//! Corsair's control plane: it keeps every service's CORS policy in a database (SQLite by
+//! default, PostgreSQL for several replicas), serves the `corsair.v1` gRPC API, and records
+//! every change, and every refused change, in a hash-chained audit log.
+//!
+//! # Layout
+//! - [`store`]: the [`Store`](store::Store) trait, its SQLite and PostgreSQL implementations,
+//!   and the one write algorithm both share.
+//! - [`audit`]: the audit chain's hashing and verification.
+//! - [`service`]: the gRPC services (`PolicyService`, `AuditService`).
+//! - [`convert`]: wire ↔ domain conversions and the error model.
+//! - [`server`]: assembles services, health and reflection on a listener, and shuts down
+//!   gracefully.
+
+pub mod audit;
+pub mod convert;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,0 +1,123 @@
+//! `corsair-control-plane`: parse flags, open the store, serve until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use corsair_control_plane::server::{self, Config};
+use corsair_control_plane::service::PageLimits;
+use corsair_control_plane::store;
+
+/// Corsair control plane: stores CORS policies and serves the corsair.v1 gRPC API.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address of the gRPC listener.
+    #[arg(long, env = "CORSAIR_LISTEN", default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Database: sqlite://PATH (created if missing) or postgres://USER@HOST/DB.
+    #[arg(
+        long,
+        env = "CORSAIR_DATABASE_URL",
+        default_value = "sqlite://corsair.db"
+    )]
+    database_url: String,
+    /// Log format.
+    #[arg(long, env = "CORSAIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Principal recorded as the actor of every change.
+    #[arg(long, env = "CORSAIR_IDENTITY", default_value = "local")]
+    identity: String,
+    /// Largest request message, in bytes.
+    #[arg(long, env = "CORSAIR_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_message_bytes: usize,
+    /// Deadline for each call, in seconds.
+    #[arg(long, env = "CORSAIR_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout_secs: u64,
+    /// Seconds shutdown waits for in-flight calls before it closes connections anyway.
+    #[arg(long, env = "CORSAIR_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    shutdown_timeout_secs: u64,
+    /// Largest page a listing returns.
+    #[arg(long, env = "CORSAIR_MAX_PAGE_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_page_size: u32,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // --help and --version print as usual; a bad flag is one line naming it.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let line = e.to_string();
+            let line = line
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: ");
+            eprintln!("corsair-control-plane: {line}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
+
+    let store = match store::connect(&args.database_url).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("corsair-control-plane: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "corsair-control-plane: cannot listen on {}: {e}",
+                args.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = Config {
+        identity: args.identity,
+        max_message_bytes: args.max_message_bytes,
+        request_timeout: Duration::from_secs(args.request_timeout_secs),
+        pages: PageLimits {
+            default: 50.min(args.max_page_size),
+            max: args.max_page_size,
+        },
+        drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+    };
+    match server::serve(listener, store, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("corsair-control-plane: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler can be installed");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,133 @@
+//! The gRPC server: the corsair.v1 services, `grpc.health.v1.Health` and server reflection
+//! on one listener, with message-size and page-size limits, a span per RPC, and graceful
+//! shutdown (health goes `NOT_SERVING` first, streams end, in-flight calls finish).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corsair_proto::v1::audit_service_server::AuditServiceServer;
+use corsair_proto::v1::policy_service_server::PolicyServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::service::audit::Audit;
+use crate::service::policy::Policies;
+use crate::service::{PageLimits, Shared};
+use crate::store::{Store, StoreError};
+
+/// How the server behaves; the binary fills it from flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The principal recorded as actor of every call.
+    pub identity: String,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Deadline for every unary call.
+    pub request_timeout: Duration,
+    /// Listing page sizes.
+    pub pages: PageLimits,
+    /// How long shutdown waits for in-flight calls and open connections before it stops
+    /// anyway.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            identity: "local".into(),
+            max_message_bytes: 4 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            pages: PageLimits::default(),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be read at start.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not be built.
+    #[error("server reflection: {0}")]
+    Reflection(String),
+}
+
+/// Serves the control plane on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let head = store.head().await?;
+    let (audit_head, _) = watch::channel(head.last_sequence);
+    let (stop, stopped) = watch::channel(false);
+    let mut draining = stopped.clone();
+    let shared = Shared {
+        store,
+        identity: config.identity.clone(),
+        audit_head,
+        shutdown: stopped,
+        pages: config.pages,
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<PolicyServiceServer<Policies>>().await;
+    health.set_serving::<AuditServiceServer<Audit>>().await;
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(corsair_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let limit = config.max_message_bytes;
+    let policies = PolicyServiceServer::new(Policies::new(shared.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    let audit =
+        AuditServiceServer::new(Audit::new(shared.clone())).max_decoding_message_size(limit);
+
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
+        health
+            .set_not_serving::<PolicyServiceServer<Policies>>()
+            .await;
+        health.set_not_serving::<AuditServiceServer<Audit>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let _ = stop.send(true);
+    };
+
+    tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "control plane listening");
+    let server = Server::builder()
+        .timeout(config.request_timeout)
+        .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(policies)
+        .add_service(audit)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    // Graceful shutdown waits for every connection to close; a client that never closes its
+    // connection must not keep the process alive past the drain deadline.
+    let deadline = async {
+        let _ = draining.wait_for(|stop| *stop).await;
+        tokio::time::sleep(config.drain_timeout).await;
+    };
+    tokio::select! {
+        result = server => result?,
+        () = deadline => tracing::warn!(timeout = ?config.drain_timeout, "drain deadline passed; closing remaining connections"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! The gRPC services: [`policy::Policies`] (`corsair.v1.PolicyService`) and
+//! [`audit::Audit`] (`corsair.v1.AuditService`), over the state they share.
+
+pub mod audit;
+pub mod policy;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tonic::Request;
+
+use crate::store::{Store, WriteContext, Written};
+
+/// Listing sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct PageLimits {
+    /// Page size when the request leaves it at 0.
+    pub default: u32,
+    /// Largest page served; larger requests are served this many.
+    pub max: u32,
+}
+
+impl Default for PageLimits {
+    fn default() -> Self {
+        PageLimits {
+            default: 50,
+            max: 1000,
+        }
+    }
+}
+
+/// What every service shares.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The principal recorded as the actor of every call (until callers authenticate).
+    pub identity: String,
+    /// The newest audit sequence this process wrote; audit watchers wake on it.
+    pub audit_head: watch::Sender<u64>,
+    /// Turns `true` when the server shuts down; streams end on it.
+    pub shutdown: watch::Receiver<bool>,
+    /// Listing sizes.
+    pub pages: PageLimits,
+}
+
+impl Shared {
+    /// Publishes a write's audit event to watchers in this process.
+    pub(crate) fn published(&self, written: &Written) {
+        self.audit_head.send_if_modified(|head| {
+            let newer = written.event.sequence > *head;
+            if newer {
+                *head = written.event.sequence;
+            }
+            newer
+        });
+    }
+
+    /// The audit context of a call: actor, method, request id and peer.
+    pub(crate) fn context<T>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+        service: &str,
+        reason: &str,
+    ) -> WriteContext {
+        let request_id = request
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+        WriteContext {
+            actor: self.identity.clone(),
+            method: method.to_owned(),
+            service: service.to_owned(),
+            reason: reason.to_owned(),
+            request_id,
+            peer: request
+                .remote_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        }
+    }
+}

@@ -1,0 +1,725 @@
+//! Storage: the [`Store`] trait and its two implementations, [`sqlite::SqliteStore`] (the
+//! embedded default) and [`postgres::PgStore`] (several control planes on one database).
+//!
+//! Every write goes through [`Store::write`]: in one transaction it locks the single `head`
+//! row (global revision counter and audit-chain head), reads the service's current policy,
+//! asks the caller's [`Plan`] what to do with it, writes the change and its audit event, and
+//! moves the head. A refused write is recorded the same way, without the change. So there is
+//! never a change without its audit event, writers are serialized (no lost update, no reused
+//! revision, no forked chain), and a failure anywhere leaves nothing behind.
+
+pub mod postgres;
+mod sql;
+pub mod sqlite;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use corsair_policy::{PolicySpec, Rejected};
+
+use crate::audit;
+
+/// A policy as stored: the canonical spec and its bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPolicy {
+    /// The canonical spec.
+    pub spec: PolicySpec,
+    /// The global revision that last changed it.
+    pub revision: i64,
+    /// When the policy was created (Unix microseconds).
+    pub create_time: i64,
+    /// When it last changed (Unix microseconds).
+    pub update_time: i64,
+    /// Who last changed it.
+    pub update_actor: String,
+}
+
+impl StoredPolicy {
+    /// The policy's etag: opaque to clients, different for every revision.
+    pub fn etag(&self) -> String {
+        etag(&self.spec.service, self.revision)
+    }
+}
+
+/// The etag of a service's policy at a revision.
+pub fn etag(service: &str, revision: i64) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{service}\0{revision}"));
+    format!("\"{}\"", hex::encode(&digest[..8]))
+}
+
+/// One committed change of a service's policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevisionRecord {
+    /// The global revision the change took.
+    pub revision: i64,
+    /// The service.
+    pub service: String,
+    /// The policy after the change; `None` when the change deleted it.
+    pub spec: Option<PolicySpec>,
+    /// When (Unix microseconds).
+    pub time: i64,
+    /// Who.
+    pub actor: String,
+    /// Why, as the caller wrote it.
+    pub reason: String,
+    /// The audit event that records the change.
+    pub audit_sequence: u64,
+}
+
+/// How a write ended, as the audit log records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Committed.
+    Ok,
+    /// Refused: the policy is invalid.
+    Invalid,
+    /// Refused: stale etag.
+    Conflict,
+    /// Refused: no such policy or revision.
+    NotFound,
+    /// Refused: the policy exists already.
+    AlreadyExists,
+    /// Refused: a risk was not acknowledged.
+    RiskNotAcknowledged,
+    /// Refused: the caller may not do this.
+    Denied,
+    /// Refused: the request is not acceptable in the current state.
+    FailedPrecondition,
+}
+
+impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::Invalid,
+        Outcome::Conflict,
+        Outcome::NotFound,
+        Outcome::AlreadyExists,
+        Outcome::RiskNotAcknowledged,
+        Outcome::Denied,
+        Outcome::FailedPrecondition,
+    ];
+
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "OK",
+            Outcome::Invalid => "INVALID",
+            Outcome::Conflict => "CONFLICT",
+            Outcome::NotFound => "NOT_FOUND",
+            Outcome::AlreadyExists => "ALREADY_EXISTS",
+            Outcome::RiskNotAcknowledged => "RISK_NOT_ACKNOWLEDGED",
+            Outcome::Denied => "DENIED",
+            Outcome::FailedPrecondition => "FAILED_PRECONDITION",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+/// One audit event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Position in the log, from 1, without gaps.
+    pub sequence: u64,
+    /// When (Unix microseconds); never less than the previous event's.
+    pub time: i64,
+    /// The principal that made the call.
+    pub actor: String,
+    /// The full gRPC method, `corsair.v1.PolicyService/UpdatePolicy`.
+    pub method: String,
+    /// The service whose policy the call was about.
+    pub service: String,
+    /// The revision the change took; 0 when nothing changed.
+    pub revision: i64,
+    /// The policy before (JSON of the canonical spec), if there was one.
+    pub before: Option<String>,
+    /// The policy after (JSON), if the call committed one.
+    pub after: Option<String>,
+    /// The fields that changed.
+    pub changed_fields: Vec<String>,
+    /// The caller's reason.
+    pub reason: String,
+    /// The request id (`x-request-id` when the caller sent one).
+    pub request_id: String,
+    /// The caller's address.
+    pub peer: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Why it was refused, if it was.
+    pub error: String,
+    /// The previous event's hash (zeros before the first event).
+    pub prev_hash: Vec<u8>,
+    /// SHA-256 of `prev_hash` and this event's canonical encoding.
+    pub hash: Vec<u8>,
+}
+
+/// Who is writing, and why: everything the audit event records besides the change.
+#[derive(Debug, Clone, Default)]
+pub struct WriteContext {
+    /// The principal.
+    pub actor: String,
+    /// The full gRPC method.
+    pub method: String,
+    /// The service written.
+    pub service: String,
+    /// The caller's reason.
+    pub reason: String,
+    /// The request id.
+    pub request_id: String,
+    /// The caller's address.
+    pub peer: String,
+}
+
+/// Why a write was refused. Each maps to one [`Outcome`] and one gRPC code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// Nothing to change.
+    #[error("{0}")]
+    NotFound(String),
+    /// Created twice.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Stale or missing etag.
+    #[error("{0}")]
+    Conflict(String),
+    /// The policy is invalid, or a risk is not acknowledged.
+    #[error(transparent)]
+    Invalid(Box<Rejected>),
+    /// The request does not fit the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A malformed request (bad name, bad mask, missing etag, …).
+    #[error("{field}: {message}")]
+    BadRequest {
+        /// The request field at fault.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl WriteError {
+    /// The outcome the audit log records for this refusal.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            WriteError::NotFound(_) => Outcome::NotFound,
+            WriteError::AlreadyExists(_) => Outcome::AlreadyExists,
+            WriteError::Conflict(_) => Outcome::Conflict,
+            WriteError::Invalid(r) if r.only_risks() => Outcome::RiskNotAcknowledged,
+            WriteError::Invalid(_) | WriteError::BadRequest { .. } => Outcome::Invalid,
+            WriteError::FailedPrecondition(_) => Outcome::FailedPrecondition,
+        }
+    }
+}
+
+/// What a write does, decided from the service's current policy while it is locked.
+#[derive(Debug)]
+pub enum Plan {
+    /// Store this spec as the service's policy.
+    Put(PolicySpec),
+    /// Delete the service's policy.
+    Delete,
+    /// Change nothing; record the refusal.
+    Refuse(WriteError),
+}
+
+/// Decides a [`Plan`] from the current policy (`None`: the service has none).
+pub type Planner = Box<dyn FnOnce(Option<&StoredPolicy>) -> Plan + Send>;
+
+/// The result of [`Store::write`].
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The audit event recorded.
+    pub event: AuditEvent,
+    /// The service's policy after the write (`None` if it has none).
+    pub policy: Option<StoredPolicy>,
+    /// `Err` when the plan refused the write (the refusal is recorded in `event`).
+    pub result: Result<(), WriteError>,
+}
+
+/// A storage failure. Messages never carry database detail.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused the transaction; nothing was written.
+    #[error("storage unavailable")]
+    Unavailable,
+    /// Stored data could not be read back.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        tracing::warn!(%error, "database error");
+        StoreError::Unavailable
+    }
+}
+
+/// Filters of an audit query; empty strings and `None` match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Only events about this service.
+    pub service: String,
+    /// Only events by this actor.
+    pub actor: String,
+    /// Only events of this method.
+    pub method: String,
+    /// Only events with this outcome.
+    pub outcome: Option<Outcome>,
+    /// Only events at or after this time (Unix microseconds).
+    pub since: Option<i64>,
+    /// Only events before this time (Unix microseconds).
+    pub until: Option<i64>,
+}
+
+impl AuditFilter {
+    /// The equality filters in use, as (column, value).
+    pub(crate) fn equalities(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("service", self.service.as_str()),
+            ("actor", self.actor.as_str()),
+            ("method", self.method.as_str()),
+            ("outcome", self.outcome.map_or("", Outcome::as_str)),
+        ]
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+    }
+
+    /// Whether `event` passes the filter.
+    pub fn matches(&self, event: &AuditEvent) -> bool {
+        (self.service.is_empty() || self.service == event.service)
+            && (self.actor.is_empty() || self.actor == event.actor)
+            && (self.method.is_empty() || self.method == event.method)
+            && self.outcome.is_none_or(|o| o == event.outcome)
+            && self.since.is_none_or(|t| event.time >= t)
+            && self.until.is_none_or(|t| event.time < t)
+    }
+}
+
+/// Where an audit page starts: strictly older than this (time, sequence).
+pub type AuditCursor = (i64, u64);
+
+/// The control plane's storage. One implementation per database.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Runs one write: see the module documentation.
+    async fn write(&self, ctx: WriteContext, plan: Planner) -> Result<Written, StoreError>;
+
+    /// A service's live policy.
+    async fn get_policy(&self, service: &str) -> Result<Option<StoredPolicy>, StoreError>;
+
+    /// Live policies whose service starts with `prefix`, in service order, after `after`.
+    async fn list_policies(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<StoredPolicy>, StoreError>;
+
+    /// A service's revisions, newest first, older than `before`.
+    async fn list_revisions(
+        &self,
+        service: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<RevisionRecord>, StoreError>;
+
+    /// One revision.
+    async fn get_revision(&self, revision: i64) -> Result<Option<RevisionRecord>, StoreError>;
+
+    /// Audit events passing `filter`, newest first, older than `cursor`.
+    async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        cursor: Option<AuditCursor>,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// One audit event.
+    async fn get_audit(&self, sequence: u64) -> Result<Option<AuditEvent>, StoreError>;
+
+    /// Audit events with a sequence above `after`, oldest first.
+    async fn audit_after(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// The newest revision and audit sequence.
+    async fn head(&self) -> Result<Head, StoreError>;
+}
+
+/// The head row: global revision and audit-chain head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The newest revision.
+    pub revision: i64,
+    /// The newest audit sequence.
+    pub last_sequence: u64,
+    /// The newest audit event's hash.
+    pub last_hash: Vec<u8>,
+    /// The newest audit event's time.
+    pub last_time: i64,
+}
+
+/// Opens the store a database URL names: `sqlite://…` or `postgres://…`, running migrations.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>, ConnectError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(postgres::PgStore::connect(url).await?))
+    } else {
+        Err(ConnectError::Url(url.to_owned()))
+    }
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Neither `sqlite:` nor `postgres:`.
+    #[error("unsupported database URL {0:?}: expected sqlite://PATH or postgres://…")]
+    Url(String),
+    /// The database could not be reached or opened.
+    #[error("cannot open database: {0}")]
+    Open(#[source] sqlx::Error),
+    /// The schema could not be migrated.
+    #[error("cannot migrate database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Another process holds the SQLite database.
+    #[error("{0}")]
+    Locked(String),
+}
+
+/// The operations one write transaction needs from a backend.
+#[async_trait]
+pub(crate) trait WriteTx: Send {
+    /// Locks and reads the head row (first statement of the transaction).
+    async fn lock_head(&mut self) -> Result<Head, sqlx::Error>;
+    async fn policy(&mut self, service: &str) -> Result<Option<PolicyRow>, sqlx::Error>;
+    async fn put_policy(&mut self, row: &PolicyRow) -> Result<(), sqlx::Error>;
+    async fn delete_policy(&mut self, service: &str) -> Result<(), sqlx::Error>;
+    async fn insert_revision(&mut self, row: &RevisionRow) -> Result<(), sqlx::Error>;
+    async fn insert_audit(&mut self, row: &AuditRow) -> Result<(), sqlx::Error>;
+    async fn set_head(&mut self, head: &Head) -> Result<(), sqlx::Error>;
+    async fn commit(self: Box<Self>) -> Result<(), sqlx::Error>;
+}
+
+/// The write algorithm, shared by both backends.
+pub(crate) async fn write_in(
+    mut tx: Box<dyn WriteTx + '_>,
+    ctx: WriteContext,
+    plan: Planner,
+) -> Result<Written, StoreError> {
+    let head = tx.lock_head().await?;
+    let current = tx
+        .policy(&ctx.service)
+        .await?
+        .map(StoredPolicy::try_from)
+        .transpose()?;
+    let plan = plan(current.as_ref());
+
+    let time = now_micros().max(head.last_time);
+    let sequence = head.last_sequence + 1;
+    let mut next = Head {
+        revision: head.revision,
+        last_sequence: sequence,
+        last_hash: Vec::new(),
+        last_time: time,
+    };
+    let before = current.as_ref().map(|p| spec_json(&p.spec));
+    let mut event = AuditEvent {
+        sequence,
+        time,
+        actor: ctx.actor.clone(),
+        method: ctx.method,
+        service: ctx.service.clone(),
+        revision: 0,
+        before,
+        after: None,
+        changed_fields: Vec::new(),
+        reason: ctx.reason.clone(),
+        request_id: ctx.request_id,
+        peer: ctx.peer,
+        outcome: Outcome::Ok,
+        error: String::new(),
+        prev_hash: head.last_hash,
+        hash: Vec::new(),
+    };
+    let (policy, result) = match plan {
+        Plan::Put(spec) => {
+            next.revision += 1;
+            event.revision = next.revision;
+            event.changed_fields = changed_fields(current.as_ref().map(|p| &p.spec), &spec);
+            event.after = Some(spec_json(&spec));
+            let stored = StoredPolicy {
+                revision: next.revision,
+                create_time: current.as_ref().map_or(time, |p| p.create_time),
+                update_time: time,
+                update_actor: ctx.actor.clone(),
+                spec,
+            };
+            tx.put_policy(&PolicyRow::from(&stored)).await?;
+            tx.insert_revision(&RevisionRow {
+                revision: next.revision,
+                service: ctx.service,
+                spec: event.after.clone(),
+                time,
+                actor: ctx.actor,
+                reason: ctx.reason,
+                audit_sequence: sequence as i64,
+            })
+            .await?;
+            (Some(stored), Ok(()))
+        }
+        Plan::Delete => {
+            next.revision += 1;
+            event.revision = next.revision;
+            event.changed_fields = vec!["*".to_owned()];
+            tx.delete_policy(&ctx.service).await?;
+            tx.insert_revision(&RevisionRow {
+                revision: next.revision,
+                service: ctx.service,
+                spec: None,
+                time,
+                actor: ctx.actor,
+                reason: ctx.reason,
+                audit_sequence: sequence as i64,
+            })
+            .await?;
+            (None, Ok(()))
+        }
+        Plan::Refuse(error) => {
+            event.outcome = error.outcome();
+            event.error = error.to_string();
+            (current, Err(error))
+        }
+    };
+    event.hash = audit::event_hash(&event).to_vec();
+    next.last_hash = event.hash.clone();
+    tx.insert_audit(&AuditRow::from(&event)).await?;
+    tx.set_head(&next).await?;
+    tx.commit().await?;
+    Ok(Written {
+        event,
+        policy,
+        result,
+    })
+}
+
+/// The names of the spec fields that differ (all set fields for a creation).
+pub fn changed_fields(before: Option<&PolicySpec>, after: &PolicySpec) -> Vec<String> {
+    let empty = PolicySpec {
+        service: after.service.clone(),
+        ..PolicySpec::default()
+    };
+    let b = before.unwrap_or(&empty);
+    let mut fields = Vec::new();
+    let mut diff = |name: &str, changed: bool| {
+        if changed {
+            fields.push(name.to_owned());
+        }
+    };
+    diff(
+        "allowed_origins",
+        b.allowed_origins != after.allowed_origins,
+    );
+    diff(
+        "allowed_methods",
+        b.allowed_methods != after.allowed_methods,
+    );
+    diff(
+        "allowed_headers",
+        b.allowed_headers != after.allowed_headers,
+    );
+    diff(
+        "exposed_headers",
+        b.exposed_headers != after.exposed_headers,
+    );
+    diff(
+        "allow_credentials",
+        b.allow_credentials != after.allow_credentials,
+    );
+    diff("max_age", b.max_age != after.max_age);
+    diff(
+        "allow_private_network",
+        b.allow_private_network != after.allow_private_network,
+    );
+    diff("mode", b.mode != after.mode);
+    fields
+}
+
+/// The canonical JSON of a spec, as stored and hashed.
+pub fn spec_json(spec: &PolicySpec) -> String {
+    serde_json::to_string(spec).expect("a policy spec always serializes")
+}
+
+fn parse_spec(json: &str) -> Result<PolicySpec, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("stored policy: {e}")))
+}
+
+/// Now, in Unix microseconds.
+pub fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+// ---- rows, shared by both backends ---------------------------------------------------------
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct PolicyRow {
+    pub(crate) service: String,
+    pub(crate) spec: String,
+    pub(crate) revision: i64,
+    pub(crate) create_time: i64,
+    pub(crate) update_time: i64,
+    pub(crate) update_actor: String,
+}
+
+impl From<&StoredPolicy> for PolicyRow {
+    fn from(p: &StoredPolicy) -> Self {
+        PolicyRow {
+            service: p.spec.service.clone(),
+            spec: spec_json(&p.spec),
+            revision: p.revision,
+            create_time: p.create_time,
+            update_time: p.update_time,
+            update_actor: p.update_actor.clone(),
+        }
+    }
+}
+
+impl TryFrom<PolicyRow> for StoredPolicy {
+    type Error = StoreError;
+    fn try_from(row: PolicyRow) -> Result<Self, StoreError> {
+        Ok(StoredPolicy {
+            spec: parse_spec(&row.spec)?,
+            revision: row.revision,
+            create_time: row.create_time,
+            update_time: row.update_time,
+            update_actor: row.update_actor,
+        })
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct RevisionRow {
+    pub(crate) revision: i64,
+    pub(crate) service: String,
+    pub(crate) spec: Option<String>,
+    pub(crate) time: i64,
+    pub(crate) actor: String,
+    pub(crate) reason: String,
+    pub(crate) audit_sequence: i64,
+}
+
+impl TryFrom<RevisionRow> for RevisionRecord {
+    type Error = StoreError;
+    fn try_from(row: RevisionRow) -> Result<Self, StoreError> {
+        Ok(RevisionRecord {
+            revision: row.revision,
+            service: row.service,
+            spec: row.spec.as_deref().map(parse_spec).transpose()?,
+            time: row.time,
+            actor: row.actor,
+            reason: row.reason,
+            audit_sequence: row.audit_sequence as u64,
+        })
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    pub(crate) sequence: i64,
+    pub(crate) time: i64,
+    pub(crate) actor: String,
+    pub(crate) method: String,
+    pub(crate) service: String,
+    pub(crate) revision: i64,
+    pub(crate) before_spec: Option<String>,
+    pub(crate) after_spec: Option<String>,
+    pub(crate) changed_fields: String,
+    pub(crate) reason: String,
+    pub(crate) request_id: String,
+    pub(crate) peer: String,
+    pub(crate) outcome: String,
+    pub(crate) error: String,
+    pub(crate) prev_hash: Vec<u8>,
+    pub(crate) hash: Vec<u8>,
+}
+
+impl From<&AuditEvent> for AuditRow {
+    fn from(e: &AuditEvent) -> Self {
+        AuditRow {
+            sequence: e.sequence as i64,
+            time: e.time,
+            actor: e.actor.clone(),
+            method: e.method.clone(),
+            service: e.service.clone(),
+            revision: e.revision,
+            before_spec: e.before.clone(),
+            after_spec: e.after.clone(),
+            changed_fields: e.changed_fields.join(","),
+            reason: e.reason.clone(),
+            request_id: e.request_id.clone(),
+            peer: e.peer.clone(),
+            outcome: e.outcome.as_str().to_owned(),
+            error: e.error.clone(),
+            prev_hash: e.prev_hash.clone(),
+            hash: e.hash.clone(),
+        }
+    }
+}
+
+impl TryFrom<AuditRow> for AuditEvent {
+    type Error = StoreError;
+    fn try_from(row: AuditRow) -> Result<Self, StoreError> {
+        Ok(AuditEvent {
+            sequence: row.sequence as u64,
+            time: row.time,
+            actor: row.actor,
+            method: row.method,
+            service: row.service,
+            revision: row.revision,
+            before: row.before_spec,
+            after: row.after_spec,
+            changed_fields: if row.changed_fields.is_empty() {
+                Vec::new()
+            } else {
+                row.changed_fields.split(',').map(str::to_owned).collect()
+            },
+            reason: row.reason,
+            request_id: row.request_id,
+            peer: row.peer,
+            // An unknown outcome is kept visible rather than failing the whole page; the
+            // chain check catches any tampering.
+            outcome: Outcome::parse(&row.outcome).unwrap_or(Outcome::FailedPrecondition),
+            error: row.error,
+            prev_hash: row.prev_hash,
+            hash: row.hash,
+        })
+    }
+}
+
+/// Turns rows into domain values, failing on the first corrupt one.
+pub(crate) fn convert<R, T: TryFrom<R, Error = StoreError>>(
+    rows: Vec<R>,
+) -> Result<Vec<T>, StoreError> {
+    rows.into_iter().map(T::try_from).collect()
+}
+
+/// Escapes `%`, `_` and `\` for a `LIKE 'prefix%' ESCAPE '\'` pattern.
+pub(crate) fn like_prefix(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}

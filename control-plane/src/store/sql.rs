@@ -1,0 +1,244 @@
+//! The SQL both backends share. The statements use `$N` placeholders, which PostgreSQL and
+//! sqlx's SQLite driver both accept, so one macro generates each backend's [`WriteTx`] and
+//! [`Store`] implementations; a backend supplies its pool, how a write transaction begins
+//! (`begin_write`) and the statement that locks the head row.
+
+/// Implements [`WriteTx`] for `$tx` (a struct with a `tx: Transaction<'static, $db>` field)
+/// and [`Store`] for `$store` (a struct with a `pool` field and an
+/// `async fn begin_write(&self) -> Result<$tx, sqlx::Error>`).
+macro_rules! sql_store {
+    ($store:ty, $tx:ty, $db:ty, lock_head = $lock_head:literal) => {
+        #[async_trait::async_trait]
+        impl $crate::store::WriteTx for $tx {
+            async fn lock_head(&mut self) -> Result<Head, sqlx::Error> {
+                let (revision, last_sequence, last_hash, last_time): (i64, i64, Vec<u8>, i64) =
+                    sqlx::query_as($lock_head)
+                        .fetch_one(&mut *self.tx)
+                        .await?;
+                Ok(Head {
+                    revision,
+                    last_sequence: last_sequence as u64,
+                    last_hash,
+                    last_time,
+                })
+            }
+
+            async fn policy(&mut self, service: &str) -> Result<Option<PolicyRow>, sqlx::Error> {
+                sqlx::query_as("SELECT * FROM policies WHERE service = $1")
+                    .bind(service)
+                    .fetch_optional(&mut *self.tx)
+                    .await
+            }
+
+            async fn put_policy(&mut self, row: &PolicyRow) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO policies (service, spec, revision, create_time, update_time, update_actor)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (service) DO UPDATE SET spec = excluded.spec, revision = excluded.revision,
+                         update_time = excluded.update_time, update_actor = excluded.update_actor",
+                )
+                .bind(&row.service)
+                .bind(&row.spec)
+                .bind(row.revision)
+                .bind(row.create_time)
+                .bind(row.update_time)
+                .bind(&row.update_actor)
+                .execute(&mut *self.tx)
+                .await
+                .map(drop)
+            }
+
+            async fn delete_policy(&mut self, service: &str) -> Result<(), sqlx::Error> {
+                sqlx::query("DELETE FROM policies WHERE service = $1")
+                    .bind(service)
+                    .execute(&mut *self.tx)
+                    .await
+                    .map(drop)
+            }
+
+            async fn insert_revision(&mut self, row: &RevisionRow) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO policy_revisions (revision, service, spec, time, actor, reason, audit_sequence)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(row.revision)
+                .bind(&row.service)
+                .bind(&row.spec)
+                .bind(row.time)
+                .bind(&row.actor)
+                .bind(&row.reason)
+                .bind(row.audit_sequence)
+                .execute(&mut *self.tx)
+                .await
+                .map(drop)
+            }
+
+            async fn insert_audit(&mut self, row: &AuditRow) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO audit_events (sequence, time, actor, method, service, revision, before_spec,
+                         after_spec, changed_fields, reason, request_id, peer, outcome, error, prev_hash, hash)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                )
+                .bind(row.sequence)
+                .bind(row.time)
+                .bind(&row.actor)
+                .bind(&row.method)
+                .bind(&row.service)
+                .bind(row.revision)
+                .bind(&row.before_spec)
+                .bind(&row.after_spec)
+                .bind(&row.changed_fields)
+                .bind(&row.reason)
+                .bind(&row.request_id)
+                .bind(&row.peer)
+                .bind(&row.outcome)
+                .bind(&row.error)
+                .bind(&row.prev_hash)
+                .bind(&row.hash)
+                .execute(&mut *self.tx)
+                .await
+                .map(drop)
+            }
+
+            async fn set_head(&mut self, head: &Head) -> Result<(), sqlx::Error> {
+                sqlx::query("UPDATE head SET revision = $1, last_sequence = $2, last_hash = $3, last_time = $4 WHERE id = 1")
+                    .bind(head.revision)
+                    .bind(head.last_sequence as i64)
+                    .bind(&head.last_hash)
+                    .bind(head.last_time)
+                    .execute(&mut *self.tx)
+                    .await
+                    .map(drop)
+            }
+
+            async fn commit(self: Box<Self>) -> Result<(), sqlx::Error> {
+                self.tx.commit().await
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            async fn write(&self, ctx: WriteContext, plan: Planner) -> Result<Written, StoreError> {
+                let tx = self.begin_write().await?;
+                write_in(Box::new(tx), ctx, plan).await
+            }
+
+            async fn get_policy(&self, service: &str) -> Result<Option<StoredPolicy>, StoreError> {
+                let row: Option<PolicyRow> = sqlx::query_as("SELECT * FROM policies WHERE service = $1")
+                    .bind(service)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(StoredPolicy::try_from).transpose()
+            }
+
+            async fn list_policies(
+                &self,
+                prefix: &str,
+                after: Option<&str>,
+                limit: u32,
+            ) -> Result<Vec<StoredPolicy>, StoreError> {
+                let rows: Vec<PolicyRow> = sqlx::query_as(
+                    "SELECT * FROM policies WHERE service LIKE $1 ESCAPE '\\' AND service > $2
+                     ORDER BY service LIMIT $3",
+                )
+                .bind(like_prefix(prefix))
+                .bind(after.unwrap_or(""))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                convert(rows)
+            }
+
+            async fn list_revisions(
+                &self,
+                service: &str,
+                before: Option<i64>,
+                limit: u32,
+            ) -> Result<Vec<RevisionRecord>, StoreError> {
+                let rows: Vec<RevisionRow> = sqlx::query_as(
+                    "SELECT * FROM policy_revisions WHERE service = $1 AND revision < $2
+                     ORDER BY revision DESC LIMIT $3",
+                )
+                .bind(service)
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                convert(rows)
+            }
+
+            async fn get_revision(&self, revision: i64) -> Result<Option<RevisionRecord>, StoreError> {
+                let row: Option<RevisionRow> =
+                    sqlx::query_as("SELECT * FROM policy_revisions WHERE revision = $1")
+                        .bind(revision)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                row.map(RevisionRecord::try_from).transpose()
+            }
+
+            async fn list_audit(
+                &self,
+                filter: &AuditFilter,
+                cursor: Option<AuditCursor>,
+                limit: u32,
+            ) -> Result<Vec<AuditEvent>, StoreError> {
+                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT * FROM audit_events WHERE 1 = 1");
+                for (column, value) in filter.equalities() {
+                    q.push(format_args!(" AND {column} = "))
+                        .push_bind(value.to_owned());
+                }
+                if let Some(since) = filter.since {
+                    q.push(" AND time >= ").push_bind(since);
+                }
+                if let Some(until) = filter.until {
+                    q.push(" AND time < ").push_bind(until);
+                }
+                if let Some((time, sequence)) = cursor {
+                    q.push(" AND (time, sequence) < (").push_bind(time);
+                    q.push(", ").push_bind(sequence as i64).push(")");
+                }
+                q.push(" ORDER BY time DESC, sequence DESC LIMIT ")
+                    .push_bind(i64::from(limit));
+                let rows: Vec<AuditRow> = q.build_query_as().fetch_all(&self.pool).await?;
+                convert(rows)
+            }
+
+            async fn get_audit(&self, sequence: u64) -> Result<Option<AuditEvent>, StoreError> {
+                let row: Option<AuditRow> =
+                    sqlx::query_as("SELECT * FROM audit_events WHERE sequence = $1")
+                        .bind(sequence as i64)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                row.map(AuditEvent::try_from).transpose()
+            }
+
+            async fn audit_after(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
+                let rows: Vec<AuditRow> = sqlx::query_as(
+                    "SELECT * FROM audit_events WHERE sequence > $1 ORDER BY sequence LIMIT $2",
+                )
+                .bind(after as i64)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                convert(rows)
+            }
+
+            async fn head(&self) -> Result<Head, StoreError> {
+                let (revision, last_sequence, last_hash, last_time): (i64, i64, Vec<u8>, i64) =
+                    sqlx::query_as(
+                        "SELECT revision, last_sequence, last_hash, last_time FROM head WHERE id = 1",
+                    )
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(Head {
+                    revision,
+                    last_sequence: last_sequence as u64,
+                    last_hash,
+                    last_time,
+                })
+            }
+        }
+    };
+}
+
+pub(crate) use sql_store;

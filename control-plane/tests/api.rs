@@ -1,0 +1,915 @@
+//! The control plane over gRPC, against a real server on port 0, on SQLite and on
+//! PostgreSQL: round trips, compare-and-set races, validation details, the audit log and its
+//! chain, restarts and reflection.
+
+mod support;
+
+use std::collections::HashSet;
+
+use corsair_proto::v1;
+use support::{Backend, TestServer, fresh_db};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+fn policy(service: &str, origins: &[&str]) -> v1::Policy {
+    v1::Policy {
+        service: service.into(),
+        allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
+        allowed_methods: vec!["PUT".into()],
+        ..Default::default()
+    }
+}
+
+fn create(p: v1::Policy) -> v1::CreatePolicyRequest {
+    v1::CreatePolicyRequest {
+        policy: Some(p),
+        reason: "test".into(),
+        ..Default::default()
+    }
+}
+
+fn update(p: v1::Policy) -> v1::UpdatePolicyRequest {
+    v1::UpdatePolicyRequest {
+        policy: Some(p),
+        reason: "test".into(),
+        ..Default::default()
+    }
+}
+
+async fn round_trips(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+
+    let created = client
+        .create_policy(create(policy("shop", &["HTTPS://App.Example.com:443"])))
+        .await
+        .unwrap()
+        .into_inner();
+    let p1 = created.policy.unwrap();
+    assert_eq!(p1.name, "services/shop/policy");
+    assert_eq!(
+        p1.allowed_origins,
+        ["https://app.example.com"],
+        "stored canonical"
+    );
+    assert_eq!(p1.revision, 1);
+    assert_eq!(created.revision, 1);
+    assert!(!p1.etag.is_empty());
+
+    let got = client
+        .get_policy(v1::GetPolicyRequest {
+            name: "services/shop/policy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, p1);
+
+    let dup = client
+        .create_policy(create(policy("shop", &["https://x.com"])))
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+
+    let mut changed = p1.clone();
+    changed.allowed_origins = vec![
+        "https://app.example.com".into(),
+        "https://admin.example.com".into(),
+    ];
+    let p2 = client
+        .update_policy(update(changed))
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+    assert_eq!(p2.revision, 2);
+    assert_ne!(p2.etag, p1.etag);
+
+    // Field mask: only the mode changes.
+    let masked = v1::UpdatePolicyRequest {
+        policy: Some(v1::Policy {
+            name: p2.name.clone(),
+            etag: p2.etag.clone(),
+            mode: v1::PolicyMode::Enforce as i32,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["mode".into()],
+        }),
+        ..Default::default()
+    };
+    let p3 = client
+        .update_policy(masked)
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+    assert_eq!(p3.mode, v1::PolicyMode::Enforce as i32);
+    assert_eq!(
+        p3.allowed_origins, p2.allowed_origins,
+        "unmasked fields kept"
+    );
+
+    // validate_only changes nothing.
+    let mut dry = p3.clone();
+    dry.allowed_origins = vec!["https://dry.example.com".into()];
+    let resp = client
+        .update_policy(v1::UpdatePolicyRequest {
+            validate_only: true,
+            ..update(dry)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.policy.unwrap().allowed_origins,
+        ["https://dry.example.com"]
+    );
+    let still = client
+        .get_policy(v1::GetPolicyRequest {
+            name: p3.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(still.revision, 3);
+
+    // History, newest first, then rollback to revision 1 as a new revision.
+    let history = client
+        .list_policy_revisions(v1::ListPolicyRevisionsRequest {
+            name: p3.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let revisions: Vec<i64> = history.revisions.iter().map(|r| r.revision).collect();
+    assert_eq!(revisions, [3, 2, 1]);
+    let rolled = client
+        .rollback_policy(v1::RollbackPolicyRequest {
+            name: p3.name.clone(),
+            revision: 1,
+            etag: p3.etag.clone(),
+            reason: "back to the start".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+    assert_eq!(rolled.revision, 4);
+    assert_eq!(rolled.allowed_origins, ["https://app.example.com"]);
+
+    // Delete with a stale etag is refused; with the current one it succeeds.
+    let stale = client
+        .delete_policy(v1::DeletePolicyRequest {
+            name: p3.name.clone(),
+            etag: p3.etag.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    let deleted = client
+        .delete_policy(v1::DeletePolicyRequest {
+            name: p3.name.clone(),
+            etag: rolled.etag.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.revision, 5);
+    let gone = client
+        .get_policy(v1::GetPolicyRequest {
+            name: p3.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+
+    // Rolling back to the deletion is refused; to a revision that set a policy recreates it.
+    let refused = client
+        .rollback_policy(v1::RollbackPolicyRequest {
+            name: p3.name.clone(),
+            revision: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    let recreated = client
+        .rollback_policy(v1::RollbackPolicyRequest {
+            name: p3.name.clone(),
+            revision: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recreated.revision, 6);
+
+    // allow_missing creates.
+    let made = client
+        .update_policy(v1::UpdatePolicyRequest {
+            allow_missing: true,
+            ..update(policy("blog", &["https://blog.example.com"]))
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(made.revision, 7);
+    server.stop().await;
+}
+
+async fn etag_is_required_and_checked(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+    let p = client
+        .create_policy(create(policy("shop", &["https://a.com"])))
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+
+    let mut no_etag = p.clone();
+    no_etag.etag.clear();
+    let err = client.update_policy(update(no_etag)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.get_details_bad_request().unwrap().field_violations[0].field,
+        "policy.etag"
+    );
+
+    let mut ok = p.clone();
+    ok.allowed_methods = vec!["DELETE".into()];
+    client.update_policy(update(ok)).await.unwrap();
+    let err = client.update_policy(update(p.clone())).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(err.message().contains("revision 2"), "{}", err.message());
+
+    let missing = client
+        .update_policy(update(policy("nope", &["https://a.com"])))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    server.stop().await;
+}
+
+async fn validation_errors_carry_field_paths(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+
+    let mut bad = policy("shop", &["https://ok.com", "https://bad.com/path", "*"]);
+    bad.allow_credentials = true;
+    let err = client.create_policy(create(bad)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let violations = err.get_details_bad_request().unwrap().field_violations;
+    let got: Vec<(&str, &str)> = violations
+        .iter()
+        .map(|v| (v.field.as_str(), v.reason.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("policy.allowed_origins[1]", "INVALID_ORIGIN"),
+            ("policy.allowed_origins[2]", "WILDCARD_WITH_CREDENTIALS")
+        ]
+    );
+    assert_eq!(
+        err.get_details_error_info().unwrap().reason,
+        "INVALID_POLICY"
+    );
+
+    // A risk is refused the same way, with its code, until acknowledged.
+    let risky = policy("shop", &["null"]);
+    let err = client
+        .create_policy(create(risky.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let info = err.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "RISK_NOT_ACKNOWLEDGED");
+    assert_eq!(info.metadata["codes"], "NULL_ORIGIN");
+    assert_eq!(
+        err.get_details_bad_request().unwrap().field_violations[0].field,
+        "policy.allowed_origins[0]"
+    );
+    let ok = client
+        .create_policy(v1::CreatePolicyRequest {
+            acknowledged_risks: vec!["NULL_ORIGIN".into()],
+            ..create(risky)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.findings.len(), 1);
+    assert_eq!(ok.findings[0].code, "NULL_ORIGIN");
+
+    let bad_name = client
+        .get_policy(v1::GetPolicyRequest {
+            name: "shop".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_name.code(), Code::InvalidArgument);
+    assert_eq!(
+        bad_name.get_details_bad_request().unwrap().field_violations[0].field,
+        "name"
+    );
+    server.stop().await;
+}
+
+/// 50 tasks each read the policy and try one compare-and-set update. On PostgreSQL they
+/// are split across two control-plane servers (two connection pools) on one database.
+async fn concurrent_writers_never_lose_an_update(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let second = match backend {
+        Backend::Postgres => Some(TestServer::start(&db.url).await),
+        Backend::Sqlite => None,
+    };
+    let mut client = server.policies().await;
+    client
+        .create_policy(create(policy("shop", &["https://a.com"])))
+        .await
+        .unwrap();
+
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let target = match &second {
+            Some(second) if i % 2 == 1 => second,
+            _ => &server,
+        };
+        let mut client = target.policies().await;
+        tasks.push(tokio::spawn(async move {
+            let current = client
+                .get_policy(v1::GetPolicyRequest {
+                    name: "services/shop/policy".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut next = current.clone();
+            next.allowed_origins = vec![format!("https://writer{i}.example.com")];
+            match client.update_policy(update(next)).await {
+                Ok(r) => Some((r.into_inner().revision, i)),
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+                    None
+                }
+            }
+        }));
+    }
+    let mut successes = Vec::new();
+    for t in tasks {
+        if let Some(s) = t.await.unwrap() {
+            successes.push(s);
+        }
+    }
+    assert!(!successes.is_empty());
+    let revisions: HashSet<i64> = successes.iter().map(|(r, _)| *r).collect();
+    assert_eq!(
+        revisions.len(),
+        successes.len(),
+        "every success has its own revision"
+    );
+    let (last_revision, last_writer) = *successes.iter().max().unwrap();
+    let final_policy = client
+        .get_policy(v1::GetPolicyRequest {
+            name: "services/shop/policy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(final_policy.revision, last_revision);
+    assert_eq!(
+        final_policy.allowed_origins,
+        [format!("https://writer{last_writer}.example.com")]
+    );
+
+    // One event for the create and one for every attempt, chained without a fork.
+    let mut audit = server.audit().await;
+    let events = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 51);
+    let conflicts = events
+        .iter()
+        .filter(|e| e.outcome == v1::Outcome::Conflict as i32)
+        .count();
+    assert_eq!(conflicts, 50 - successes.len());
+    let verified = audit
+        .verify_audit_chain(v1::VerifyAuditChainRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.ok, "{verified:?}");
+    assert_eq!(verified.verified_events, 51);
+    if let Some(second) = second {
+        second.stop().await;
+    }
+    server.stop().await;
+}
+
+async fn audit_filters_and_pages(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+    for i in 0..7 {
+        client
+            .create_policy(create(policy(&format!("svc{i}"), &["https://a.com"])))
+            .await
+            .unwrap();
+    }
+    let mut req = tonic::Request::new(create(policy("svc3", &["https://a.com"])));
+    req.metadata_mut()
+        .insert("x-request-id", "req-42".parse().unwrap());
+    assert_eq!(
+        client.create_policy(req).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+
+    let mut audit = server.audit().await;
+    // Newest first, across pages of 3.
+    let mut sequences = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = audit
+            .list_audit_events(v1::ListAuditEventsRequest {
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.events.len() <= 3);
+        sequences.extend(page.events.iter().map(|e| e.sequence));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(sequences, (1..=8).rev().collect::<Vec<u64>>());
+
+    let svc3 = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            service: "svc3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(svc3.len(), 2);
+    assert_eq!(svc3[0].outcome, v1::Outcome::AlreadyExists as i32);
+    assert_eq!(svc3[0].request_id, "req-42");
+    assert!(svc3[0].peer.starts_with("127.0.0.1:"), "{}", svc3[0].peer);
+    assert_eq!(svc3[0].actor, "local");
+    assert_eq!(svc3[0].method, "corsair.v1.PolicyService/CreatePolicy");
+    assert_eq!(
+        svc3[1].changed_fields,
+        ["allowed_origins", "allowed_methods"]
+    );
+    assert!(svc3[1].after.is_some() && svc3[1].before.is_none());
+
+    let refused = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            outcome: v1::Outcome::AlreadyExists as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(refused.len(), 1);
+
+    // Time range: everything up to the 4th event's time (exclusive) holds events 1..=3 at most.
+    let fourth = audit
+        .get_audit_event(v1::GetAuditEventRequest { sequence: 4 })
+        .await
+        .unwrap()
+        .into_inner();
+    let before_fourth = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            end_time: fourth.time,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(before_fourth.iter().all(|e| e.sequence < 4));
+    let since_fourth = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            start_time: fourth.time,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(since_fourth.iter().all(|e| e.sequence >= 4) && since_fourth.len() >= 5);
+
+    // A token is tied to its filter.
+    let first = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let misuse = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            page_size: 1,
+            page_token: first.next_page_token,
+            service: "svc1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(misuse.code(), Code::InvalidArgument);
+    let missing = audit
+        .get_audit_event(v1::GetAuditEventRequest { sequence: 999 })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    server.stop().await;
+}
+
+async fn chain_verification_detects_tampering(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+    for i in 0..5 {
+        client
+            .create_policy(create(policy(&format!("svc{i}"), &["https://a.com"])))
+            .await
+            .unwrap();
+    }
+    let mut audit = server.audit().await;
+    let ok = audit
+        .verify_audit_chain(v1::VerifyAuditChainRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.ok && ok.verified_events == 5, "{ok:?}");
+    server.stop().await;
+
+    // Edit a row behind the control plane's back.
+    let tamper = "UPDATE audit_events SET reason = 'nothing to see' WHERE sequence = 3";
+    run_sql(&db.url, tamper).await;
+    let server = TestServer::start(&db.url).await;
+    let mut audit = server.audit().await;
+    let bad = audit
+        .verify_audit_chain(v1::VerifyAuditChainRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!bad.ok);
+    assert_eq!(bad.first_bad_sequence, 3);
+    assert_eq!(bad.verified_events, 2);
+    // A range after the edited row still verifies.
+    let tail = audit
+        .verify_audit_chain(v1::VerifyAuditChainRequest {
+            start_sequence: 4,
+            end_sequence: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tail.ok, "{tail:?}");
+    server.stop().await;
+
+    // A deleted row is found too.
+    run_sql(&db.url, "DELETE FROM audit_events WHERE sequence = 2").await;
+    let server = TestServer::start(&db.url).await;
+    let bad = server
+        .audit()
+        .await
+        .verify_audit_chain(v1::VerifyAuditChainRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bad.first_bad_sequence, 2);
+    server.stop().await;
+}
+
+async fn run_sql(url: &str, sql: &'static str) {
+    if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+}
+
+async fn restart_keeps_everything(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let p = server
+        .policies()
+        .await
+        .create_policy(create(policy("shop", &["https://a.com"])))
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+    server.stop().await;
+
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+    let got = client
+        .get_policy(v1::GetPolicyRequest {
+            name: p.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, p);
+    // The revision counter and chain continue where they were.
+    let mut next = got.clone();
+    next.allowed_methods = vec!["DELETE".into()];
+    assert_eq!(
+        client
+            .update_policy(update(next))
+            .await
+            .unwrap()
+            .into_inner()
+            .revision,
+        2
+    );
+    let verified = server
+        .audit()
+        .await
+        .verify_audit_chain(v1::VerifyAuditChainRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.ok && verified.verified_events == 2);
+    server.stop().await;
+}
+
+async fn watch_tails_the_log_live(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+    client
+        .create_policy(create(policy("one", &["https://a.com"])))
+        .await
+        .unwrap();
+    client
+        .create_policy(create(policy("two", &["https://a.com"])))
+        .await
+        .unwrap();
+
+    let mut stream = server
+        .audit()
+        .await
+        .watch_audit_events(v1::WatchAuditEventsRequest {
+            after_sequence: 0,
+            service: "two".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!((first.sequence, first.service.as_str()), (2, "two"));
+
+    client
+        .create_policy(create(policy("three", &["https://a.com"])))
+        .await
+        .unwrap();
+    let mut p = client
+        .get_policy(v1::GetPolicyRequest {
+            name: "services/two/policy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    p.allowed_methods = vec!["PATCH".into()];
+    client.update_policy(update(p)).await.unwrap();
+    let live = stream.message().await.unwrap().unwrap();
+    assert_eq!((live.sequence, live.service.as_str()), (4, "two"));
+    server.stop().await;
+}
+
+async fn explain_answers_like_a_sidecar(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+    let mut p = policy("shop", &["https://app.example.com"]);
+    p.allowed_headers = vec!["x-custom".into()];
+    p.max_age_seconds = Some(60);
+    client.create_policy(create(p)).await.unwrap();
+
+    let explain = |origin: &str, headers: &[&str], credentials: bool| v1::ExplainRequestRequest {
+        target: Some(v1::explain_request_request::Target::Service("shop".into())),
+        request: Some(v1::ExplainedRequest {
+            origin: origin.into(),
+            method: "PUT".into(),
+            request_headers: headers.iter().map(|s| s.to_string()).collect(),
+            preflight: true,
+            credentials,
+            ..Default::default()
+        }),
+    };
+    let allowed = client
+        .explain_request(explain("https://app.example.com", &["X-Custom"], false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(allowed.decision, v1::Decision::Allowed as i32);
+    assert_eq!(allowed.status, 204);
+    assert!(!allowed.forwarded);
+    assert_eq!(allowed.revision, 1);
+    let headers: Vec<(String, String)> = allowed
+        .headers
+        .iter()
+        .map(|h| (h.name.clone(), h.value.clone()))
+        .collect();
+    assert!(headers.contains(&(
+        "access-control-allow-origin".into(),
+        "https://app.example.com".into()
+    )));
+    assert!(headers.contains(&("access-control-allow-headers".into(), "x-custom".into())));
+    assert!(headers.contains(&("access-control-max-age".into(), "60".into())));
+    assert!(
+        allowed.reason.contains("allowed_origins[0]"),
+        "{}",
+        allowed.reason
+    );
+
+    let denied = client
+        .explain_request(explain("https://app.example.com", &["x-evil"], false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(denied.decision, v1::Decision::Denied as i32);
+    assert_eq!(
+        denied.reason,
+        "requested header x-evil is not in allowed_headers"
+    );
+
+    let credentialed = client
+        .explain_request(explain("https://app.example.com", &[], true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(credentialed.decision, v1::Decision::Denied as i32);
+    assert!(
+        credentialed.reason.contains("credentials"),
+        "{}",
+        credentialed.reason
+    );
+
+    // An inline policy is validated, not stored.
+    let inline = v1::ExplainRequestRequest {
+        target: Some(v1::explain_request_request::Target::Policy(policy(
+            "",
+            &["https://bad.com/"],
+        ))),
+        request: Some(v1::ExplainedRequest {
+            origin: "https://bad.com".into(),
+            ..Default::default()
+        }),
+    };
+    let err = client.explain_request(inline).await.unwrap_err();
+    assert_eq!(
+        err.get_details_bad_request().unwrap().field_violations[0].field,
+        "policy.allowed_origins[0]"
+    );
+    server.stop().await;
+}
+
+on_both_backends!(
+    round_trips,
+    etag_is_required_and_checked,
+    validation_errors_carry_field_paths,
+    concurrent_writers_never_lose_an_update,
+    audit_filters_and_pages,
+    chain_verification_detects_tampering,
+    restart_keeps_everything,
+    watch_tails_the_log_live,
+    explain_answers_like_a_sidecar,
+);
+
+#[tokio::test]
+async fn reflection_and_health_list_the_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let db = fresh_db(Backend::Sqlite).await.unwrap();
+    let server = TestServer::start(&db.url).await;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: HashSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "corsair.v1.PolicyService",
+        "corsair.v1.AuditService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "corsair.v1.PolicyService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused() {
+    let db = fresh_db(Backend::Sqlite).await.unwrap();
+    let store = corsair_control_plane::store::connect(&db.url)
+        .await
+        .unwrap();
+    let config = corsair_control_plane::server::Config {
+        max_message_bytes: 64 * 1024,
+        ..Default::default()
+    };
+    let server = TestServer::with_store(store, config).await;
+    let origins: Vec<String> = (0..5000)
+        .map(|i| format!("https://host{i}.example.com"))
+        .collect();
+    let big = v1::Policy {
+        service: "big".into(),
+        allowed_origins: origins,
+        ..Default::default()
+    };
+    let err = server
+        .policies()
+        .await
+        .create_policy(create(big))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    let head = server.store.head().await.unwrap();
+    assert_eq!(head.last_sequence, 0, "nothing stored");
+    server.stop().await;
+}

@@ -1,0 +1,151 @@
+//! The `corsair-control-plane` binary as a process: flag and database errors, serving, and a
+//! clean exit on SIGTERM. Plus the process-level guarantees of the stores.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use corsair_proto::v1;
+use support::{Backend, TestServer, fresh_db};
+
+const BIN: &str = env!("CARGO_BIN_EXE_corsair-control-plane");
+
+#[test]
+fn a_bad_flag_is_one_clear_line() {
+    let out = Command::new(BIN)
+        .args(["--listen", "not-an-address"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--listen"), "{stderr}");
+}
+
+#[test]
+fn an_unreachable_database_is_one_clear_line() {
+    let out = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/nowhere",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot open database"), "{stderr}");
+
+    let out = Command::new(BIN)
+        .args(["--database-url", "mysql://x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("unsupported database URL")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("cp.db").display());
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &url,
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the control plane logs its address")
+            .unwrap();
+        let log: serde_json::Value = serde_json::from_str(&line).expect("json logs");
+        if log["fields"]["message"] == "control plane listening" {
+            break log["fields"]["address"].as_str().unwrap().to_owned();
+        }
+    };
+    let mut client =
+        v1::policy_service_client::PolicyServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+    client
+        .create_policy(v1::CreatePolicyRequest {
+            policy: Some(v1::Policy {
+                service: "shop".into(),
+                allowed_origins: vec!["https://a.com".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The client goes first: a graceful shutdown waits for open connections to close.
+    drop(client);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Wait off the runtime, so the client's connection can still answer the server's GOAWAY.
+    let (exit, rest) = tokio::task::spawn_blocking(move || {
+        let exit = child.wait().unwrap();
+        (exit, lines.map_while(Result::ok).collect::<Vec<String>>())
+    })
+    .await
+    .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(rest.iter().any(|l| l.contains("shutting down")), "{rest:?}");
+    assert!(
+        !rest.iter().any(|l| l.contains("drain deadline")),
+        "shutdown drained on its own: {rest:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_process_on_one_sqlite_file_is_refused() {
+    let db = fresh_db(Backend::Sqlite).await.unwrap();
+    let _first = corsair_control_plane::store::connect(&db.url)
+        .await
+        .unwrap();
+    let second = corsair_control_plane::store::connect(&db.url)
+        .await
+        .unwrap_err();
+    assert!(
+        second
+            .to_string()
+            .contains("in use by another control-plane process"),
+        "{second}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams() {
+    let db = fresh_db(Backend::Sqlite).await.unwrap();
+    let server = TestServer::start(&db.url).await;
+    let mut stream = server
+        .audit()
+        .await
+        .watch_audit_events(v1::WatchAuditEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    server.stop().await;
+    // The tail ends with the server: no more messages, and no hang.
+    assert!(matches!(stream.message().await, Ok(None) | Err(_)));
+}

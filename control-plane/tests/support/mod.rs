@@ -1,0 +1,186 @@
+//! Test support: a fresh database per test on either backend, a real server on port 0, and
+//! generated clients. PostgreSQL comes from `CORSAIR_TEST_POSTGRES_URL` (default: the local
+//! server); when it is missing, tests skip loudly, except under `CI=true`, where they fail.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use corsair_control_plane::server::{self, Config};
+use corsair_control_plane::store::{self, Store};
+use corsair_proto::v1::audit_service_client::AuditServiceClient;
+use corsair_proto::v1::policy_service_client::PolicyServiceClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// The two storage backends every store test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database made for one test, removed when dropped.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.pg.take() {
+            // Drop runs outside any runtime guarantee, so use a small one of its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        )))
+                        .execute(&pool)
+                        .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+pub fn postgres_admin_url() -> String {
+    std::env::var("CORSAIR_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh, empty database; `None` (after a loud message) when PostgreSQL is unavailable
+/// outside CI.
+pub async fn fresh_db(backend: Backend) -> Option<TestDb> {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("corsair.db").display());
+            Some(TestDb {
+                url,
+                _dir: Some(dir),
+                pg: None,
+            })
+        }
+        Backend::Postgres => {
+            let admin = postgres_admin_url();
+            let pool = match sqlx::PgPool::connect(&admin).await {
+                Ok(pool) => pool,
+                Err(e) => {
+                    if std::env::var("CI").is_ok_and(|v| v == "true") {
+                        panic!(
+                            "PostgreSQL is required under CI=true but {admin} is unreachable: {e}"
+                        );
+                    }
+                    eprintln!("\n!!! SKIPPING PostgreSQL test: {admin} is unreachable ({e}) !!!\n");
+                    return None;
+                }
+            };
+            let name = format!("corsair_t_{}", uuid::Uuid::new_v4().simple());
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+                .execute(&pool)
+                .await
+                .unwrap();
+            let base = admin
+                .rsplit_once('/')
+                .map_or(admin.as_str(), |(base, _)| base);
+            Some(TestDb {
+                url: format!("{base}/{name}"),
+                _dir: None,
+                pg: Some((admin.clone(), name)),
+            })
+        }
+    }
+}
+
+/// A control plane serving on 127.0.0.1:0.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub store: Arc<dyn Store>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(url: &str) -> TestServer {
+        let store = store::connect(url).await.expect("store opens");
+        TestServer::with_store(store, Config::default()).await
+    }
+
+    pub async fn with_store(store: Arc<dyn Store>, config: Config) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn({
+            let store = store.clone();
+            async move {
+                server::serve(listener, store, config, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("server runs");
+            }
+        });
+        TestServer {
+            addr,
+            store,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn policies(&self) -> PolicyServiceClient<Channel> {
+        PolicyServiceClient::new(self.channel().await)
+    }
+
+    pub async fn audit(&self) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel().await)
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// Generates one `#[tokio::test]` per backend for an `async fn(Backend)` scenario.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                use super::*;
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$scenario(Backend::Sqlite).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$scenario(Backend::Postgres).await;
+                }
+            }
+        )*
+    };
+}
