@@ -1,7 +1,7 @@
 //! Conversions between `corsair.v1` wire types and the domain, and the mapping of domain
 //! errors to gRPC statuses with `google.rpc` details.
 
-use corsair_policy::{Finding, Mode, PolicySpec, Rejected, Severity};
+use corsair_policy::{Finding, PolicySpec, Rejected, Severity};
 use corsair_proto::v1;
 use prost_types::Timestamp;
 use tonic::{Code, Status};
@@ -12,20 +12,14 @@ use crate::store::{AuditEvent, Outcome, RevisionRecord, StoreError, StoredPolicy
 /// The `google.rpc.ErrorInfo` domain of Corsair's errors.
 pub const ERROR_DOMAIN: &str = "corsair.dev";
 
-/// The resource name of a service's policy.
-pub fn policy_name(service: &str) -> String {
-    format!("services/{service}/policy")
-}
+pub use corsair_proto::convert::policy_name;
 
 /// The service a policy resource name (`services/{service}/policy`) names.
 pub fn parse_policy_name(name: &str) -> Result<&str, WriteError> {
-    name.strip_prefix("services/")
-        .and_then(|rest| rest.strip_suffix("/policy"))
-        .filter(|s| !s.is_empty() && !s.contains('/'))
-        .ok_or_else(|| WriteError::BadRequest {
-            field: "name".into(),
-            message: format!("{name:?} is not a policy name: expected services/{{service}}/policy"),
-        })
+    corsair_proto::convert::parse_policy_name(name).map_err(|e| WriteError::BadRequest {
+        field: "name".into(),
+        message: e.to_string(),
+    })
 }
 
 /// Unix microseconds to a protobuf timestamp.
@@ -43,30 +37,9 @@ pub fn micros(t: &Timestamp) -> i64 {
         .saturating_add(i64::from(t.nanos) / 1000)
 }
 
-/// The wire mode of a domain mode.
-pub fn mode_to_proto(mode: Mode) -> v1::PolicyMode {
-    match mode {
-        Mode::Standard => v1::PolicyMode::Standard,
-        Mode::Enforce => v1::PolicyMode::Enforce,
-        Mode::Shadow => v1::PolicyMode::Shadow,
-    }
-}
-
 /// The wire policy of a spec, without bookkeeping.
 pub fn spec_to_proto(spec: &PolicySpec) -> v1::Policy {
-    v1::Policy {
-        name: policy_name(&spec.service),
-        service: spec.service.clone(),
-        allowed_origins: spec.allowed_origins.clone(),
-        allowed_methods: spec.allowed_methods.clone(),
-        allowed_headers: spec.allowed_headers.clone(),
-        exposed_headers: spec.exposed_headers.clone(),
-        allow_credentials: spec.allow_credentials,
-        max_age_seconds: spec.max_age,
-        allow_private_network: spec.allow_private_network,
-        mode: mode_to_proto(spec.mode) as i32,
-        ..v1::Policy::default()
-    }
+    v1::Policy::from(spec)
 }
 
 /// The wire policy of a stored one.
@@ -81,44 +54,11 @@ pub fn stored_to_proto(p: &StoredPolicy) -> v1::Policy {
     }
 }
 
-/// The spec a wire policy carries. The service comes from `service`, or from `name`; when
-/// both are set they must agree. Output-only fields are ignored.
+/// The spec a wire policy carries (see `TryFrom<&v1::Policy> for PolicySpec`).
 pub fn spec_from_proto(p: &v1::Policy) -> Result<PolicySpec, WriteError> {
-    let service = match (p.service.as_str(), p.name.as_str()) {
-        (s, "") => s.to_owned(),
-        ("", name) => parse_policy_name(name)?.to_owned(),
-        (s, name) => {
-            let from_name = parse_policy_name(name)?;
-            if from_name != s {
-                return Err(WriteError::BadRequest {
-                    field: "policy.service".into(),
-                    message: format!("service {s:?} does not match name {name:?}"),
-                });
-            }
-            s.to_owned()
-        }
-    };
-    let mode = match v1::PolicyMode::try_from(p.mode) {
-        Ok(v1::PolicyMode::Unspecified | v1::PolicyMode::Standard) => Mode::Standard,
-        Ok(v1::PolicyMode::Enforce) => Mode::Enforce,
-        Ok(v1::PolicyMode::Shadow) => Mode::Shadow,
-        Err(_) => {
-            return Err(WriteError::BadRequest {
-                field: "policy.mode".into(),
-                message: format!("unknown mode {}", p.mode),
-            });
-        }
-    };
-    Ok(PolicySpec {
-        service,
-        allowed_origins: p.allowed_origins.clone(),
-        allowed_methods: p.allowed_methods.clone(),
-        allowed_headers: p.allowed_headers.clone(),
-        exposed_headers: p.exposed_headers.clone(),
-        allow_credentials: p.allow_credentials,
-        max_age: p.max_age_seconds,
-        allow_private_network: p.allow_private_network,
-        mode,
+    PolicySpec::try_from(p).map_err(|e| WriteError::BadRequest {
+        field: format!("policy.{}", e.field()),
+        message: e.to_string(),
     })
 }
 

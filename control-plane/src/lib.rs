@@ -6,13 +6,18 @@
 //! - [`store`]: the [`Store`](store::Store) trait, its SQLite and PostgreSQL implementations,
 //!   and the one write algorithm both share.
 //! - [`audit`]: the audit chain's hashing and verification.
-//! - [`service`]: the gRPC services (`PolicyService`, `AuditService`).
+//! - [`service`]: the gRPC services (`PolicyService`, `AuditService`, `DiscoveryService`,
+//!   `FleetService`).
+//! - [`cache`]: the live policies every discovery stream reads, kept current from the store.
+//! - [`metrics`]: Prometheus metrics and their `/metrics` listener.
 //! - [`convert`]: wire ↔ domain conversions and the error model.
 //! - [`server`]: assembles services, health and reflection on a listener, and shuts down
 //!   gracefully.
 
 pub mod audit;
+pub mod cache;
 pub mod convert;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;

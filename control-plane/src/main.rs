@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use corsair_control_plane::server::{self, Config};
 use corsair_control_plane::service::PageLimits;
+use corsair_control_plane::service::discovery::StreamConfig;
 use corsair_control_plane::store;
 
 /// Corsair control plane: stores CORS policies and serves the corsair.v1 gRPC API.
@@ -38,6 +39,29 @@ struct Args {
     /// Seconds shutdown waits for in-flight calls before it closes connections anyway.
     #[arg(long, env = "CORSAIR_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     shutdown_timeout_secs: u64,
+    /// Address of the Prometheus `/metrics` listener; off when unset.
+    #[arg(long, env = "CORSAIR_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// This replica's id in fleet status (default: a random one per start).
+    #[arg(long, env = "CORSAIR_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Seconds a sidecar has to acknowledge a push before its stream is reset.
+    #[arg(long, env = "CORSAIR_ACK_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    ack_timeout_secs: u64,
+    /// Maximum age of a sidecar stream in seconds (shortened by up to 10% at random), after
+    /// which the sidecar reconnects, possibly to another replica.
+    #[arg(long, env = "CORSAIR_MAX_CONNECTION_AGE_SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connection_age_secs: u64,
+    /// New sidecar streams admitted per second; beyond, RESOURCE_EXHAUSTED and the sidecars
+    /// back off.
+    #[arg(long, env = "CORSAIR_MAX_NEW_STREAMS_PER_SEC", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_new_streams_per_sec: u32,
+    /// Seconds disconnected sidecars stay in fleet status.
+    #[arg(long, env = "CORSAIR_FLEET_RETENTION_SECS", default_value_t = 3600)]
+    fleet_retention_secs: u64,
+    /// Seconds between checks of the store for changes a lost notification would hide.
+    #[arg(long, env = "CORSAIR_ANTI_ENTROPY_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    anti_entropy_secs: u64,
     /// Largest page a listing returns.
     #[arg(long, env = "CORSAIR_MAX_PAGE_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     max_page_size: u32,
@@ -102,8 +126,36 @@ async fn main() -> ExitCode {
             max: args.max_page_size,
         },
         drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+        streams: StreamConfig {
+            ack_timeout: Duration::from_secs(args.ack_timeout_secs),
+            max_connection_age: Duration::from_secs(args.max_connection_age_secs),
+            max_new_streams_per_sec: args.max_new_streams_per_sec,
+            ..StreamConfig::default()
+        },
+        fleet_retention: Duration::from_secs(args.fleet_retention_secs),
+        anti_entropy: Duration::from_secs(args.anti_entropy_secs),
+        ..Config::default()
     };
-    match server::serve(listener, store, config, shutdown_signal()).await {
+    let config = match args.replica_id {
+        Some(replica_id) => Config {
+            replica_id,
+            ..config
+        },
+        None => config,
+    };
+    let metrics_listener = match args.metrics_listen {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("corsair-control-plane: cannot listen on {addr} for metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match server::serve_with_metrics(listener, metrics_listener, store, config, shutdown_signal())
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("corsair-control-plane: {e}");

@@ -7,13 +7,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corsair_proto::v1::audit_service_server::AuditServiceServer;
+use corsair_proto::v1::discovery_service_server::DiscoveryServiceServer;
+use corsair_proto::v1::fleet_service_server::FleetServiceServer;
 use corsair_proto::v1::policy_service_server::PolicyServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
+use crate::metrics::Metrics;
 use crate::service::audit::Audit;
+use crate::service::discovery::{Discovery, StreamConfig};
+use crate::service::fleet::{Fleet, FleetApi};
 use crate::service::policy::Policies;
 use crate::service::{PageLimits, Shared};
 use crate::store::{Store, StoreError};
@@ -32,6 +37,18 @@ pub struct Config {
     /// How long shutdown waits for in-flight calls and open connections before it stops
     /// anyway.
     pub drain_timeout: Duration,
+    /// This replica's id in fleet status.
+    pub replica_id: String,
+    /// Discovery stream behaviour.
+    pub streams: StreamConfig,
+    /// How often the policy cache re-reads the store even without a nudge.
+    pub anti_entropy: Duration,
+    /// How often fleet status is written.
+    pub fleet_flush: Duration,
+    /// How long disconnected sidecars stay listed.
+    pub fleet_retention: Duration,
+    /// HTTP/2 keepalive ping interval (a peer silent for as long again is dropped).
+    pub keepalive: Duration,
 }
 
 impl Default for Config {
@@ -42,6 +59,12 @@ impl Default for Config {
             request_timeout: Duration::from_secs(30),
             pages: PageLimits::default(),
             drain_timeout: Duration::from_secs(10),
+            replica_id: format!("cp-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            streams: StreamConfig::default(),
+            anti_entropy: Duration::from_secs(5),
+            fleet_flush: Duration::from_millis(500),
+            fleet_retention: Duration::from_secs(3600),
+            keepalive: Duration::from_secs(20),
         }
     }
 }
@@ -67,21 +90,67 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with_metrics(listener, None, store, config, shutdown).await
+}
+
+/// [`serve`], plus Prometheus metrics on `metrics_listener`.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    store: Arc<dyn Store>,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let head = store.head().await?;
     let (audit_head, _) = watch::channel(head.last_sequence);
+    let (revisions, local_revisions) = watch::channel(head.revision);
     let (stop, stopped) = watch::channel(false);
     let mut draining = stopped.clone();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let snapshots = crate::cache::start(
+        store.clone(),
+        local_revisions,
+        config.anti_entropy,
+        stopped.clone(),
+        &tasks,
+    )
+    .await?;
+    let metrics = Arc::new(Metrics::default());
+    if let Some(listener) = metrics_listener {
+        let mut stop_metrics = stopped.clone();
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            async move {
+                let _ = stop_metrics.wait_for(|s| *s).await;
+            },
+        ));
+    }
+    let fleet = Arc::new(Fleet::new(store.clone(), config.replica_id.clone()));
+    let fleet_final = fleet.clone();
+    fleet.spawn_flusher(
+        config.fleet_flush,
+        config.fleet_retention,
+        stopped.clone(),
+        &tasks,
+    );
     let shared = Shared {
         store,
         identity: config.identity.clone(),
         audit_head,
-        shutdown: stopped,
+        revisions,
+        shutdown: stopped.clone(),
         pages: config.pages,
+        tasks: tasks.clone(),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PolicyServiceServer<Policies>>().await;
     health.set_serving::<AuditServiceServer<Audit>>().await;
+    health
+        .set_serving::<DiscoveryServiceServer<Discovery>>()
+        .await;
+    health.set_serving::<FleetServiceServer<FleetApi>>().await;
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(corsair_proto::FILE_DESCRIPTOR_SET)
@@ -95,6 +164,17 @@ pub async fn serve(
         .max_encoding_message_size(usize::MAX);
     let audit =
         AuditServiceServer::new(Audit::new(shared.clone())).max_decoding_message_size(limit);
+    let discovery = DiscoveryServiceServer::new(Discovery::new(
+        snapshots,
+        fleet.clone(),
+        metrics,
+        config.streams.clone(),
+        stopped,
+        tasks.clone(),
+    ))
+    .max_decoding_message_size(limit);
+    let fleet_api = FleetServiceServer::new(FleetApi::new(fleet, config.pages))
+        .max_decoding_message_size(limit);
 
     let signal = async move {
         shutdown.await;
@@ -104,6 +184,12 @@ pub async fn serve(
             .await;
         health.set_not_serving::<AuditServiceServer<Audit>>().await;
         health
+            .set_not_serving::<DiscoveryServiceServer<Discovery>>()
+            .await;
+        health
+            .set_not_serving::<FleetServiceServer<FleetApi>>()
+            .await;
+        health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         let _ = stop.send(true);
@@ -112,11 +198,15 @@ pub async fn serve(
     tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "control plane listening");
     let server = Server::builder()
         .timeout(config.request_timeout)
+        .http2_keepalive_interval(Some(config.keepalive))
+        .http2_keepalive_timeout(Some(config.keepalive))
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(policies)
         .add_service(audit)
+        .add_service(discovery)
+        .add_service(fleet_api)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     // Graceful shutdown waits for every connection to close; a client that never closes its
     // connection must not keep the process alive past the drain deadline.
@@ -127,6 +217,18 @@ pub async fn serve(
     tokio::select! {
         result = server => result?,
         () = deadline => tracing::warn!(timeout = ?config.drain_timeout, "drain deadline passed; closing remaining connections"),
+    }
+    // Streams and tails end on the shutdown signal; wait for them (within the drain
+    // deadline), then write the fleet's final state, so nothing outlives `serve`.
+    tasks.close();
+    if tokio::time::timeout(config.drain_timeout, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks still running at the drain deadline");
+    }
+    if let Err(error) = fleet_final.flush().await {
+        tracing::warn!(%error, "final fleet status not saved");
     }
     tracing::info!("stopped");
     Ok(())

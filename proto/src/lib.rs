@@ -31,6 +31,8 @@
 //! and its imports, for gRPC server reflection.
 
 /// Messages, enums, clients and servers of the `corsair.v1` package.
+pub mod convert;
+
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/corsair.v1.rs"));

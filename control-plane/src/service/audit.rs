@@ -120,7 +120,9 @@ impl AuditService for Audit {
         let (tx, rx) = mpsc::channel(64);
         let shared = self.shared.clone();
         let span = tracing::info_span!("audit_tail", after = req.after_sequence);
-        tokio::spawn(tail(shared, filter, req.after_sequence, tx).instrument(span));
+        self.shared
+            .tasks
+            .spawn(tail(shared, filter, req.after_sequence, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -180,7 +182,7 @@ async fn tail(
             _ = woken.changed() => {}
             _ = tokio::time::sleep(TAIL_POLL) => {}
             _ = tx.closed() => return,
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            () = crate::service::stopped(&mut shutdown) => return,
         }
     }
 }

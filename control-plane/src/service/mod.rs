@@ -2,6 +2,8 @@
 //! [`audit::Audit`] (`corsair.v1.AuditService`), over the state they share.
 
 pub mod audit;
+pub mod discovery;
+pub mod fleet;
 pub mod policy;
 
 use std::sync::Arc;
@@ -10,6 +12,11 @@ use tokio::sync::watch;
 use tonic::Request;
 
 use crate::store::{Store, WriteContext, Written};
+
+/// Resolves once `shutdown` turns `true` (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
 
 /// Listing sizes.
 #[derive(Debug, Clone, Copy)]
@@ -38,15 +45,28 @@ pub struct Shared {
     pub identity: String,
     /// The newest audit sequence this process wrote; audit watchers wake on it.
     pub audit_head: watch::Sender<u64>,
+    /// The newest revision this process committed; the policy cache wakes on it.
+    pub revisions: watch::Sender<i64>,
     /// Turns `true` when the server shuts down; streams end on it.
     pub shutdown: watch::Receiver<bool>,
     /// Listing sizes.
     pub pages: PageLimits,
+    /// Every task the server spawns; shutdown waits for them, so nothing outlives `serve`.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl Shared {
-    /// Publishes a write's audit event to watchers in this process.
+    /// Publishes a write's audit event and revision to watchers in this process.
     pub(crate) fn published(&self, written: &Written) {
+        if written.event.revision > 0 {
+            self.revisions.send_if_modified(|r| {
+                let newer = written.event.revision > *r;
+                if newer {
+                    *r = written.event.revision;
+                }
+                newer
+            });
+        }
         self.audit_head.send_if_modified(|head| {
             let newer = written.event.sequence > *head;
             if newer {

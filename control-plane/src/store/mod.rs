@@ -350,6 +350,110 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// The newest revision and audit sequence.
     async fn head(&self) -> Result<Head, StoreError>;
+
+    /// Committed changes with a revision above `after`, oldest first.
+    async fn revisions_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<RevisionRecord>, StoreError>;
+
+    /// Sends a [`Nudge`] whenever another process may have committed a change, until
+    /// `nudges` closes. Returns at once for a store only one process uses.
+    async fn follow(&self, nudges: tokio::sync::mpsc::Sender<Nudge>);
+
+    /// Writes fleet rows; a row is only replaced by one from a connection at least as recent.
+    async fn save_sidecars(&self, rows: &[SidecarRecord]) -> Result<(), StoreError>;
+
+    /// Fleet rows, by id, after `after`, filtered by service and state (empty: any).
+    async fn list_sidecars(
+        &self,
+        service: &str,
+        state: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SidecarRecord>, StoreError>;
+
+    /// One fleet row.
+    async fn get_sidecar(&self, id: &str) -> Result<Option<SidecarRecord>, StoreError>;
+
+    /// Removes sidecars disconnected before `before` (Unix microseconds).
+    async fn prune_sidecars(&self, before: i64) -> Result<u64, StoreError>;
+}
+
+/// A sidecar's sync state, as fleet status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SidecarState {
+    /// It holds the newest revision of every policy it serves.
+    Synced,
+    /// A push is unacknowledged, or a change is waiting to be pushed.
+    Pending,
+    /// It refused the last push (it keeps serving its last good policy).
+    Nacked,
+    /// Its stream is closed.
+    Disconnected,
+}
+
+impl SidecarState {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SidecarState::Synced => "SYNCED",
+            SidecarState::Pending => "PENDING",
+            SidecarState::Nacked => "NACKED",
+            SidecarState::Disconnected => "DISCONNECTED",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<SidecarState> {
+        [
+            SidecarState::Synced,
+            SidecarState::Pending,
+            SidecarState::Nacked,
+            SidecarState::Disconnected,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
+}
+
+/// One sidecar in fleet status.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SidecarRecord {
+    /// The sidecar's stable id.
+    pub sidecar_id: String,
+    /// The services it serves, comma-separated (empty: every service).
+    pub services: String,
+    /// Its version.
+    pub version: String,
+    /// Its host.
+    pub host: String,
+    /// The control-plane replica its stream is (or was) on.
+    pub control_plane: String,
+    /// When its current stream opened (Unix microseconds).
+    pub connected_since: i64,
+    /// When it was last heard from.
+    pub last_seen: i64,
+    /// The global revision of the last push.
+    pub last_sent_revision: i64,
+    /// The global revision it last acknowledged.
+    pub last_acked_revision: i64,
+    /// `SYNCED`, `PENDING`, `NACKED` or `DISCONNECTED`.
+    pub state: String,
+    /// The error of its last NACK.
+    pub nack_error: String,
+    /// When its stream closed.
+    pub disconnected_at: Option<i64>,
+}
+
+/// What wakes the policy cache besides this process's own writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nudge {
+    /// Another process committed this revision.
+    Revision(i64),
+    /// Notifications may have been lost: re-read everything.
+    Resync,
 }
 
 /// The head row: global revision and audit-chain head.
@@ -404,6 +508,8 @@ pub(crate) trait WriteTx: Send {
     async fn insert_revision(&mut self, row: &RevisionRow) -> Result<(), sqlx::Error>;
     async fn insert_audit(&mut self, row: &AuditRow) -> Result<(), sqlx::Error>;
     async fn set_head(&mut self, head: &Head) -> Result<(), sqlx::Error>;
+    /// Tells other processes that `revision` is committed (delivered at commit).
+    async fn notify(&mut self, revision: i64) -> Result<(), sqlx::Error>;
     async fn commit(self: Box<Self>) -> Result<(), sqlx::Error>;
 }
 
@@ -501,6 +607,9 @@ pub(crate) async fn write_in(
     next.last_hash = event.hash.clone();
     tx.insert_audit(&AuditRow::from(&event)).await?;
     tx.set_head(&next).await?;
+    if next.revision != head.revision {
+        tx.notify(next.revision).await?;
+    }
     tx.commit().await?;
     Ok(Written {
         event,

@@ -70,5 +70,64 @@ super::sql::sql_store!(
     PgTx,
     Postgres,
     lock_head =
-        "SELECT revision, last_sequence, last_hash, last_time FROM head WHERE id = 1 FOR UPDATE"
+        "SELECT revision, last_sequence, last_hash, last_time FROM head WHERE id = 1 FOR UPDATE",
+    notify = "SELECT pg_notify('corsair_revisions', $1)"
 );
+
+/// The channel every committed revision is announced on.
+const CHANNEL: &str = "corsair_revisions";
+
+impl PgStore {
+    /// Listens for other processes' commits. Notifications are only a nudge: the reader
+    /// always re-reads the tables, and after the listener's connection is lost (when
+    /// notifications may have been missed) it asks for a full resync.
+    async fn follow_changes(&self, nudges: tokio::sync::mpsc::Sender<super::Nudge>) {
+        use super::Nudge;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let listener = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+                listener.listen(CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            let mut listener = tokio::select! {
+                listener = listener => match listener {
+                    Ok(l) => l,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot listen for changes; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                },
+                () = nudges.closed() => return,
+            };
+            backoff = Duration::from_millis(100);
+            // Anything committed before LISTEN took effect is caught by this resync.
+            if nudges.send(Nudge::Resync).await.is_err() {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    next = listener.try_recv() => next,
+                    () = nudges.closed() => return,
+                };
+                let nudge = match next {
+                    Ok(Some(n)) => n.payload().parse().map_or(Nudge::Resync, Nudge::Revision),
+                    // The connection dropped and was re-established: notifications may be lost.
+                    Ok(None) => {
+                        tracing::info!("change listener reconnected; resyncing");
+                        Nudge::Resync
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "change listener failed; reconnecting");
+                        break;
+                    }
+                };
+                if nudges.send(nudge).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@
 /// and [`Store`] for `$store` (a struct with a `pool` field and an
 /// `async fn begin_write(&self) -> Result<$tx, sqlx::Error>`).
 macro_rules! sql_store {
-    ($store:ty, $tx:ty, $db:ty, lock_head = $lock_head:literal) => {
+    ($store:ty, $tx:ty, $db:ty, lock_head = $lock_head:literal, notify = $notify:literal) => {
         #[async_trait::async_trait]
         impl $crate::store::WriteTx for $tx {
             async fn lock_head(&mut self) -> Result<Head, sqlx::Error> {
@@ -106,6 +106,17 @@ macro_rules! sql_store {
                     .bind(head.last_sequence as i64)
                     .bind(&head.last_hash)
                     .bind(head.last_time)
+                    .execute(&mut *self.tx)
+                    .await
+                    .map(drop)
+            }
+
+            async fn notify(&mut self, revision: i64) -> Result<(), sqlx::Error> {
+                if $notify.is_empty() {
+                    return Ok(());
+                }
+                sqlx::query($notify)
+                    .bind(revision.to_string())
                     .execute(&mut *self.tx)
                     .await
                     .map(drop)
@@ -236,6 +247,94 @@ macro_rules! sql_store {
                     last_hash,
                     last_time,
                 })
+            }
+
+            async fn revisions_after(&self, after: i64, limit: u32) -> Result<Vec<RevisionRecord>, StoreError> {
+                let rows: Vec<RevisionRow> = sqlx::query_as(
+                    "SELECT * FROM policy_revisions WHERE revision > $1 ORDER BY revision LIMIT $2",
+                )
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                convert(rows)
+            }
+
+            async fn follow(&self, nudges: tokio::sync::mpsc::Sender<$crate::store::Nudge>) {
+                self.follow_changes(nudges).await
+            }
+
+            async fn save_sidecars(&self, rows: &[$crate::store::SidecarRecord]) -> Result<(), StoreError> {
+                if rows.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin().await?;
+                for r in rows {
+                    sqlx::query(
+                        "INSERT INTO sidecars (sidecar_id, services, version, host, control_plane, connected_since,
+                             last_seen, last_sent_revision, last_acked_revision, state, nack_error, disconnected_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                         ON CONFLICT (sidecar_id) DO UPDATE SET services = excluded.services,
+                             version = excluded.version, host = excluded.host,
+                             control_plane = excluded.control_plane, connected_since = excluded.connected_since,
+                             last_seen = excluded.last_seen, last_sent_revision = excluded.last_sent_revision,
+                             last_acked_revision = excluded.last_acked_revision, state = excluded.state,
+                             nack_error = excluded.nack_error, disconnected_at = excluded.disconnected_at
+                         WHERE excluded.connected_since >= sidecars.connected_since",
+                    )
+                    .bind(&r.sidecar_id)
+                    .bind(&r.services)
+                    .bind(&r.version)
+                    .bind(&r.host)
+                    .bind(&r.control_plane)
+                    .bind(r.connected_since)
+                    .bind(r.last_seen)
+                    .bind(r.last_sent_revision)
+                    .bind(r.last_acked_revision)
+                    .bind(&r.state)
+                    .bind(&r.nack_error)
+                    .bind(r.disconnected_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn list_sidecars(
+                &self,
+                service: &str,
+                state: &str,
+                after: &str,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::SidecarRecord>, StoreError> {
+                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT * FROM sidecars WHERE sidecar_id > ");
+                q.push_bind(after.to_owned());
+                if !service.is_empty() {
+                    q.push(" AND (services = '' OR ',' || services || ',' LIKE ")
+                        .push_bind(format!("%,{},%", service.replace(['%', '_', '\\'], "")))
+                        .push(")");
+                }
+                if !state.is_empty() {
+                    q.push(" AND state = ").push_bind(state.to_owned());
+                }
+                q.push(" ORDER BY sidecar_id LIMIT ").push_bind(i64::from(limit));
+                Ok(q.build_query_as().fetch_all(&self.pool).await?)
+            }
+
+            async fn get_sidecar(&self, id: &str) -> Result<Option<$crate::store::SidecarRecord>, StoreError> {
+                Ok(sqlx::query_as("SELECT * FROM sidecars WHERE sidecar_id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn prune_sidecars(&self, before: i64) -> Result<u64, StoreError> {
+                Ok(sqlx::query("DELETE FROM sidecars WHERE state = 'DISCONNECTED' AND disconnected_at < $1")
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected())
             }
         }
     };

@@ -110,5 +110,11 @@ super::sql::sql_store!(
     SqliteStore,
     SqliteTx<'_>,
     Sqlite,
-    lock_head = "SELECT revision, last_sequence, last_hash, last_time FROM head WHERE id = 1"
+    lock_head = "SELECT revision, last_sequence, last_hash, last_time FROM head WHERE id = 1",
+    notify = ""
 );
+
+impl SqliteStore {
+    /// Only this process writes the file, and it wakes its own readers.
+    async fn follow_changes(&self, _nudges: tokio::sync::mpsc::Sender<super::Nudge>) {}
+}

@@ -117,7 +117,12 @@ impl TestServer {
     }
 
     pub async fn with_store(store: Arc<dyn Store>, config: Config) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestServer::on("127.0.0.1:0".parse().unwrap(), store, config).await
+    }
+
+    /// A server on `addr` (an address a stopped server used, to restart it in place).
+    pub async fn on(addr: SocketAddr, store: Arc<dyn Store>, config: Config) -> TestServer {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn({
@@ -148,6 +153,16 @@ impl TestServer {
 
     pub async fn policies(&self) -> PolicyServiceClient<Channel> {
         PolicyServiceClient::new(self.channel().await)
+    }
+
+    pub async fn fleet(
+        &self,
+    ) -> corsair_proto::v1::fleet_service_client::FleetServiceClient<Channel> {
+        corsair_proto::v1::fleet_service_client::FleetServiceClient::new(self.channel().await)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     pub async fn audit(&self) -> AuditServiceClient<Channel> {

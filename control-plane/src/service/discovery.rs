@@ -1,0 +1,365 @@
+//! `corsair.v1.DiscoveryService.StreamPolicies`: one task per sidecar stream.
+//!
+//! The sidecar says who it is and which revision of each policy it holds; the stream answers
+//! with only what differs (an upsert per changed policy, a removal per deleted one), or a full
+//! snapshot when the sidecar holds nothing. At most one response is unacknowledged: while it
+//! is, newer changes are not queued; the next push is computed from the latest cache state
+//! once the ACK arrives (latest state wins). A NACKed revision is not resent until the policy
+//! changes again. No ACK within the timeout, the maximum connection age (jittered, so load
+//! rebalances across replicas) or shutdown ends the stream; the sidecar reconnects.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use corsair_proto::v1::discovery_request::Kind;
+use corsair_proto::v1::{self, discovery_service_server::DiscoveryService};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::fleet::Fleet;
+use crate::cache::Snapshot;
+use crate::metrics::Metrics;
+use crate::store::{SidecarRecord, SidecarState, now_micros};
+
+/// Stream behaviour.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// A push not acknowledged within this ends the stream.
+    pub ack_timeout: Duration,
+    /// A stream lives at most this long (± `age_jitter`), then the sidecar reconnects.
+    pub max_connection_age: Duration,
+    /// Fraction of `max_connection_age` by which each stream's age is randomly shortened.
+    pub age_jitter: f64,
+    /// New streams admitted per second (with a burst of as many); beyond, `RESOURCE_EXHAUSTED`.
+    pub max_new_streams_per_sec: u32,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            ack_timeout: Duration::from_secs(30),
+            max_connection_age: Duration::from_secs(30 * 60),
+            age_jitter: 0.1,
+            max_new_streams_per_sec: 2000,
+        }
+    }
+}
+
+/// A token bucket for stream admission.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// The discovery service.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    fleet: Arc<Fleet>,
+    metrics: Arc<Metrics>,
+    config: StreamConfig,
+    shutdown: watch::Receiver<bool>,
+    admission: Arc<Mutex<Bucket>>,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Discovery {
+    /// A discovery service reading `snapshots`.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        fleet: Arc<Fleet>,
+        metrics: Arc<Metrics>,
+        config: StreamConfig,
+        shutdown: watch::Receiver<bool>,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Self {
+        let burst = f64::from(config.max_new_streams_per_sec);
+        Discovery {
+            snapshots,
+            fleet,
+            metrics,
+            config,
+            shutdown,
+            tasks,
+            admission: Arc::new(Mutex::new(Bucket {
+                tokens: burst,
+                last: Instant::now(),
+            })),
+        }
+    }
+
+    fn admit(&self) -> bool {
+        let rate = f64::from(self.config.max_new_streams_per_sec);
+        let mut b = self.admission.lock().expect("admission lock");
+        let now = Instant::now();
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(rate);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+type Outbound = mpsc::Sender<Result<v1::DiscoveryResponse, Status>>;
+
+#[tonic::async_trait]
+impl DiscoveryService for Discovery {
+    type StreamPoliciesStream =
+        Pin<Box<dyn Stream<Item = Result<v1::DiscoveryResponse, Status>> + Send + 'static>>;
+
+    async fn stream_policies(
+        &self,
+        request: Request<Streaming<v1::DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamPoliciesStream>, Status> {
+        if !self.admit() {
+            self.metrics.streams_refused.inc();
+            return Err(Status::resource_exhausted(
+                "too many new streams; retry with exponential backoff",
+            ));
+        }
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let span = tracing::info_span!("discovery", %peer, sidecar = tracing::field::Empty);
+        self.tasks
+            .spawn(self.clone().session(inbound, tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The one response awaiting its ACK.
+struct InFlight {
+    nonce: String,
+    revision: i64,
+    /// Service → revision pushed (0: removed).
+    entries: Vec<(String, i64)>,
+    /// Newest commit time among the pushed policies, for the convergence histogram.
+    committed_at: Option<i64>,
+    sent: tokio::time::Instant,
+}
+
+impl Discovery {
+    async fn session(self, mut inbound: Streaming<v1::DiscoveryRequest>, tx: Outbound) {
+        let hello = match inbound.message().await {
+            Ok(Some(v1::DiscoveryRequest {
+                kind: Some(Kind::Hello(hello)),
+            })) => hello,
+            Ok(Some(_)) => {
+                let _ = tx
+                    .send(Err(Status::invalid_argument(
+                        "the first message must be a Hello",
+                    )))
+                    .await;
+                return;
+            }
+            Ok(None) | Err(_) => return,
+        };
+        if hello.sidecar_id.is_empty() || hello.sidecar_id.len() > 256 {
+            let _ = tx
+                .send(Err(Status::invalid_argument(
+                    "hello.sidecar_id: required, at most 256 bytes",
+                )))
+                .await;
+            return;
+        }
+        tracing::Span::current().record("sidecar", hello.sidecar_id.as_str());
+        let scope: Option<HashSet<String>> =
+            (!hello.services.is_empty()).then(|| hello.services.iter().cloned().collect());
+        let in_scope = |s: &str| scope.as_ref().is_none_or(|set| set.contains(s));
+        let mut known: HashMap<String, i64> = hello
+            .known_revisions
+            .iter()
+            .filter(|(s, r)| in_scope(s) && **r > 0)
+            .map(|(s, r)| (s.clone(), *r))
+            .collect();
+        let mut needs_snapshot = hello.known_revisions.is_empty();
+        let mut nacked: HashMap<String, i64> = HashMap::new();
+        let now = now_micros();
+        let mut record = SidecarRecord {
+            sidecar_id: hello.sidecar_id.clone(),
+            services: hello.services.join(","),
+            version: hello.version.clone(),
+            host: hello.host.clone(),
+            control_plane: self.fleet.replica.clone(),
+            connected_since: now,
+            last_seen: now,
+            last_sent_revision: 0,
+            last_acked_revision: 0,
+            state: SidecarState::Pending.as_str().to_owned(),
+            nack_error: String::new(),
+            disconnected_at: None,
+        };
+        self.fleet.update(record.clone());
+        self.metrics.connected.inc();
+        tracing::info!(services = %record.services, "sidecar connected");
+
+        let mut snapshots = self.snapshots.clone();
+        let mut shutdown = self.shutdown.clone();
+        let mut in_flight: Option<InFlight> = None;
+        let mut nonce = 0u64;
+        let age = self
+            .config
+            .max_connection_age
+            .mul_f64(1.0 - self.config.age_jitter * jitter());
+        let age_deadline = tokio::time::Instant::now() + age;
+        let end: Option<Status> = loop {
+            if in_flight.is_none() {
+                let snap = snapshots.borrow_and_update().clone();
+                let mut response = v1::DiscoveryResponse {
+                    revision: snap.revision,
+                    snapshot: needs_snapshot,
+                    ..Default::default()
+                };
+                let mut entries = Vec::new();
+                let mut committed_at = None;
+                let mut services: Vec<&String> = match &scope {
+                    Some(set) => set.iter().collect(),
+                    None => snap.policies.keys().chain(known.keys()).collect(),
+                };
+                services.sort();
+                services.dedup();
+                for service in services {
+                    let desired = snap.policies.get(service);
+                    let want = desired.map_or(0, |p| p.revision);
+                    let held = known.get(service).copied().unwrap_or(0);
+                    // The sidecar holds a newer revision than this replica's cache has
+                    // reached: wait for the cache rather than send it backwards.
+                    if want == held || held > snap.revision || nacked.get(service) == Some(&want) {
+                        continue;
+                    }
+                    match desired {
+                        Some(p) => {
+                            let commit = p.update_time.as_ref().map(crate::convert::micros);
+                            committed_at = committed_at.max(commit);
+                            response.upserts.push(v1::Policy::clone(p));
+                        }
+                        None if !needs_snapshot => response.removals.push(service.clone()),
+                        None => {}
+                    }
+                    entries.push((service.clone(), want));
+                }
+                if needs_snapshot || !entries.is_empty() {
+                    // A snapshot loaded mid-change can hold policies newer than its revision;
+                    // a response brings at least the newest revision it carries.
+                    let brings = entries.iter().map(|(_, r)| *r).max().unwrap_or(0);
+                    response.revision = response.revision.max(brings);
+                    nonce += 1;
+                    response.nonce = nonce.to_string();
+                    in_flight = Some(InFlight {
+                        nonce: response.nonce.clone(),
+                        revision: response.revision,
+                        entries,
+                        committed_at,
+                        sent: tokio::time::Instant::now(),
+                    });
+                    needs_snapshot = false;
+                    record.last_sent_revision = response.revision;
+                    record.state = SidecarState::Pending.as_str().to_owned();
+                    self.fleet.update(record.clone());
+                    self.metrics.pushes.inc();
+                    if tx.send(Ok(response)).await.is_err() {
+                        break None;
+                    }
+                } else if record.state == SidecarState::Pending.as_str() {
+                    // Resumed holding everything current: no payload, already in sync.
+                    record.last_sent_revision = record.last_sent_revision.max(snap.revision);
+                    record.last_acked_revision = record.last_acked_revision.max(snap.revision);
+                    record.state = SidecarState::Synced.as_str().to_owned();
+                    self.fleet.update(record.clone());
+                }
+            }
+            let ack_deadline = in_flight.as_ref().map(|f| f.sent + self.config.ack_timeout);
+            tokio::select! {
+                changed = snapshots.changed(), if in_flight.is_none() => {
+                    if changed.is_err() {
+                        break Some(Status::unavailable("control plane shutting down"));
+                    }
+                }
+                message = inbound.message() => {
+                    let message = match message {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break None,
+                        Err(status) => {
+                            tracing::debug!(%status, "stream error");
+                            break None;
+                        }
+                    };
+                    record.last_seen = now_micros();
+                    match message.kind {
+                        Some(Kind::Ack(ack)) => match in_flight.take_if(|f| f.nonce == ack.nonce) {
+                            Some(done) => {
+                                for (service, revision) in done.entries {
+                                    nacked.remove(&service);
+                                    if revision == 0 {
+                                        known.remove(&service);
+                                    } else {
+                                        known.insert(service, revision);
+                                    }
+                                }
+                                record.last_acked_revision = done.revision;
+                                record.state = SidecarState::Synced.as_str().to_owned();
+                                record.nack_error.clear();
+                                self.fleet.update(record.clone());
+                                self.metrics.acks.inc();
+                                if let Some(at) = done.committed_at {
+                                    self.metrics.observe_convergence(now_micros() - at);
+                                }
+                            }
+                            None => tracing::debug!(nonce = %ack.nonce, "ACK for a response not in flight"),
+                        },
+                        Some(Kind::Nack(nack)) => match in_flight.take_if(|f| f.nonce == nack.nonce) {
+                            Some(done) => {
+                                tracing::warn!(error = %nack.error, revision = done.revision, "sidecar refused a push");
+                                for (service, revision) in done.entries {
+                                    nacked.insert(service, revision);
+                                }
+                                record.state = SidecarState::Nacked.as_str().to_owned();
+                                record.nack_error = nack.error;
+                                self.fleet.update(record.clone());
+                                self.metrics.nacks.inc();
+                            }
+                            None => tracing::debug!(nonce = %nack.nonce, "NACK for a response not in flight"),
+                        },
+                        Some(Kind::Hello(_)) => break Some(Status::invalid_argument("Hello may only be sent first")),
+                        None => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(ack_deadline.unwrap_or_else(tokio::time::Instant::now)), if ack_deadline.is_some() => {
+                    tracing::warn!(timeout = ?self.config.ack_timeout, "no ACK in time; resetting the stream");
+                    break Some(Status::deadline_exceeded("no ACK within the timeout; reconnect"));
+                }
+                _ = tokio::time::sleep_until(age_deadline) => {
+                    break Some(Status::unavailable("maximum connection age reached; reconnect"));
+                }
+                () = crate::service::stopped(&mut shutdown) => break Some(Status::unavailable("control plane shutting down")),
+                () = tx.closed() => break None,
+            }
+        };
+        if let Some(status) = end {
+            let _ = tx.try_send(Err(status));
+        }
+        let now = now_micros();
+        record.state = SidecarState::Disconnected.as_str().to_owned();
+        record.disconnected_at = Some(now);
+        self.fleet.update(record);
+        self.metrics.connected.dec();
+        tracing::info!("sidecar disconnected");
+    }
+}
+
+/// A number in [0, 1) that differs between streams.
+fn jitter() -> f64 {
+    f64::from(uuid::Uuid::new_v4().as_u128() as u32) / f64::from(u32::MAX)
+}

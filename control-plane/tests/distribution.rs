@@ -1,0 +1,496 @@
+//! Policy distribution end to end: real control-plane servers, the sidecar's real sync client,
+//! and hand-driven streams where the protocol itself is under test. Scenarios run on SQLite
+//! and PostgreSQL; the multi-replica ones on PostgreSQL only.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use corsair_control_plane::server::Config;
+use corsair_control_plane::service::discovery::StreamConfig;
+use corsair_proto::v1::{
+    self, discovery_request::Kind, discovery_service_client::DiscoveryServiceClient,
+};
+use corsair_sidecar::policies::PolicySet;
+use corsair_sidecar::sync::{Backoff, SyncClient, SyncConfig, SyncState};
+use support::{Backend, TestServer, fresh_db};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+const FAST: Backoff = Backoff {
+    initial: Duration::from_millis(20),
+    multiplier: 1.6,
+    max: Duration::from_millis(200),
+};
+
+fn policy(service: &str, origin: &str) -> v1::Policy {
+    v1::Policy {
+        service: service.into(),
+        allowed_origins: vec![origin.into()],
+        ..Default::default()
+    }
+}
+
+async fn create(server: &TestServer, service: &str, origin: &str) -> i64 {
+    server
+        .policies()
+        .await
+        .create_policy(v1::CreatePolicyRequest {
+            policy: Some(policy(service, origin)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
+}
+
+async fn set_origin(server: &TestServer, service: &str, origin: &str) -> i64 {
+    let mut client = server.policies().await;
+    let mut p = client
+        .get_policy(v1::GetPolicyRequest {
+            name: format!("services/{service}/policy"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    p.allowed_origins = vec![origin.into()];
+    client
+        .update_policy(v1::UpdatePolicyRequest {
+            policy: Some(p),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
+}
+
+/// A real sync client on its own task.
+struct Sidecar {
+    set: Arc<PolicySet>,
+    state: watch::Receiver<SyncState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sidecar {
+    async fn start(url: &str, id: &str, services: &[&str], set: Arc<PolicySet>) -> Sidecar {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .unwrap()
+            .connect_lazy();
+        let config = SyncConfig {
+            sidecar_id: id.into(),
+            services: services.iter().map(|s| s.to_string()).collect(),
+            version: "test".into(),
+            host: "localhost".into(),
+            backoff: FAST,
+        };
+        let client = SyncClient::new(channel, config, set.clone());
+        let state = client.state();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            client
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Sidecar {
+            set,
+            state,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn at(&mut self, revision: i64) {
+        self.state
+            .wait_for(|s| matches!(s, SyncState::Connected { revision: r } if *r >= revision))
+            .await
+            .unwrap();
+    }
+
+    fn origins(&self, service: &str) -> Option<Vec<String>> {
+        self.set
+            .load()
+            .services
+            .get(service)
+            .map(|a| a.compiled.policy().spec().allowed_origins.clone())
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+}
+
+/// A stream driven by hand.
+struct RawStream {
+    tx: mpsc::Sender<v1::DiscoveryRequest>,
+    inbound: tonic::Streaming<v1::DiscoveryResponse>,
+}
+
+impl RawStream {
+    async fn open(server: &TestServer, hello: v1::Hello) -> Result<RawStream, tonic::Status> {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(v1::DiscoveryRequest {
+            kind: Some(Kind::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let inbound = DiscoveryServiceClient::new(server.channel().await)
+            .stream_policies(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(RawStream { tx, inbound })
+    }
+
+    async fn next(&mut self) -> Result<Option<v1::DiscoveryResponse>, tonic::Status> {
+        self.inbound.message().await
+    }
+
+    async fn send(&self, kind: Kind) {
+        self.tx
+            .send(v1::DiscoveryRequest { kind: Some(kind) })
+            .await
+            .unwrap();
+    }
+}
+
+fn hello(id: &str, services: &[&str], known: &[(&str, i64)]) -> v1::Hello {
+    v1::Hello {
+        sidecar_id: id.into(),
+        services: services.iter().map(|s| s.to_string()).collect(),
+        known_revisions: known.iter().map(|(s, r)| (s.to_string(), *r)).collect(),
+        ..Default::default()
+    }
+}
+
+async fn fleet_row(server: &TestServer, id: &str) -> v1::Sidecar {
+    server
+        .fleet()
+        .await
+        .get_sidecar(v1::GetSidecarRequest {
+            sidecar_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn snapshot_updates_and_removals(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let r1 = create(&server, "shop", "https://shop.example.com").await;
+    create(&server, "other", "https://other.example.com").await;
+
+    let mut sidecar =
+        Sidecar::start(&server.url(), "sc-1", &["shop", "blog"], Arc::default()).await;
+    sidecar.at(r1).await;
+    assert_eq!(
+        sidecar.origins("shop").unwrap(),
+        ["https://shop.example.com"]
+    );
+    assert!(
+        sidecar.origins("other").is_none(),
+        "only the services it serves"
+    );
+
+    let r3 = create(&server, "blog", "https://blog.example.com").await;
+    sidecar.at(r3).await;
+    assert_eq!(
+        sidecar.origins("blog").unwrap(),
+        ["https://blog.example.com"]
+    );
+
+    let r4 = server
+        .policies()
+        .await
+        .delete_policy(v1::DeletePolicyRequest {
+            name: "services/shop/policy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    sidecar.at(r4).await;
+    assert!(
+        sidecar.origins("shop").is_none(),
+        "a deletion arrives as a removal"
+    );
+
+    let row = fleet_row(&server, "sc-1").await;
+    assert_eq!(row.state, v1::SidecarState::Synced as i32);
+    assert_eq!(row.last_acked_revision, r4);
+    assert_eq!(row.services, ["shop", "blog"]);
+    sidecar.stop().await;
+    let row = fleet_row(&server, "sc-1").await;
+    assert_eq!(row.state, v1::SidecarState::Disconnected as i32);
+    assert!(row.disconnected_at.is_some());
+    server.stop().await;
+}
+
+async fn resume_without_payload(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let r1 = create(&server, "shop", "https://a.example.com").await;
+
+    // Holding the current revision: nothing is sent until the policy changes.
+    let mut stream = RawStream::open(&server, hello("sc-r", &["shop"], &[("shop", r1)]))
+        .await
+        .unwrap();
+    let r2 = set_origin(&server, "shop", "https://b.example.com").await;
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(
+        first.nonce, "1",
+        "the first response is the change, not a resend"
+    );
+    assert!(!first.snapshot);
+    assert_eq!(first.upserts.len(), 1);
+    assert_eq!(first.upserts[0].revision, r2);
+    stream
+        .send(Kind::Ack(v1::Ack {
+            nonce: first.nonce,
+            revision: first.revision,
+        }))
+        .await;
+
+    // Holding nothing: a full snapshot.
+    let mut fresh = RawStream::open(&server, hello("sc-f", &[], &[]))
+        .await
+        .unwrap();
+    let snap = fresh.next().await.unwrap().unwrap();
+    assert!(snap.snapshot);
+    assert_eq!(snap.upserts.len(), 1);
+
+    // Holding a policy that was deleted meanwhile: an explicit removal.
+    let mut stale = RawStream::open(&server, hello("sc-s", &["gone"], &[("gone", 1)]))
+        .await
+        .unwrap();
+    let removal = stale.next().await.unwrap().unwrap();
+    assert_eq!(removal.removals, ["gone"]);
+    server.stop().await;
+}
+
+async fn nack_is_not_resent_and_shows_in_fleet(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    create(&server, "shop", "https://a.example.com").await;
+    let mut stream = RawStream::open(&server, hello("sc-n", &["shop"], &[]))
+        .await
+        .unwrap();
+    let push = stream.next().await.unwrap().unwrap();
+    stream
+        .send(Kind::Nack(v1::Nack {
+            nonce: push.nonce.clone(),
+            revision: push.revision,
+            error: "cannot compile".into(),
+        }))
+        .await;
+
+    let row = loop {
+        let row = fleet_row(&server, "sc-n").await;
+        if row.state == v1::SidecarState::Nacked as i32 {
+            break row;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(row.nack_error, "cannot compile");
+
+    // An unrelated change does not resend the NACKed revision; a change to the policy does.
+    create(&server, "other", "https://o.example.com").await;
+    let r3 = set_origin(&server, "shop", "https://b.example.com").await;
+    let next = stream.next().await.unwrap().unwrap();
+    assert_eq!(
+        next.upserts[0].revision, r3,
+        "the NACKed revision was not resent"
+    );
+    server.stop().await;
+}
+
+async fn burst_of_updates_coalesces(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    create(&server, "shop", "https://a0.example.com").await;
+    let mut sidecar = Sidecar::start(&server.url(), "sc-b", &["shop"], Arc::default()).await;
+    sidecar.at(1).await;
+
+    // Record every revision the sidecar applies.
+    let mut seen = sidecar.state.clone();
+    let recorder = tokio::spawn(async move {
+        let mut revisions = Vec::new();
+        while seen.changed().await.is_ok() {
+            if let SyncState::Connected { revision } = *seen.borrow_and_update() {
+                revisions.push(revision);
+                if revision >= 101 {
+                    break;
+                }
+            }
+        }
+        revisions
+    });
+    let mut last = 0;
+    for i in 1..=100 {
+        last = set_origin(&server, "shop", &format!("https://a{i}.example.com")).await;
+    }
+    assert_eq!(last, 101);
+    sidecar.at(last).await;
+    assert_eq!(
+        sidecar.origins("shop").unwrap(),
+        ["https://a100.example.com"]
+    );
+    let revisions = recorder.await.unwrap();
+    assert!(
+        revisions.windows(2).all(|w| w[0] <= w[1]),
+        "never backwards: {revisions:?}"
+    );
+    assert_eq!(*revisions.last().unwrap(), 101);
+    sidecar.stop().await;
+    server.stop().await;
+}
+
+async fn control_plane_restart(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let r1 = create(&server, "shop", "https://a.example.com").await;
+    let addr = server.addr;
+    let mut sidecar = Sidecar::start(&server.url(), "sc-x", &["shop"], Arc::default()).await;
+    sidecar.at(r1).await;
+    server.stop().await;
+    sidecar
+        .state
+        .wait_for(|s| matches!(s, SyncState::Connecting { .. }))
+        .await
+        .unwrap();
+    // The last good policy keeps serving while the control plane is away.
+    assert_eq!(sidecar.origins("shop").unwrap(), ["https://a.example.com"]);
+
+    let store = corsair_control_plane::store::connect(&db.url)
+        .await
+        .unwrap();
+    let server = TestServer::on(addr, store, Config::default()).await;
+    let r2 = set_origin(&server, "shop", "https://b.example.com").await;
+    sidecar.at(r2).await;
+    assert_eq!(sidecar.origins("shop").unwrap(), ["https://b.example.com"]);
+    sidecar.stop().await;
+    server.stop().await;
+}
+
+async fn ack_timeout_and_admission(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let store = corsair_control_plane::store::connect(&db.url)
+        .await
+        .unwrap();
+    let config = Config {
+        streams: StreamConfig {
+            ack_timeout: Duration::from_millis(50),
+            max_new_streams_per_sec: 2,
+            ..StreamConfig::default()
+        },
+        ..Config::default()
+    };
+    let server = TestServer::with_store(store, config).await;
+    create(&server, "shop", "https://a.example.com").await;
+
+    let mut silent = RawStream::open(&server, hello("sc-t", &["shop"], &[]))
+        .await
+        .unwrap();
+    silent.next().await.unwrap().unwrap();
+    let end = silent.next().await.unwrap_err();
+    assert_eq!(end.code(), Code::DeadlineExceeded);
+
+    // Two admitted per second with a burst of two: the third at once is refused.
+    let _second = RawStream::open(&server, hello("sc-2", &["shop"], &[]))
+        .await
+        .unwrap();
+    let refused = RawStream::open(&server, hello("sc-3", &["shop"], &[]))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    server.stop().await;
+}
+
+on_both_backends!(
+    snapshot_updates_and_removals,
+    resume_without_payload,
+    nack_is_not_resent_and_shows_in_fleet,
+    burst_of_updates_coalesces,
+    control_plane_restart,
+    ack_timeout_and_admission,
+);
+
+/// Two control planes on one PostgreSQL database: a write on one reaches a sidecar on the
+/// other, also after the other's LISTEN connection is killed. Anti-entropy is set to an hour,
+/// so only the notifications (and the resync after the listener reconnects) can do it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_postgres() {
+    let Some(db) = fresh_db(Backend::Postgres).await else {
+        return;
+    };
+    let config = || Config {
+        anti_entropy: Duration::from_secs(3600),
+        ..Config::default()
+    };
+    let one = TestServer::with_store(
+        corsair_control_plane::store::connect(&db.url)
+            .await
+            .unwrap(),
+        config(),
+    )
+    .await;
+    let two = TestServer::with_store(
+        corsair_control_plane::store::connect(&db.url)
+            .await
+            .unwrap(),
+        config(),
+    )
+    .await;
+
+    let mut sidecar = Sidecar::start(&two.url(), "sc-pg", &["shop"], Arc::default()).await;
+    let r1 = create(&one, "shop", "https://a.example.com").await;
+    sidecar.at(r1).await;
+    let r2 = set_origin(&one, "shop", "https://b.example.com").await;
+    sidecar.at(r2).await;
+
+    // Fleet status is the same from either replica: the sidecar's replica writes it before
+    // answering, and then the other reads it from the database.
+    let row = fleet_row(&two, "sc-pg").await;
+    assert_eq!(row.last_acked_revision, r2);
+    assert_eq!(row.state, v1::SidecarState::Synced as i32);
+    assert_eq!(row, fleet_row(&one, "sc-pg").await);
+
+    // Kill every LISTEN connection; the listeners reconnect and resync.
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(!killed.is_empty(), "the listeners were found");
+    let r3 = set_origin(&one, "shop", "https://c.example.com").await;
+    sidecar.at(r3).await;
+    assert_eq!(sidecar.origins("shop").unwrap(), ["https://c.example.com"]);
+
+    sidecar.stop().await;
+    one.stop().await;
+    two.stop().await;
+}

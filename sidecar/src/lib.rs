@@ -1,0 +1,12 @@
+//! Corsair's sidecar: the set of compiled policies it enforces, swapped atomically, and the
+//! sync client that keeps that set current from the control plane.
+//!
+//! # Layout
+//! - [`policies`]: [`PolicySet`](policies::PolicySet), the `ArcSwap` of compiled policies a
+//!   request reads once, and how a control-plane response is applied to it (all or nothing).
+//! - [`sync`]: the reconnecting `DiscoveryService` client: resume, apply, ACK/NACK, backoff.
+//! - [`sim`]: a fleet of lightweight simulated sidecars, for load tests and benchmarks.
+
+pub mod policies;
+pub mod sim;
+pub mod sync;

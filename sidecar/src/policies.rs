@@ -1,0 +1,192 @@
+//! The policies a sidecar enforces: service → compiled policy, in one `ArcSwap`. A request
+//! loads one snapshot and uses it from start to finish, so a swap never mixes two policies in
+//! one response. An update is validated and compiled whole before it is swapped in; if any
+//! policy in it is invalid, nothing changes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use corsair_policy::{CompiledPolicy, PolicySpec, lint};
+use corsair_proto::v1;
+
+/// One enforced policy.
+#[derive(Debug)]
+pub struct Active {
+    /// The compiled policy.
+    pub compiled: CompiledPolicy,
+    /// The revision that last changed it.
+    pub revision: i64,
+}
+
+/// Every enforced policy at one global revision.
+#[derive(Debug, Default)]
+pub struct Policies {
+    /// The global revision of the last update applied (0: none yet).
+    pub revision: i64,
+    /// Service → policy.
+    pub services: HashMap<String, Arc<Active>>,
+}
+
+/// The swappable set.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    current: ArcSwap<Policies>,
+}
+
+/// Why an update was refused; the sidecar keeps its last good policies.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// A policy in the update is not a valid policy.
+    #[error("service {service}: {error}")]
+    Invalid {
+        /// The service whose policy is invalid.
+        service: String,
+        /// What is wrong.
+        error: String,
+    },
+}
+
+impl PolicySet {
+    /// The current policies (one atomic load).
+    pub fn load(&self) -> Arc<Policies> {
+        self.current.load_full()
+    }
+
+    /// The revision of each policy held, for resuming a stream.
+    pub fn known_revisions(&self) -> HashMap<String, i64> {
+        self.current
+            .load()
+            .services
+            .iter()
+            .map(|(s, a)| (s.clone(), a.revision))
+            .collect()
+    }
+
+    /// Applies a control-plane response: validates and compiles every upsert, then swaps in
+    /// the new set at once. A snapshot replaces everything; otherwise removals drop policies.
+    pub fn apply(&self, response: &v1::DiscoveryResponse) -> Result<Arc<Policies>, ApplyError> {
+        let current = self.current.load();
+        let mut services = if response.snapshot {
+            HashMap::new()
+        } else {
+            current.services.clone()
+        };
+        for wire in &response.upserts {
+            let invalid = |error: String| ApplyError::Invalid {
+                service: wire.service.clone(),
+                error,
+            };
+            let spec = PolicySpec::try_from(wire).map_err(|e| invalid(e.to_string()))?;
+            let (policy, findings) = lint(&spec);
+            let Some(policy) = policy else {
+                let errors: Vec<String> = findings
+                    .iter()
+                    .filter(|f| f.severity == corsair_policy::Severity::Error)
+                    .map(ToString::to_string)
+                    .collect();
+                return Err(invalid(errors.join("; ")));
+            };
+            services.insert(
+                spec.service.clone(),
+                Arc::new(Active {
+                    compiled: CompiledPolicy::new(policy),
+                    revision: wire.revision,
+                }),
+            );
+        }
+        for removed in &response.removals {
+            services.remove(removed);
+        }
+        let next = Arc::new(Policies {
+            revision: response.revision.max(current.revision),
+            services,
+        });
+        self.current.store(next.clone());
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(service: &str, origin: &str, revision: i64) -> v1::Policy {
+        v1::Policy {
+            service: service.into(),
+            allowed_origins: vec![origin.into()],
+            revision,
+            ..Default::default()
+        }
+    }
+
+    fn origins(set: &PolicySet, service: &str) -> Option<Vec<String>> {
+        set.load()
+            .services
+            .get(service)
+            .map(|a| a.compiled.policy().spec().allowed_origins.clone())
+    }
+
+    #[test]
+    fn an_invalid_update_changes_nothing() {
+        let set = PolicySet::default();
+        set.apply(&v1::DiscoveryResponse {
+            revision: 1,
+            upserts: vec![policy("shop", "https://a.example.com", 1)],
+            snapshot: true,
+            ..Default::default()
+        })
+        .unwrap();
+        // One valid and one invalid policy: all or nothing.
+        let err = set
+            .apply(&v1::DiscoveryResponse {
+                revision: 3,
+                upserts: vec![
+                    policy("blog", "https://b.example.com", 2),
+                    policy("shop", "https://bad.example.com/path", 3),
+                ],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("allowed_origins[0]"), "{err}");
+        assert_eq!(origins(&set, "shop").unwrap(), ["https://a.example.com"]);
+        assert!(origins(&set, "blog").is_none());
+        assert_eq!(set.load().revision, 1);
+        assert_eq!(
+            set.known_revisions(),
+            HashMap::from([("shop".to_owned(), 1)])
+        );
+    }
+
+    #[test]
+    fn snapshots_replace_and_removals_drop() {
+        let set = PolicySet::default();
+        set.apply(&v1::DiscoveryResponse {
+            revision: 2,
+            upserts: vec![
+                policy("a", "https://a.com", 1),
+                policy("b", "https://b.com", 2),
+            ],
+            snapshot: true,
+            ..Default::default()
+        })
+        .unwrap();
+        set.apply(&v1::DiscoveryResponse {
+            revision: 3,
+            removals: vec!["a".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(origins(&set, "a").is_none());
+        set.apply(&v1::DiscoveryResponse {
+            revision: 4,
+            upserts: vec![policy("c", "https://c.com", 4)],
+            snapshot: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let names: Vec<String> = set.load().services.keys().cloned().collect();
+        assert_eq!(names, ["c"]);
+        assert_eq!(set.load().revision, 4);
+    }
+}
