@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use corsair_proto::v1::discovery_request::Kind;
 use corsair_proto::v1::{self, discovery_service_server::DiscoveryService};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -109,7 +109,9 @@ impl Discovery {
     }
 }
 
-type Outbound = mpsc::Sender<Result<v1::DiscoveryResponse, Status>>;
+/// Items are boxed: tokio's channel allocates slots 32 at a time, and an unboxed
+/// `Result<DiscoveryResponse, Status>` would make that block about 10 KB per idle stream.
+type Outbound = mpsc::Sender<Result<Box<v1::DiscoveryResponse>, Box<Status>>>;
 
 #[tonic::async_trait]
 impl DiscoveryService for Discovery {
@@ -135,7 +137,9 @@ impl DiscoveryService for Discovery {
         let span = tracing::info_span!("discovery", %peer, sidecar = tracing::field::Empty);
         self.tasks
             .spawn(self.clone().session(inbound, tx).instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|item| item.map(|r| *r).map_err(|s| *s)),
+        )))
     }
 }
 
@@ -158,9 +162,9 @@ impl Discovery {
             })) => hello,
             Ok(Some(_)) => {
                 let _ = tx
-                    .send(Err(Status::invalid_argument(
+                    .send(Err(Box::new(Status::invalid_argument(
                         "the first message must be a Hello",
-                    )))
+                    ))))
                     .await;
                 return;
             }
@@ -168,9 +172,9 @@ impl Discovery {
         };
         if hello.sidecar_id.is_empty() || hello.sidecar_id.len() > 256 {
             let _ = tx
-                .send(Err(Status::invalid_argument(
+                .send(Err(Box::new(Status::invalid_argument(
                     "hello.sidecar_id: required, at most 256 bytes",
-                )))
+                ))))
                 .await;
             return;
         }
@@ -269,7 +273,7 @@ impl Discovery {
                     record.state = SidecarState::Pending.as_str().to_owned();
                     self.fleet.update(record.clone());
                     self.metrics.pushes.inc();
-                    if tx.send(Ok(response)).await.is_err() {
+                    if tx.send(Ok(Box::new(response))).await.is_err() {
                         break None;
                     }
                 } else if record.state == SidecarState::Pending.as_str() {
@@ -348,7 +352,7 @@ impl Discovery {
             }
         };
         if let Some(status) = end {
-            let _ = tx.try_send(Err(status));
+            let _ = tx.try_send(Err(Box::new(status)));
         }
         let now = now_micros();
         record.state = SidecarState::Disconnected.as_str().to_owned();

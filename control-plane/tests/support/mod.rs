@@ -180,6 +180,21 @@ impl TestServer {
     }
 }
 
+/// Re-checks `check` until it yields a value: for state another process or task settles
+/// asynchronously and announces nowhere (fleet rows after an ACK crosses the wire).
+pub async fn eventually<T, F, Fut>(mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 /// Generates one `#[tokio::test]` per backend for an `async fn(Backend)` scenario.
 #[macro_export]
 macro_rules! on_both_backends {
