@@ -1,0 +1,259 @@
+//! The proxy: a hyper server (HTTP/1.1, and HTTP/2 over cleartext) in front of one upstream,
+//! enforcing the service's CORS policy on every request.
+//!
+//! Each request loads the [`PolicySet`] once and uses that snapshot from start to finish, so a
+//! policy swap never mixes two policies in one response. Preflights are answered here and
+//! never reach the upstream; forwarded requests get the engine's headers merged into the
+//! upstream's response. Bodies stream in both directions. Hop-by-hop headers (including every
+//! header `Connection` names) are removed and `X-Forwarded-For/-Proto/-Host` set.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use corsair_policy::{Action, Request as CorsRequest, Scheme};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::policies::PolicySet;
+
+/// The response body type: the upstream's, streamed, or a short local one.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// What to do with cross-origin requests while no policy is known for the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPolicy {
+    /// Answer cross-origin requests `403` (same-origin and non-CORS requests still pass).
+    Deny,
+    /// Forward everything untouched.
+    PassThrough,
+}
+
+/// Proxy settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The upstream, `host:port`.
+    pub upstream: Authority,
+    /// The service whose policy applies.
+    pub service: String,
+    /// The scheme clients use to reach the sidecar (for same-origin checks and
+    /// `X-Forwarded-Proto`).
+    pub public_scheme: Scheme,
+    /// Behaviour without a policy.
+    pub no_policy: NoPolicy,
+}
+
+/// Serves on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    policies: Arc<PolicySet>,
+    config: ProxyConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Incoming> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    let shared = Arc::new((policies, config, client));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let shared = shared.clone();
+            async move {
+                let (policies, config, client) = &*shared;
+                Ok::<_, Infallible>(handle(req, peer, policies, config, client).await)
+            }
+        });
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+}
+
+fn local(status: StatusCode, headers: HeaderMap, body: &'static str) -> Response<Body> {
+    let body = if body.is_empty() {
+        Empty::new().map_err(|never| match never {}).boxed()
+    } else {
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed()
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    policies: &PolicySet,
+    config: &ProxyConfig,
+    client: &Client<HttpConnector, Incoming>,
+) -> Response<Body> {
+    // One snapshot for the whole request.
+    let snapshot = policies.load();
+    let active = snapshot.services.get(&config.service).cloned();
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    // The decision borrows the snapshot's compiled policy, which `active` keeps alive.
+    let decision = active.as_ref().map(|active| {
+        let request = CorsRequest::new(req.method(), req.headers())
+            .with_own_origin(config.public_scheme, authority.as_deref());
+        active.compiled.decide(&request)
+    });
+    let cors = match decision {
+        Some(decision) => match decision.action {
+            Action::Respond(status) => {
+                let headers = decision
+                    .headers
+                    .map(|h| h.to_header_map())
+                    .unwrap_or_default();
+                return local(status, headers, "");
+            }
+            Action::Forward => decision.headers,
+        },
+        None => {
+            let cross_origin = req.headers().get(header::ORIGIN).is_some_and(|origin| {
+                let own = authority
+                    .as_deref()
+                    .map(|a| format!("{}://{a}", config.public_scheme.as_str()));
+                own.as_deref()
+                    .is_none_or(|own| !origin.as_bytes().eq_ignore_ascii_case(own.as_bytes()))
+            });
+            if config.no_policy == NoPolicy::Deny && cross_origin {
+                return local(
+                    StatusCode::FORBIDDEN,
+                    HeaderMap::new(),
+                    "no CORS policy loaded yet\n",
+                );
+            }
+            None
+        }
+    };
+
+    strip_hop_by_hop(req.headers_mut());
+    add_forwarded(
+        req.headers_mut(),
+        peer,
+        config.public_scheme,
+        authority.as_deref(),
+    );
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::builder()
+        .scheme("http")
+        .authority(config.upstream.clone())
+        .path_and_query(path)
+        .build()
+        .expect("upstream URI parts are valid");
+
+    match client.request(req).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(cors) = &cors {
+                cors.apply(&mut parts.headers);
+            }
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(error) => {
+            tracing::warn!(%error, upstream = %config.upstream, "upstream request failed");
+            let mut headers = HeaderMap::new();
+            if let Some(cors) = &cors {
+                cors.apply(&mut headers);
+            }
+            local(StatusCode::BAD_GATEWAY, headers, "upstream unavailable\n")
+        }
+    }
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including every header `Connection` names. `Upgrade` is kept
+/// only when `Connection` asks for it, so upgrades pass through.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let upgrading = named.contains(&header::UPGRADE);
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        if !(upgrading && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    if upgrading {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, scheme: Scheme, host: Option<&str>) {
+    let ip = peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(scheme.as_str()),
+    );
+    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert("x-forwarded-host", v);
+    }
+}
