@@ -17,6 +17,8 @@ pub struct Active {
     pub compiled: CompiledPolicy,
     /// The revision that last changed it.
     pub revision: i64,
+    /// The policy as received, for the cache file and for showing where it came from.
+    pub wire: v1::Policy,
 }
 
 /// Every enforced policy at one global revision.
@@ -51,6 +53,21 @@ impl PolicySet {
     /// The current policies (one atomic load).
     pub fn load(&self) -> Arc<Policies> {
         self.current.load_full()
+    }
+
+    /// Everything held, as one snapshot response: what the cache file stores, and what
+    /// [`apply`](Self::apply) restores.
+    pub fn to_snapshot(&self) -> v1::DiscoveryResponse {
+        let current = self.current.load();
+        let mut upserts: Vec<v1::Policy> =
+            current.services.values().map(|a| a.wire.clone()).collect();
+        upserts.sort_by(|a, b| a.service.cmp(&b.service));
+        v1::DiscoveryResponse {
+            revision: current.revision,
+            upserts,
+            snapshot: true,
+            ..Default::default()
+        }
     }
 
     /// The revision of each policy held, for resuming a stream.
@@ -92,6 +109,7 @@ impl PolicySet {
                 Arc::new(Active {
                     compiled: CompiledPolicy::new(policy),
                     revision: wire.revision,
+                    wire: wire.clone(),
                 }),
             );
         }
