@@ -80,13 +80,17 @@ async fn main() -> ExitCode {
         // --help and --version print as usual; a bad flag is one line naming it.
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            let line = e.to_string();
-            let line = line
+            // The first paragraph of clap's message, on one line.
+            let text = e.to_string();
+            let paragraph: Vec<&str> = text
                 .lines()
-                .next()
-                .unwrap_or_default()
-                .trim_start_matches("error: ");
-            eprintln!("corsair-control-plane: {line}");
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!(
+                "corsair-control-plane: {}",
+                paragraph.join(" ").trim_start_matches("error: ")
+            );
             return ExitCode::from(2);
         }
     };

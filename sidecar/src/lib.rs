@@ -4,11 +4,13 @@
 //! # Layout
 //! - [`policies`]: [`PolicySet`](policies::PolicySet), the `ArcSwap` of compiled policies a
 //!   request reads once, and how a control-plane response is applied to it (all or nothing).
+//! - [`admin`]: the admin listener: `/healthz`, `/readyz`, `/policy`.
 //! - [`cache_file`]: the last-known-good file, written atomically, read at start.
 //! - [`sync`]: the reconnecting `DiscoveryService` client: resume, apply, ACK/NACK, backoff.
 //! - [`proxy`]: the hyper proxy that enforces the policy set in front of one upstream.
 //! - [`sim`]: a fleet of lightweight simulated sidecars, for load tests and benchmarks.
 
+pub mod admin;
 pub mod cache_file;
 pub mod policies;
 pub mod proxy;

@@ -113,6 +113,7 @@ pub struct SyncClient {
     config: SyncConfig,
     set: Arc<PolicySet>,
     state: watch::Sender<SyncState>,
+    cache_file: Option<std::path::PathBuf>,
 }
 
 impl SyncClient {
@@ -124,7 +125,14 @@ impl SyncClient {
             config,
             set,
             state,
+            cache_file: None,
         }
+    }
+
+    /// Writes every applied set to `path` (atomically) before acknowledging it.
+    pub fn with_cache_file(mut self, path: std::path::PathBuf) -> Self {
+        self.cache_file = Some(path);
+        self
     }
 
     /// Follows the client's state.
@@ -188,6 +196,18 @@ impl SyncClient {
         while let Some(response) = inbound.message().await? {
             let reply = match self.set.apply(&response) {
                 Ok(applied) => {
+                    if let Some(path) = self.cache_file.clone() {
+                        let snapshot = self.set.to_snapshot();
+                        let saved = tokio::task::spawn_blocking(move || {
+                            crate::cache_file::save(&path, &snapshot)
+                        })
+                        .await;
+                        match saved {
+                            Ok(Ok(())) => {}
+                            Ok(Err(error)) => tracing::warn!(%error, "cache file not written"),
+                            Err(error) => tracing::warn!(%error, "cache file writer failed"),
+                        }
+                    }
                     tracing::debug!(
                         revision = applied.revision,
                         upserts = response.upserts.len(),

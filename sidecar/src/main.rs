@@ -1,0 +1,214 @@
+//! `corsair-sidecar`: serve from the cache file at once, follow the control plane, proxy to
+//! the upstream, stop cleanly on SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use clap::{Parser, ValueEnum};
+use corsair_policy::Scheme;
+use corsair_sidecar::admin::{self, AdminState};
+use corsair_sidecar::cache_file;
+use corsair_sidecar::policies::PolicySet;
+use corsair_sidecar::proxy::{self, NoPolicy, ProxyConfig};
+use corsair_sidecar::sync::{SyncClient, SyncConfig};
+use http::uri::Authority;
+use tokio::sync::watch;
+
+/// Corsair sidecar: enforces a service's CORS policy in front of it.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address clients reach the service on.
+    #[arg(long, env = "CORSAIR_SIDECAR_LISTEN", default_value = "127.0.0.1:7480")]
+    listen: SocketAddr,
+    /// Address of the admin listener (/healthz, /readyz, /policy).
+    #[arg(
+        long,
+        env = "CORSAIR_SIDECAR_ADMIN_LISTEN",
+        default_value = "127.0.0.1:7481"
+    )]
+    admin_listen: SocketAddr,
+    /// The service's own address, host:port (plain HTTP).
+    #[arg(long, env = "CORSAIR_UPSTREAM")]
+    upstream: Authority,
+    /// The service whose policy applies.
+    #[arg(long, env = "CORSAIR_SERVICE")]
+    service: String,
+    /// The control plane's gRPC address, e.g. http://127.0.0.1:7400.
+    #[arg(long, env = "CORSAIR_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// Last-known-good cache file: served from at start, rewritten after every update.
+    #[arg(long, env = "CORSAIR_CACHE_FILE")]
+    cache_file: Option<PathBuf>,
+    /// What to do with cross-origin requests while no policy is known.
+    #[arg(long, env = "CORSAIR_NO_POLICY", value_enum, default_value_t = NoPolicyArg::Deny)]
+    no_policy: NoPolicyArg,
+    /// The scheme clients use to reach the service (behind a TLS terminator: https).
+    #[arg(long, env = "CORSAIR_PUBLIC_SCHEME", value_enum, default_value_t = SchemeArg::Http)]
+    public_scheme: SchemeArg,
+    /// Stable id shown in fleet status (default: service and a random suffix).
+    #[arg(long, env = "CORSAIR_SIDECAR_ID")]
+    sidecar_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum NoPolicyArg {
+    Deny,
+    Pass,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SchemeArg {
+    Http,
+    Https,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // The first paragraph of clap's message, on one line.
+            let text = e.to_string();
+            let paragraph: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!(
+                "corsair-sidecar: {}",
+                paragraph.join(" ").trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    let policies = Arc::new(PolicySet::default());
+    let source = Arc::new(Mutex::new("none"));
+    if let Some(path) = &args.cache_file {
+        match cache_file::load(path) {
+            Ok(Some(snapshot)) => match policies.apply(&snapshot) {
+                Ok(set) => {
+                    *source.lock().expect("source lock") = "cache file";
+                    tracing::info!(revision = set.revision, "serving from the cache file");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cache file holds an invalid policy; ignoring it")
+                }
+            },
+            Ok(None) => tracing::info!(path = %path.display(), "no cache file yet"),
+            Err(error) => tracing::warn!(%error, "ignoring the cache file"),
+        }
+    }
+    let no_policy = match args.no_policy {
+        NoPolicyArg::Deny => NoPolicy::Deny,
+        NoPolicyArg::Pass => NoPolicy::PassThrough,
+    };
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let (listener, admin_listener) = match (bind(args.listen).await, bind(args.admin_listen).await)
+    {
+        (Ok(l), Ok(a)) => (l, a),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("corsair-sidecar: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "sidecar listening"
+    );
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let admin_state = AdminState {
+        policies: policies.clone(),
+        service: args.service.clone(),
+        no_policy,
+        source: source.clone(),
+    };
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state,
+        until_stopped(stopped.clone()),
+    ));
+
+    if let Some(url) = &args.control_plane {
+        let channel = match tonic::transport::Endpoint::from_shared(url.clone()) {
+            Ok(e) => e
+                .http2_keep_alive_interval(std::time::Duration::from_secs(20))
+                .keep_alive_while_idle(true)
+                .connect_lazy(),
+            Err(e) => {
+                eprintln!("corsair-sidecar: --control-plane {url:?}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let config = SyncConfig {
+            sidecar_id: args.sidecar_id.clone().unwrap_or_else(|| {
+                format!(
+                    "{}-{}",
+                    args.service,
+                    &uuid::Uuid::new_v4().simple().to_string()[..8]
+                )
+            }),
+            services: vec![args.service.clone()],
+            version: env!("CARGO_PKG_VERSION").into(),
+            host: std::env::var("HOSTNAME").unwrap_or_default(),
+            backoff: Default::default(),
+        };
+        let mut client = SyncClient::new(channel, config, policies.clone());
+        if let Some(path) = &args.cache_file {
+            client = client.with_cache_file(path.clone());
+        }
+        let mut state = client.state();
+        let marker = source.clone();
+        tokio::spawn(async move {
+            while state.changed().await.is_ok() {
+                if matches!(*state.borrow(), corsair_sidecar::sync::SyncState::Connected { revision } if revision > 0)
+                {
+                    *marker.lock().expect("source lock") = "control plane";
+                }
+            }
+        });
+        tokio::spawn(client.run(until_stopped(stopped.clone())));
+    }
+
+    let config = ProxyConfig {
+        upstream: args.upstream,
+        service: args.service,
+        public_scheme: match args.public_scheme {
+            SchemeArg::Http => Scheme::Http,
+            SchemeArg::Https => Scheme::Https,
+        },
+        no_policy,
+    };
+    let signal = async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler can be installed");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+        let _ = stop.send(true);
+    };
+    proxy::serve(listener, policies, config, signal).await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,221 @@
+//! The `corsair-sidecar` binary as a process: it serves from its cache file at once while the
+//! control plane is down, reports that on its admin endpoints, refuses a corrupt cache file,
+//! and stops cleanly on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use corsair_proto::v1;
+use corsair_sidecar::cache_file;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_corsair-sidecar");
+
+/// An upstream answering 200 to everything.
+async fn upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn field(line: &str, name: &str) -> Option<String> {
+    let at = line.find(&format!("{name}="))? + name.len() + 1;
+    Some(line[at..].split_whitespace().next()?.to_owned())
+}
+
+/// Starts the sidecar; returns it with its proxy and admin addresses.
+fn start(args: &[&str]) -> (Child, String, String) {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (proxy, admin) = loop {
+        let line = strip_ansi(
+            &lines
+                .next()
+                .expect("the sidecar logs its addresses")
+                .unwrap(),
+        );
+        if line.contains("sidecar listening") {
+            break (
+                field(&line, "address").unwrap(),
+                field(&line, "admin").unwrap(),
+            );
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, proxy, admin)
+}
+
+/// One HTTP/1.1 request; the whole response as text.
+async fn http(addr: &str, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+fn preflight(origin: &str) -> String {
+    format!(
+        "OPTIONS /x HTTP/1.1\r\nHost: api.local\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: PUT\r\nConnection: close\r\n\r\n"
+    )
+}
+
+fn stop(mut child: Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_from_the_cache_file_while_the_control_plane_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("shop.cache");
+    let snapshot = v1::DiscoveryResponse {
+        revision: 9,
+        snapshot: true,
+        upserts: vec![v1::Policy {
+            service: "shop".into(),
+            allowed_origins: vec!["https://app.example.com".into()],
+            allowed_methods: vec!["PUT".into()],
+            revision: 9,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    cache_file::save(&cache, &snapshot).unwrap();
+    let up = upstream().await;
+    let down = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (child, proxy, admin) = start(&[
+        "--upstream",
+        &up.to_string(),
+        "--service",
+        "shop",
+        "--cache-file",
+        cache.to_str().unwrap(),
+        "--control-plane",
+        &format!("http://{down}"),
+    ]);
+
+    let allowed = http(&proxy, &preflight("https://app.example.com")).await;
+    assert!(allowed.starts_with("HTTP/1.1 204"), "{allowed}");
+    assert!(
+        allowed
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin: https://app.example.com"),
+        "{allowed}"
+    );
+    let denied = http(&proxy, &preflight("https://evil.com")).await;
+    assert!(
+        !denied
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin"),
+        "{denied}"
+    );
+
+    let policy = http(
+        &admin,
+        "GET /policy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(policy.contains("\"source\": \"cache file\""), "{policy}");
+    assert!(policy.contains("\"revision\": 9"), "{policy}");
+    let ready = http(
+        &admin,
+        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    stop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_cache_file_is_ignored_and_the_no_policy_setting_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("shop.cache");
+    std::fs::write(&cache, b"CORSAIR1 truncated").unwrap();
+    let up = upstream().await;
+    let (child, proxy, admin) = start(&[
+        "--upstream",
+        &up.to_string(),
+        "--service",
+        "shop",
+        "--cache-file",
+        cache.to_str().unwrap(),
+    ]);
+    let denied = http(&proxy, "GET / HTTP/1.1\r\nHost: api.local\r\nOrigin: https://app.example.com\r\nConnection: close\r\n\r\n").await;
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    let plain = http(
+        &proxy,
+        "GET / HTTP/1.1\r\nHost: api.local\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+    let ready = http(
+        &admin,
+        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("cross-origin requests are denied"),
+        "{ready}"
+    );
+    stop(child);
+}
+
+#[test]
+fn a_bad_flag_is_one_clear_line() {
+    let out = Command::new(BIN)
+        .args(["--service", "shop"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--upstream"), "{stderr}");
+}
