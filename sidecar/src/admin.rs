@@ -30,7 +30,7 @@ pub struct AdminState {
     pub service: String,
     /// Behaviour without a policy.
     pub no_policy: NoPolicy,
-    /// `"none"`, `"cache file"` or `"control plane"`.
+    /// `"none"`, `"cache file"`, `"control plane"` or `"policy file"`.
     pub source: Source,
 }
 

@@ -6,6 +6,7 @@
 //!   request reads once, and how a control-plane response is applied to it (all or nothing).
 //! - [`admin`]: the admin listener: `/healthz`, `/readyz`, `/policy`.
 //! - [`cache_file`]: the last-known-good file, written atomically, read at start.
+//! - [`policy_file`]: a watched local policy file as the source, without a control plane.
 //! - [`sync`]: the reconnecting `DiscoveryService` client: resume, apply, ACK/NACK, backoff.
 //! - [`proxy`]: the hyper proxy that enforces the policy set in front of one upstream.
 //! - [`sim`]: a fleet of lightweight simulated sidecars, for load tests and benchmarks.
@@ -13,6 +14,7 @@
 pub mod admin;
 pub mod cache_file;
 pub mod policies;
+pub mod policy_file;
 pub mod proxy;
 pub mod sim;
 pub mod sync;

@@ -39,6 +39,10 @@ struct Args {
     /// The control plane's gRPC address, e.g. http://127.0.0.1:7400.
     #[arg(long, env = "CORSAIR_CONTROL_PLANE")]
     control_plane: Option<String>,
+    /// A local policy file (JSON, the policy-file format) to enforce instead of following a
+    /// control plane; edits apply within a second, invalid edits are logged and ignored.
+    #[arg(long, env = "CORSAIR_POLICY_FILE", conflicts_with = "control_plane")]
+    policy_file: Option<PathBuf>,
     /// Last-known-good cache file: served from at start, rewritten after every update.
     #[arg(long, env = "CORSAIR_CACHE_FILE")]
     cache_file: Option<PathBuf>,
@@ -187,6 +191,17 @@ async fn main() -> ExitCode {
             }
         });
         tokio::spawn(client.run(until_stopped(stopped.clone())));
+    }
+
+    if let Some(path) = args.policy_file.clone() {
+        *source.lock().expect("source lock") = "policy file";
+        tokio::spawn(corsair_sidecar::policy_file::watch(
+            path,
+            args.service.clone(),
+            policies.clone(),
+            corsair_sidecar::policy_file::DEFAULT_INTERVAL,
+            until_stopped(stopped.clone()),
+        ));
     }
 
     let config = ProxyConfig {

@@ -31,9 +31,20 @@ pub struct Policies {
 }
 
 /// The swappable set.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PolicySet {
     current: ArcSwap<Policies>,
+    /// The revision of the last applied update, for whoever waits on one.
+    applied: tokio::sync::watch::Sender<i64>,
+}
+
+impl Default for PolicySet {
+    fn default() -> Self {
+        PolicySet {
+            current: ArcSwap::default(),
+            applied: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 /// Why an update was refused; the sidecar keeps its last good policies.
@@ -50,6 +61,11 @@ pub enum ApplyError {
 }
 
 impl PolicySet {
+    /// Follows the revision of applied updates.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.applied.subscribe()
+    }
+
     /// The current policies (one atomic load).
     pub fn load(&self) -> Arc<Policies> {
         self.current.load_full()
@@ -121,6 +137,7 @@ impl PolicySet {
             services,
         });
         self.current.store(next.clone());
+        self.applied.send_replace(next.revision);
         Ok(next)
     }
 }

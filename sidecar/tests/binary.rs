@@ -219,3 +219,44 @@ fn a_bad_flag_is_one_clear_line() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--upstream"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_file_is_enforced_and_edits_go_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shop.json");
+    std::fs::write(&file, r#"{"service":"shop","allowed_origins":["https://a.example.com"],"allowed_methods":["PUT"]}"#).unwrap();
+    let up = upstream().await;
+    let (child, proxy, admin) = start(&[
+        "--upstream",
+        &up.to_string(),
+        "--service",
+        "shop",
+        "--policy-file",
+        file.to_str().unwrap(),
+    ]);
+    let allows = |origin: &'static str| {
+        let proxy = proxy.clone();
+        async move {
+            http(&proxy, &preflight(origin))
+                .await
+                .to_ascii_lowercase()
+                .contains(&format!("access-control-allow-origin: {origin}"))
+        }
+    };
+    // The file is read shortly after start, and again after each edit: re-check until it is.
+    while !allows("https://a.example.com").await {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    std::fs::write(&file, r#"{"service":"shop","allowed_origins":["https://b.example.com"],"allowed_methods":["PUT"]}"#).unwrap();
+    while !allows("https://b.example.com").await {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!allows("https://a.example.com").await);
+    let policy = http(
+        &admin,
+        "GET /policy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(policy.contains("\"source\": \"policy file\""), "{policy}");
+    stop(child);
+}
