@@ -52,6 +52,12 @@ struct Args {
     /// The scheme clients use to reach the service (behind a TLS terminator: https).
     #[arg(long, env = "CORSAIR_PUBLIC_SCHEME", value_enum, default_value_t = SchemeArg::Http)]
     public_scheme: SchemeArg,
+    /// Seconds to connect to the upstream before answering 502.
+    #[arg(long, env = "CORSAIR_CONNECT_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    connect_timeout_secs: u64,
+    /// Seconds to wait for the upstream's response headers before answering 504.
+    #[arg(long, env = "CORSAIR_RESPONSE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    response_timeout_secs: u64,
     /// Stable id shown in fleet status (default: service and a random suffix).
     #[arg(long, env = "CORSAIR_SIDECAR_ID")]
     sidecar_id: Option<String>,
@@ -212,6 +218,11 @@ async fn main() -> ExitCode {
             SchemeArg::Https => Scheme::Https,
         },
         no_policy,
+        timeouts: proxy::Timeouts {
+            connect: std::time::Duration::from_secs(args.connect_timeout_secs),
+            response: std::time::Duration::from_secs(args.response_timeout_secs),
+            ..proxy::Timeouts::default()
+        },
     };
     let signal = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -53,6 +53,32 @@ pub struct ProxyConfig {
     pub public_scheme: Scheme,
     /// Behaviour without a policy.
     pub no_policy: NoPolicy,
+    /// Timeouts on both sides.
+    pub timeouts: Timeouts,
+}
+
+/// How long the proxy waits, so nothing hangs.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Connecting to the upstream (then `502`).
+    pub connect: std::time::Duration,
+    /// From sending a request upstream to its response headers (then `504`).
+    pub response: std::time::Duration,
+    /// A client sending its request headers (then the connection is closed).
+    pub client_headers: std::time::Duration,
+    /// An idle pooled upstream connection is closed after this.
+    pub upstream_idle: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: std::time::Duration::from_secs(5),
+            response: std::time::Duration::from_secs(30),
+            client_headers: std::time::Duration::from_secs(10),
+            upstream_idle: std::time::Duration::from_secs(90),
+        }
+    }
 }
 
 /// Serves on `listener` until `shutdown` resolves, then lets in-flight requests finish.
@@ -64,8 +90,12 @@ pub async fn serve(
 ) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client: Client<HttpConnector, Incoming> =
-        Client::builder(TokioExecutor::new()).build(connector);
+    connector.set_connect_timeout(Some(config.timeouts.connect));
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(config.timeouts.upstream_idle)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector);
+    let client_headers = config.timeouts.client_headers;
     let shared = Arc::new((policies, config, client));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -89,7 +119,11 @@ pub async fn serve(
                 Ok::<_, Infallible>(handle(req, peer, policies, config, client).await)
             }
         });
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(client_headers);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());
         tokio::spawn(async move {
@@ -186,7 +220,18 @@ async fn handle(
         .build()
         .expect("upstream URI parts are valid");
 
-    match client.request(req).await {
+    let response = match tokio::time::timeout(config.timeouts.response, client.request(req)).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(upstream = %config.upstream, timeout = ?config.timeouts.response, "upstream did not answer in time");
+            let mut headers = HeaderMap::new();
+            if let Some(cors) = &cors {
+                cors.apply(&mut headers);
+            }
+            return local(StatusCode::GATEWAY_TIMEOUT, headers, "upstream timed out\n");
+        }
+    };
+    match response {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);

@@ -74,6 +74,14 @@ struct Sidecar {
 
 impl Sidecar {
     async fn start(upstream: SocketAddr, no_policy: NoPolicy) -> Sidecar {
+        Sidecar::with_timeouts(upstream, no_policy, proxy::Timeouts::default()).await
+    }
+
+    async fn with_timeouts(
+        upstream: SocketAddr,
+        no_policy: NoPolicy,
+        timeouts: proxy::Timeouts,
+    ) -> Sidecar {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let set = Arc::new(PolicySet::default());
@@ -83,6 +91,7 @@ impl Sidecar {
             service: "shop".into(),
             public_scheme: Scheme::Http,
             no_policy,
+            timeouts,
         };
         tokio::spawn(proxy::serve(listener, set.clone(), config, async {
             let _ = stopped.await;
@@ -299,4 +308,28 @@ async fn a_dead_upstream_is_a_502() {
         "the browser can read the error"
     );
     assert_eq!(body, "upstream unavailable\n");
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_is_a_504() {
+    // Accepts connections and reads nothing back: it never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            held.push(stream);
+        }
+    });
+    let timeouts = proxy::Timeouts {
+        response: std::time::Duration::from_millis(50),
+        ..proxy::Timeouts::default()
+    };
+    let sidecar = Sidecar::with_timeouts(silent, NoPolicy::Deny, timeouts).await;
+    sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
+    let (status, headers, body) = sidecar.send(Method::GET, "/", &[("origin", APP)], "").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(headers["access-control-allow-origin"], APP);
+    assert_eq!(body, "upstream timed out\n");
 }
