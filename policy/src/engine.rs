@@ -671,8 +671,9 @@ fn requests_private_network(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
 }
 
-/// Whether `origin` is `scheme://authority`, minding the default port and host case.
-fn is_same_origin(origin: &str, scheme: Scheme, authority: &str) -> bool {
+/// Whether `origin` is `scheme://authority`, minding the default port and host case: the
+/// engine's same-origin rule, for callers that must apply it without a policy.
+pub fn is_same_origin(origin: &str, scheme: Scheme, authority: &str) -> bool {
     let Some(rest) = origin
         .strip_prefix(scheme.as_str())
         .and_then(|r| r.strip_prefix("://"))

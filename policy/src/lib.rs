@@ -34,7 +34,7 @@ pub mod lint;
 pub mod model;
 pub mod origin;
 
-pub use engine::{Action, CompiledPolicy, Decision, Kind, Reason, Request};
+pub use engine::{Action, CompiledPolicy, Decision, Kind, Reason, Request, is_same_origin};
 pub use headers::{CorsHeaders, Vary};
 pub use lint::{Code, Finding, Rejected, Severity, Validated, lint};
 pub use model::{Mode, Policy, PolicySpec};

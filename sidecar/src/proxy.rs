@@ -159,16 +159,17 @@ async fn handle(
     // One snapshot for the whole request.
     let snapshot = policies.load();
     let active = snapshot.services.get(&config.service).cloned();
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    // `Host` (shared with the request, no copy), or HTTP/2's `:authority`.
+    let authority_value = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let authority = authority_value.as_ref().and_then(|v| v.to_str().ok());
     // The decision borrows the snapshot's compiled policy, which `active` keeps alive.
     let decision = active.as_ref().map(|active| {
         let request = CorsRequest::new(req.method(), req.headers())
-            .with_own_origin(config.public_scheme, authority.as_deref());
+            .with_own_origin(config.public_scheme, authority);
         active.compiled.decide(&request)
     });
     let cors = match decision {
@@ -184,11 +185,13 @@ async fn handle(
         },
         None => {
             let cross_origin = req.headers().get(header::ORIGIN).is_some_and(|origin| {
-                let own = authority
-                    .as_deref()
-                    .map(|a| format!("{}://{a}", config.public_scheme.as_str()));
-                own.as_deref()
-                    .is_none_or(|own| !origin.as_bytes().eq_ignore_ascii_case(own.as_bytes()))
+                let same =
+                    authority
+                        .zip(origin.to_str().ok())
+                        .is_some_and(|(authority, origin)| {
+                            corsair_policy::is_same_origin(origin, config.public_scheme, authority)
+                        });
+                !same
             });
             if config.no_policy == NoPolicy::Deny && cross_origin {
                 return local(
@@ -206,7 +209,7 @@ async fn handle(
         req.headers_mut(),
         peer,
         config.public_scheme,
-        authority.as_deref(),
+        authority_value.as_ref(),
     );
     let path = req
         .uri()
@@ -285,7 +288,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, scheme: Scheme, host: Option<&str>) {
+fn add_forwarded(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    scheme: Scheme,
+    host: Option<&HeaderValue>,
+) {
     let ip = peer.ip().to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {ip}"),
@@ -298,7 +306,7 @@ fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, scheme: Scheme, host
         "x-forwarded-proto",
         HeaderValue::from_static(scheme.as_str()),
     );
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert("x-forwarded-host", v);
+    if let Some(host) = host {
+        headers.insert("x-forwarded-host", host.clone());
     }
 }

@@ -285,11 +285,20 @@ async fn without_a_policy_the_setting_decides() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, _, _) = deny.send(Method::GET, "/", &[], "").await;
     assert_eq!(status, StatusCode::OK, "requests without Origin still pass");
+    let own = format!("http://{}", deny.addr);
+    let (status, _, _) = deny
+        .send(Method::GET, "/", &[("origin", own.as_str())], "")
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "same-origin requests are never blocked"
+    );
     let pass = Sidecar::start(up, NoPolicy::PassThrough).await;
     let (status, headers, _) = pass.send(Method::GET, "/", &[("origin", APP)], "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["access-control-allow-origin"], "*", "untouched");
-    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]

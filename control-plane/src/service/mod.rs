@@ -18,6 +18,17 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// Moves a latest-value channel to `value` if that is newer; only then are watchers woken.
+fn raise<T: PartialOrd>(channel: &watch::Sender<T>, value: T) {
+    channel.send_if_modified(|current| {
+        let newer = value > *current;
+        if newer {
+            *current = value;
+        }
+        newer
+    });
+}
+
 /// Listing sizes.
 #[derive(Debug, Clone, Copy)]
 pub struct PageLimits {
@@ -59,21 +70,9 @@ impl Shared {
     /// Publishes a write's audit event and revision to watchers in this process.
     pub(crate) fn published(&self, written: &Written) {
         if written.event.revision > 0 {
-            self.revisions.send_if_modified(|r| {
-                let newer = written.event.revision > *r;
-                if newer {
-                    *r = written.event.revision;
-                }
-                newer
-            });
+            raise(&self.revisions, written.event.revision);
         }
-        self.audit_head.send_if_modified(|head| {
-            let newer = written.event.sequence > *head;
-            if newer {
-                *head = written.event.sequence;
-            }
-            newer
-        });
+        raise(&self.audit_head, written.event.sequence);
     }
 
     /// The audit context of a call: actor, method, request id and peer.
