@@ -1,6 +1,6 @@
 //! The admin listener, on its own port: `/healthz` (the process is up), `/readyz` (a policy
-//! is loaded, or what happens without one), and `/policy` (the active policies as JSON, their
-//! revisions, and where they came from).
+//! is loaded, or what happens without one), `/metrics` (Prometheus text) and `/policy` (the
+//! active policies as JSON, their revisions, and where they came from).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,8 +15,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
 use crate::policies::PolicySet;
 use crate::proxy::NoPolicy;
+use crate::sync::SyncState;
 
 /// Where the active policies came from.
 pub type Source = Arc<Mutex<&'static str>>;
@@ -32,6 +36,10 @@ pub struct AdminState {
     pub no_policy: NoPolicy,
     /// `"none"`, `"cache file"`, `"control plane"` or `"policy file"`.
     pub source: Source,
+    /// The proxy's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The control-plane sync state, when following one.
+    pub sync: Option<watch::Receiver<SyncState>>,
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -46,6 +54,11 @@ fn route(path: &str, state: &AdminState) -> Response<Full<Bytes>> {
     let snapshot = state.policies.load();
     let loaded = snapshot.services.contains_key(&state.service);
     match path {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.metrics.render(&state.policies, state.sync.as_ref()),
+        ),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match (loaded, state.no_policy) {
             (true, _) => respond(

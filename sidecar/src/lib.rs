@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`policies`]: [`PolicySet`](policies::PolicySet), the `ArcSwap` of compiled policies a
 //!   request reads once, and how a control-plane response is applied to it (all or nothing).
-//! - [`admin`]: the admin listener: `/healthz`, `/readyz`, `/policy`.
+//! - [`admin`]: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/policy`.
+//! - [`metrics`]: Prometheus counters and gauges, and the rate limit on denial logs.
 //! - [`cache_file`]: the last-known-good file, written atomically, read at start.
 //! - [`policy_file`]: a watched local policy file as the source, without a control plane.
 //! - [`sync`]: the reconnecting `DiscoveryService` client: resume, apply, ACK/NACK, backoff.
@@ -13,6 +14,7 @@
 
 pub mod admin;
 pub mod cache_file;
+pub mod metrics;
 pub mod policies;
 pub mod policy_file;
 pub mod proxy;

@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use corsair_policy::Scheme;
 use corsair_sidecar::admin::{self, AdminState};
 use corsair_sidecar::cache_file;
+use corsair_sidecar::metrics::Observer;
 use corsair_sidecar::policies::PolicySet;
 use corsair_sidecar::proxy::{self, NoPolicy, ProxyConfig};
 use corsair_sidecar::sync::{SyncClient, SyncConfig};
@@ -23,7 +24,7 @@ struct Args {
     /// Address clients reach the service on.
     #[arg(long, env = "CORSAIR_SIDECAR_LISTEN", default_value = "127.0.0.1:7480")]
     listen: SocketAddr,
-    /// Address of the admin listener (/healthz, /readyz, /policy).
+    /// Address of the admin listener (/healthz, /readyz, /metrics, /policy).
     #[arg(
         long,
         env = "CORSAIR_SIDECAR_ADMIN_LISTEN",
@@ -58,6 +59,9 @@ struct Args {
     /// Seconds to wait for the upstream's response headers before answering 504.
     #[arg(long, env = "CORSAIR_RESPONSE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     response_timeout_secs: u64,
+    /// Log format.
+    #[arg(long, env = "CORSAIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Stable id shown in fleet status (default: service and a random suffix).
     #[arg(long, env = "CORSAIR_SIDECAR_ID")]
     sidecar_id: Option<String>,
@@ -67,6 +71,12 @@ struct Args {
 enum NoPolicyArg {
     Deny,
     Pass,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -95,12 +105,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
 
     let policies = Arc::new(PolicySet::default());
     let source = Arc::new(Mutex::new("none"));
@@ -146,18 +159,8 @@ async fn main() -> ExitCode {
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let admin_state = AdminState {
-        policies: policies.clone(),
-        service: args.service.clone(),
-        no_policy,
-        source: source.clone(),
-    };
-    tokio::spawn(admin::serve(
-        admin_listener,
-        admin_state,
-        until_stopped(stopped.clone()),
-    ));
-
+    let observer = Observer::default();
+    let mut sync = None;
     if let Some(url) = &args.control_plane {
         let channel = match tonic::transport::Endpoint::from_shared(url.clone()) {
             Ok(e) => e
@@ -196,8 +199,23 @@ async fn main() -> ExitCode {
                 }
             }
         });
+        sync = Some(client.state());
         tokio::spawn(client.run(until_stopped(stopped.clone())));
     }
+
+    let admin_state = AdminState {
+        policies: policies.clone(),
+        service: args.service.clone(),
+        no_policy,
+        source: source.clone(),
+        metrics: observer.metrics.clone(),
+        sync,
+    };
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state,
+        until_stopped(stopped.clone()),
+    ));
 
     if let Some(path) = args.policy_file.clone() {
         *source.lock().expect("source lock") = "policy file";
@@ -223,6 +241,7 @@ async fn main() -> ExitCode {
             response: std::time::Duration::from_secs(args.response_timeout_secs),
             ..proxy::Timeouts::default()
         },
+        observer,
     };
     let signal = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

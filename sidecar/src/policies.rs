@@ -28,6 +28,8 @@ pub struct Policies {
     pub revision: i64,
     /// Service → policy.
     pub services: HashMap<String, Arc<Active>>,
+    /// When this set was swapped in (`None`: nothing applied yet).
+    pub applied_at: Option<std::time::Instant>,
 }
 
 /// The swappable set.
@@ -135,6 +137,7 @@ impl PolicySet {
         let next = Arc::new(Policies {
             revision: response.revision.max(current.revision),
             services,
+            applied_at: Some(std::time::Instant::now()),
         });
         self.current.store(next.clone());
         self.applied.send_replace(next.revision);

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use corsair_policy::{Action, Request as CorsRequest, Scheme};
+use corsair_policy::{Action, CompiledPolicy, Decision, Mode, Request as CorsRequest, Scheme};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode, Uri};
@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::metrics::{Observer, Outcome, UpstreamError};
 use crate::policies::PolicySet;
 
 /// The response body type: the upstream's, streamed, or a short local one.
@@ -55,6 +56,8 @@ pub struct ProxyConfig {
     pub no_policy: NoPolicy,
     /// Timeouts on both sides.
     pub timeouts: Timeouts,
+    /// Metrics and the denial-log limit.
+    pub observer: Observer,
 }
 
 /// How long the proxy waits, so nothing hangs.
@@ -167,22 +170,35 @@ async fn handle(
     });
     let authority = authority_value.as_ref().and_then(|v| v.to_str().ok());
     // The decision borrows the snapshot's compiled policy, which `active` keeps alive.
-    let decision = active.as_ref().map(|active| {
-        let request = CorsRequest::new(req.method(), req.headers())
-            .with_own_origin(config.public_scheme, authority);
-        active.compiled.decide(&request)
-    });
-    let cors = match decision {
-        Some(decision) => match decision.action {
-            Action::Respond(status) => {
-                let headers = decision
-                    .headers
-                    .map(|h| h.to_header_map())
-                    .unwrap_or_default();
-                return local(status, headers, "");
+    let cors = match &active {
+        Some(active) => {
+            let request = CorsRequest::new(req.method(), req.headers())
+                .with_own_origin(config.public_scheme, authority);
+            let decision = active.compiled.decide(&request);
+            let shadow = active.compiled.policy().mode() == Mode::Shadow;
+            let outcome = match (decision.allowed, shadow) {
+                (true, _) => Outcome::Allowed,
+                (false, false) => Outcome::Denied,
+                (false, true) => Outcome::ShadowDenied,
+            };
+            config
+                .observer
+                .metrics
+                .decided(decision.kind, outcome, decision.reason);
+            if !decision.allowed {
+                log_denial(config, &active.compiled, &request, &decision);
             }
-            Action::Forward => decision.headers,
-        },
+            match decision.action {
+                Action::Respond(status) => {
+                    let headers = decision
+                        .headers
+                        .map(|h| h.to_header_map())
+                        .unwrap_or_default();
+                    return local(status, headers, "");
+                }
+                Action::Forward => decision.headers,
+            }
+        }
         None => {
             let cross_origin = req.headers().get(header::ORIGIN).is_some_and(|origin| {
                 let same =
@@ -193,7 +209,9 @@ async fn handle(
                         });
                 !same
             });
-            if config.no_policy == NoPolicy::Deny && cross_origin {
+            let deny = config.no_policy == NoPolicy::Deny && cross_origin;
+            config.observer.metrics.without_policy(deny);
+            if deny {
                 return local(
                     StatusCode::FORBIDDEN,
                     HeaderMap::new(),
@@ -204,6 +222,9 @@ async fn handle(
         }
     };
 
+    // An HTTP/1.1 `Upgrade` (WebSocket, …): once the upstream agrees (`101`), both
+    // connections are handed over and spliced byte for byte.
+    let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut());
     add_forwarded(
         req.headers_mut(),
@@ -226,6 +247,10 @@ async fn handle(
     let response = match tokio::time::timeout(config.timeouts.response, client.request(req)).await {
         Ok(result) => result,
         Err(_) => {
+            config
+                .observer
+                .metrics
+                .upstream_error(UpstreamError::Timeout);
             tracing::warn!(upstream = %config.upstream, timeout = ?config.timeouts.response, "upstream did not answer in time");
             let mut headers = HeaderMap::new();
             if let Some(cors) = &cors {
@@ -235,7 +260,28 @@ async fn handle(
         }
     };
     match response {
-        Ok(response) => {
+        Ok(mut response) => {
+            if let Some(client_upgrade) = client_upgrade
+                && response.status() == StatusCode::SWITCHING_PROTOCOLS
+            {
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                let observer = config.observer.clone();
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((client, upstream)) => {
+                            observer.metrics.upgraded();
+                            let (mut client, mut upstream) =
+                                (TokioIo::new(client), TokioIo::new(upstream));
+                            if let Err(error) =
+                                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                            {
+                                tracing::debug!(%error, "upgraded connection ended with an error");
+                            }
+                        }
+                        Err(error) => tracing::debug!(%error, "upgrade did not complete"),
+                    }
+                });
+            }
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             if let Some(cors) = &cors {
@@ -244,6 +290,10 @@ async fn handle(
             Response::from_parts(parts, body.boxed())
         }
         Err(error) => {
+            config
+                .observer
+                .metrics
+                .upstream_error(UpstreamError::Unavailable);
             tracing::warn!(%error, upstream = %config.upstream, "upstream request failed");
             let mut headers = HeaderMap::new();
             if let Some(cors) = &cors {
@@ -252,6 +302,44 @@ async fn handle(
             local(StatusCode::BAD_GATEWAY, headers, "upstream unavailable\n")
         }
     }
+}
+
+/// Logs a refused (or, in shadow mode, would-be refused) request, within the rate limit: an
+/// attacker sending denied origins cannot flood the logs.
+fn log_denial(
+    config: &ProxyConfig,
+    compiled: &CompiledPolicy,
+    request: &CorsRequest<'_>,
+    decision: &Decision<'_>,
+) {
+    let Some(suppressed) = config.observer.denials.admit() else {
+        return;
+    };
+    if suppressed > 0 {
+        config.observer.metrics.denial_logs_suppressed(suppressed);
+    }
+    tracing::info!(
+        service = %config.service,
+        kind = decision.kind.as_str(),
+        reason = decision.reason.class(),
+        suppressed,
+        "{}",
+        compiled.describe(request, decision),
+    );
+}
+
+/// Whether `req` asks to switch protocols on this connection (HTTP/1.1 `Connection: upgrade`
+/// with an `Upgrade` header).
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == http::Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [

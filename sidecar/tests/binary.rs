@@ -171,6 +171,18 @@ async fn serves_from_the_cache_file_while_the_control_plane_is_down() {
     )
     .await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let metrics = http(
+        &admin,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    for line in [
+        "corsair_sidecar_policy_revision 9",
+        r#"corsair_sidecar_sync_state{state="connecting"} 1"#,
+        r#"corsair_sidecar_sync_state{state="connected"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line} in {metrics}");
+    }
     stop(child);
 }
 
@@ -258,5 +270,21 @@ async fn a_policy_file_is_enforced_and_edits_go_live() {
     )
     .await;
     assert!(policy.contains("\"source\": \"policy file\""), "{policy}");
+    let metrics = http(
+        &admin,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let denied = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(r#"corsair_sidecar_requests_total{kind="preflight",outcome="denied",reason="origin"}"#)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(denied >= Some(1), "{metrics}");
+    assert!(
+        metrics.contains(r#"corsair_sidecar_sync_state{state="none"} 1"#),
+        "{metrics}"
+    );
     stop(child);
 }

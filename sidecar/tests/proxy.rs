@@ -1,6 +1,6 @@
 //! The proxy against a real upstream on port 0: local preflights, merged headers, enforce
 //! mode, hop-by-hop headers, forwarding headers, streamed bodies, upstream failure, the
-//! no-policy setting, and a hot swap.
+//! no-policy setting, upgrades, metrics, and hot swaps (one, and many under load).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::Bytes;
 use corsair_policy::Scheme;
 use corsair_proto::v1;
+use corsair_sidecar::metrics::Observer;
 use corsair_sidecar::policies::PolicySet;
 use corsair_sidecar::proxy::{self, NoPolicy, ProxyConfig};
 use http::{Method, Request, Response, StatusCode};
@@ -53,12 +54,29 @@ async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                         if req.uri().path() == "/error" {
                             response = response.status(500);
                         }
+                        if req.uri().path() == "/upgrade" {
+                            // Switch to an echo protocol: every byte comes back.
+                            let upgrade = hyper::upgrade::on(req);
+                            tokio::spawn(async move {
+                                let io = upgrade.await.unwrap();
+                                let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            });
+                            let response = response
+                                .status(StatusCode::SWITCHING_PROTOCOLS)
+                                .header("connection", "upgrade")
+                                .header("upgrade", "echo")
+                                .body(Full::new(Bytes::new()))
+                                .unwrap();
+                            return Ok::<_, Infallible>(response);
+                        }
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         Ok::<_, Infallible>(response.body(Full::new(body)).unwrap())
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
                     .await;
             });
         }
@@ -69,6 +87,7 @@ async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 struct Sidecar {
     addr: SocketAddr,
     set: Arc<PolicySet>,
+    observer: Observer,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -86,12 +105,14 @@ impl Sidecar {
         let addr = listener.local_addr().unwrap();
         let set = Arc::new(PolicySet::default());
         let (stop, stopped) = oneshot::channel::<()>();
+        let observer = Observer::default();
         let config = ProxyConfig {
             upstream: upstream.to_string().parse().unwrap(),
             service: "shop".into(),
             public_scheme: Scheme::Http,
             no_policy,
             timeouts,
+            observer: observer.clone(),
         };
         tokio::spawn(proxy::serve(listener, set.clone(), config, async {
             let _ = stopped.await;
@@ -99,6 +120,7 @@ impl Sidecar {
         Sidecar {
             addr,
             set,
+            observer,
             stop: Some(stop),
         }
     }
@@ -341,4 +363,183 @@ async fn an_upstream_that_never_answers_is_a_504() {
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(headers["access-control-allow-origin"], APP);
     assert_eq!(body, "upstream timed out\n");
+}
+
+#[tokio::test]
+async fn upgrades_are_spliced_to_the_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
+    sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
+    let mut stream = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /upgrade HTTP/1.1\r\nHost: {}\r\nOrigin: {APP}\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\n",
+                sidecar.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(
+        head.contains(&format!("access-control-allow-origin: {APP}")),
+        "{head}"
+    );
+    // The connection is now the upstream's echo protocol, both ways.
+    for message in [&b"ping"[..], b"\x00\xffbinary", b"GET / HTTP/1.1\r\n\r\n"] {
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        stream.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, message);
+    }
+    drop(stream);
+    let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
+    assert!(
+        metrics.contains("corsair_sidecar_upgrades_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn decisions_and_upstream_errors_are_counted() {
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
+    sidecar.send(Method::GET, "/", &[("origin", APP)], "").await;
+    sidecar.policy(7, &[APP], v1::PolicyMode::Enforce);
+    sidecar.send(Method::GET, "/", &[("origin", APP)], "").await;
+    for _ in 0..3 {
+        sidecar
+            .send(Method::GET, "/", &[("origin", "https://evil.example")], "")
+            .await;
+    }
+    sidecar
+        .send(
+            Method::OPTIONS,
+            "/",
+            &[("origin", APP), ("access-control-request-method", "DELETE")],
+            "",
+        )
+        .await;
+    let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
+    for line in [
+        r#"corsair_sidecar_requests_without_policy_total{state="denied"} 1"#,
+        r#"corsair_sidecar_requests_total{kind="actual",outcome="allowed",reason="allowed"} 1"#,
+        r#"corsair_sidecar_requests_total{kind="actual",outcome="denied",reason="origin"} 3"#,
+        r#"corsair_sidecar_requests_total{kind="preflight",outcome="denied",reason="method"} 1"#,
+        "corsair_sidecar_policy_revision 7",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let sidecar = Sidecar::start(dead_addr, NoPolicy::PassThrough).await;
+    sidecar.send(Method::GET, "/", &[], "").await;
+    let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
+    assert!(
+        metrics.contains(r#"corsair_sidecar_upstream_errors_total{kind="unavailable"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// Two policies that differ in every header they produce, so a response mixing them shows.
+fn variant(revision: i64) -> v1::DiscoveryResponse {
+    let odd = revision % 2 == 1;
+    v1::DiscoveryResponse {
+        revision,
+        snapshot: true,
+        upserts: vec![v1::Policy {
+            service: "shop".into(),
+            allowed_origins: vec![APP.into()],
+            allowed_methods: vec![if odd { "PUT" } else { "PATCH" }.into()],
+            exposed_headers: vec![if odd { "x-odd" } else { "x-even" }.into()],
+            allow_credentials: odd,
+            max_age_seconds: Some(if odd { 11 } else { 22 }),
+            revision,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Which variant produced these headers, or a panic if they mix both or miss one.
+fn variant_of(status: StatusCode, headers: &http::HeaderMap, preflight: bool) -> bool {
+    let get = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+    assert!(status.is_success(), "request failed: {status}");
+    assert_eq!(get("access-control-allow-origin").as_deref(), Some(APP));
+    let credentials = get("access-control-allow-credentials").is_some();
+    let odd = if preflight {
+        let methods = get("access-control-allow-methods").unwrap();
+        let max_age = get("access-control-max-age").unwrap();
+        let odd = methods == "PUT";
+        assert_eq!(max_age, if odd { "11" } else { "22" }, "mixed: {headers:?}");
+        odd
+    } else {
+        get("access-control-expose-headers").unwrap() == "x-odd"
+    };
+    assert_eq!(credentials, odd, "mixed: {headers:?}");
+    odd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_swaps_under_load_fail_nothing_and_never_mix_policies() {
+    use std::sync::atomic::AtomicBool;
+    let (up, _) = upstream().await;
+    let sidecar = Arc::new(Sidecar::start(up, NoPolicy::Deny).await);
+    sidecar.set.apply(&variant(1)).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for client in 0..8 {
+        let (sidecar, done) = (sidecar.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            let mut seen = [0usize; 2];
+            let preflight = client % 2 == 0;
+            while !done.load(Ordering::Relaxed) {
+                let (status, headers, body) = if preflight {
+                    sidecar
+                        .send(
+                            Method::OPTIONS,
+                            "/",
+                            &[("origin", APP), ("access-control-request-method", "POST")],
+                            "",
+                        )
+                        .await
+                } else {
+                    sidecar
+                        .send(Method::POST, "/", &[("origin", APP)], "payload")
+                        .await
+                };
+                if !preflight {
+                    assert_eq!(body, "payload");
+                }
+                seen[usize::from(variant_of(status, &headers, preflight))] += 1;
+            }
+            seen
+        }));
+    }
+    // Each swap is checked by a request of the swapper's own before the next one.
+    for revision in 2..=100 {
+        sidecar.set.apply(&variant(revision)).unwrap();
+        let (status, headers, _) = sidecar.send(Method::GET, "/", &[("origin", APP)], "").await;
+        assert_eq!(variant_of(status, &headers, false), revision % 2 == 1);
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let seen = client.await.unwrap();
+        total += seen[0] + seen[1];
+    }
+    assert!(total > 0);
 }

@@ -1,0 +1,367 @@
+//! The sidecar's Prometheus metrics, served as text on the admin listener's `/metrics`:
+//! requests by decision and reason class, preflights, upstream errors, the policy revision,
+//! the sync state and the time since the last update.
+//!
+//! Every counter the request path touches is created up front and indexed by plain numbers,
+//! so counting a request is one atomic add: no label hashing, no lock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use corsair_policy::{Kind, Reason};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::policies::PolicySet;
+use crate::sync::SyncState;
+
+const KINDS: [Kind; 4] = [
+    Kind::NotCors,
+    Kind::SameOrigin,
+    Kind::Preflight,
+    Kind::Actual,
+];
+const CLASSES: [&str; 8] = [
+    "allowed",
+    "not_cors",
+    "same_origin",
+    "origin",
+    "method",
+    "header",
+    "private_network",
+    "malformed",
+];
+const OUTCOMES: [&str; 3] = ["allowed", "denied", "shadow_denied"];
+const SYNC_STATES: [&str; 4] = ["none", "connecting", "connected", "nacked"];
+
+/// What became of a request, for the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The CORS protocol allows it.
+    Allowed,
+    /// Refused (headers withheld, or answered here in enforce mode).
+    Denied,
+    /// Shadow mode: it would have been refused, and was let through untouched.
+    ShadowDenied,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    kind: &'static str,
+    outcome: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// The sidecar's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    decisions: Vec<Counter>,
+    without_policy: [Counter; 2],
+    upstream_errors: [Counter; 2],
+    upgrades: Counter,
+    denial_logs_suppressed: Counter,
+    revision: Gauge,
+    since_update: Gauge<f64, AtomicU64>,
+    sync_states: Vec<Gauge>,
+    started: Instant,
+}
+
+/// Which upstream failure, for the `kind` label of `upstream_errors`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// Connecting or talking to the upstream failed (`502`).
+    Unavailable,
+    /// No response headers in time (`504`).
+    Timeout,
+}
+
+fn class_index(reason: Reason) -> usize {
+    let class = reason.class();
+    CLASSES
+        .iter()
+        .position(|c| *c == class)
+        .expect("every reason class is listed")
+}
+
+fn kind_index(kind: Kind) -> usize {
+    KINDS.iter().position(|k| *k == kind).expect("every kind")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("corsair_sidecar");
+        let decisions_family = Family::<DecisionLabels, Counter>::default();
+        let mut decisions = Vec::with_capacity(KINDS.len() * OUTCOMES.len() * CLASSES.len());
+        for kind in KINDS {
+            for outcome in OUTCOMES {
+                for reason in CLASSES {
+                    decisions.push(
+                        decisions_family
+                            .get_or_create(&DecisionLabels {
+                                kind: kind.as_str(),
+                                outcome,
+                                reason,
+                            })
+                            .clone(),
+                    );
+                }
+            }
+        }
+        registry.register(
+            "requests",
+            "Requests decided by the policy, by kind (preflight, actual, same_origin, not_cors), outcome and reason class",
+            decisions_family,
+        );
+        let without_family = Family::<StateLabel, Counter>::default();
+        let without_policy = ["passed", "denied"]
+            .map(|state| without_family.get_or_create(&StateLabel { state }).clone());
+        registry.register(
+            "requests_without_policy",
+            "Requests that arrived while no policy was loaded, by what was done (passed, denied)",
+            without_family,
+        );
+        let errors_family = Family::<KindLabel, Counter>::default();
+        let upstream_errors = ["unavailable", "timeout"]
+            .map(|kind| errors_family.get_or_create(&KindLabel { kind }).clone());
+        registry.register(
+            "upstream_errors",
+            "Upstream failures: unavailable (answered 502) and timeout (answered 504)",
+            errors_family,
+        );
+        let upgrades = Counter::default();
+        registry.register(
+            "upgrades",
+            "Connections upgraded (WebSocket and other Upgrade protocols) and spliced to the upstream",
+            upgrades.clone(),
+        );
+        let denial_logs_suppressed = Counter::default();
+        registry.register(
+            "denial_logs_suppressed",
+            "Denied-request log lines dropped by the rate limit",
+            denial_logs_suppressed.clone(),
+        );
+        let revision = Gauge::default();
+        registry.register(
+            "policy_revision",
+            "Global revision of the policies in force (0: none)",
+            revision.clone(),
+        );
+        let since_update = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "seconds_since_policy_update",
+            "Seconds since the policies in force were last updated (since start, if never)",
+            since_update.clone(),
+        );
+        let states_family = Family::<StateLabel, Gauge>::default();
+        let sync_states = SYNC_STATES
+            .iter()
+            .map(|state| states_family.get_or_create(&StateLabel { state }).clone())
+            .collect();
+        registry.register(
+            "sync_state",
+            "1 for the control-plane sync state the sidecar is in (none: no control plane)",
+            states_family,
+        );
+        Metrics {
+            registry,
+            decisions,
+            without_policy,
+            upstream_errors,
+            upgrades,
+            denial_logs_suppressed,
+            revision,
+            since_update,
+            sync_states,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one decided request.
+    pub fn decided(&self, kind: Kind, outcome: Outcome, reason: Reason) {
+        let index = (kind_index(kind) * OUTCOMES.len() + outcome as usize) * CLASSES.len()
+            + class_index(reason);
+        self.decisions[index].inc();
+    }
+
+    /// Counts one request that arrived with no policy loaded.
+    pub fn without_policy(&self, denied: bool) {
+        self.without_policy[usize::from(denied)].inc();
+    }
+
+    /// Counts one upstream failure.
+    pub fn upstream_error(&self, error: UpstreamError) {
+        self.upstream_errors[error as usize].inc();
+    }
+
+    /// Counts one upgraded connection.
+    pub fn upgraded(&self) {
+        self.upgrades.inc();
+    }
+
+    /// Counts log lines the denial rate limit dropped.
+    pub fn denial_logs_suppressed(&self, n: u64) {
+        self.denial_logs_suppressed.inc_by(n);
+    }
+
+    /// The metrics in Prometheus text format, with the gauges read from `policies` and `sync`
+    /// now.
+    pub fn render(
+        &self,
+        policies: &PolicySet,
+        sync: Option<&watch::Receiver<SyncState>>,
+    ) -> String {
+        let current = policies.load();
+        self.revision.set(current.revision);
+        let since = current.applied_at.unwrap_or(self.started).elapsed();
+        self.since_update.set(since.as_secs_f64());
+        let state = match sync.map(|rx| rx.borrow().clone()) {
+            None => "none",
+            Some(SyncState::Connecting { .. }) => "connecting",
+            Some(SyncState::Connected { .. }) => "connected",
+            Some(SyncState::Nacked { .. }) => "nacked",
+        };
+        for (gauge, name) in self.sync_states.iter().zip(SYNC_STATES) {
+            gauge.set(i64::from(name == state));
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// A rate limit on log lines: at most `per_second` in each second; what is dropped is counted
+/// and reported with the next line that gets through. Lock-free, for the request path.
+#[derive(Debug)]
+pub struct LogLimit {
+    per_second: u32,
+    epoch: Instant,
+    /// The current second since `epoch` (high 32 bits) and lines logged in it (low 32 bits).
+    window: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimit {
+    /// A limit of `per_second` lines each second.
+    pub fn new(per_second: u32) -> LogLimit {
+        LogLimit {
+            per_second,
+            epoch: Instant::now(),
+            window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a line may be logged now: `Some(n)` with the number of lines dropped since
+    /// the last one logged, or `None` (this one is dropped and counted).
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(self.epoch.elapsed().as_secs())
+    }
+
+    fn admit_at(&self, second: u64) -> Option<u64> {
+        let second = (second & u64::from(u32::MAX)) << 32;
+        let mut current = self.window.load(Ordering::Relaxed);
+        loop {
+            let next = if current & !u64::from(u32::MAX) != second {
+                second | 1
+            } else if (current & u64::from(u32::MAX)) < u64::from(self.per_second) {
+                current + 1
+            } else {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            match self.window.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(self.suppressed.swap(0, Ordering::Relaxed)),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+/// The metrics and the log limit the request path shares.
+#[derive(Debug, Clone)]
+pub struct Observer {
+    /// The counters.
+    pub metrics: Arc<Metrics>,
+    /// The denied-request log limit.
+    pub denials: Arc<LogLimit>,
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        Observer {
+            metrics: Arc::default(),
+            denials: Arc::new(LogLimit::new(DENIAL_LOGS_PER_SECOND)),
+        }
+    }
+}
+
+/// Denied requests logged per second at most; the rest are counted.
+pub const DENIAL_LOGS_PER_SECOND: u32 = 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_limit_admits_per_second_and_reports_what_it_dropped() {
+        let limit = LogLimit::new(3);
+        assert_eq!(limit.admit_at(5), Some(0));
+        assert_eq!(limit.admit_at(5), Some(0));
+        assert_eq!(limit.admit_at(5), Some(0));
+        assert_eq!(limit.admit_at(5), None);
+        assert_eq!(limit.admit_at(5), None);
+        // A new second: the first line through reports the two dropped.
+        assert_eq!(limit.admit_at(6), Some(2));
+        assert_eq!(limit.admit_at(6), Some(0));
+    }
+
+    #[test]
+    fn every_decision_has_its_own_counter() {
+        let metrics = Metrics::default();
+        metrics.decided(Kind::Preflight, Outcome::Denied, Reason::HeaderNotAllowed);
+        metrics.decided(
+            Kind::Actual,
+            Outcome::ShadowDenied,
+            Reason::OriginNotAllowed,
+        );
+        metrics.decided(Kind::Actual, Outcome::Allowed, Reason::Allowed { entry: 0 });
+        metrics.decided(Kind::Actual, Outcome::Allowed, Reason::Allowed { entry: 3 });
+        metrics.upstream_error(UpstreamError::Timeout);
+        let text = metrics.render(&PolicySet::default(), None);
+        for line in [
+            r#"corsair_sidecar_requests_total{kind="preflight",outcome="denied",reason="header"} 1"#,
+            r#"corsair_sidecar_requests_total{kind="actual",outcome="shadow_denied",reason="origin"} 1"#,
+            r#"corsair_sidecar_requests_total{kind="actual",outcome="allowed",reason="allowed"} 2"#,
+            r#"corsair_sidecar_upstream_errors_total{kind="timeout"} 1"#,
+            r#"corsair_sidecar_upstream_errors_total{kind="unavailable"} 0"#,
+            r#"corsair_sidecar_sync_state{state="none"} 1"#,
+            r#"corsair_sidecar_policy_revision 0"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+}
