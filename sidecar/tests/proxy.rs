@@ -271,6 +271,44 @@ async fn enforce_mode_blocks_before_the_upstream() {
 }
 
 #[tokio::test]
+async fn shadow_mode_changes_nothing_and_counts_what_it_would_deny() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
+    sidecar.policy(1, &[APP], v1::PolicyMode::Shadow);
+    // The upstream's own headers come back untouched, allowed origin or not.
+    for origin in [APP, "https://evil.com"] {
+        let (status, headers, _) = sidecar
+            .send(Method::GET, "/", &[("origin", origin)], "")
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["access-control-allow-origin"], "*");
+    }
+    // Preflights go to the upstream too.
+    let (status, headers, _) = sidecar
+        .send(
+            Method::OPTIONS,
+            "/",
+            &[
+                ("origin", "https://evil.com"),
+                ("access-control-request-method", "PUT"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
+    for line in [
+        r#"corsair_sidecar_requests_total{kind="actual",outcome="allowed",reason="allowed"} 1"#,
+        r#"corsair_sidecar_requests_total{kind="actual",outcome="shadow_denied",reason="origin"} 1"#,
+        r#"corsair_sidecar_requests_total{kind="preflight",outcome="shadow_denied",reason="origin"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+}
+
+#[tokio::test]
 async fn a_swap_takes_effect_on_the_next_request() {
     let (up, _) = upstream().await;
     let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
