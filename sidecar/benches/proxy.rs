@@ -1,0 +1,716 @@
+//! The proxy benchmark: the same small upstream and the same load generator (`wrk`), side by
+//! side in one run, against
+//! - the upstream directly,
+//! - the real `corsair-sidecar` binary following the real `corsair-control-plane`,
+//! - nginx (one worker, upstream keepalive) configured to add the same CORS headers.
+//!
+//! Measured: throughput and p50/p99 latency for actual requests and for preflights, CPU time
+//! per request of the proxy process, RSS idle and with 1,000 open keep-alive connections, new
+//! upstream connections per request, and p99 and failures with 10 policy swaps per second
+//! pushed by the control plane during load.
+//!
+//! Run: `cargo build --release -p corsair-control-plane && cargo bench -p corsair-sidecar --bench proxy`
+//! Needs `wrk` and `nginx` (Debian packages). Environment: `CORSAIR_BENCH_SECONDS` (per run,
+//! default 10), `CORSAIR_BENCH_ROUNDS` (default 3), `CORSAIR_BENCH_CONNECTIONS` (wrk's `-c`,
+//! default 64), `CORSAIR_CONTROL_PLANE_BIN`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use corsair_proto::v1::{self, policy_service_client::PolicyServiceClient};
+
+const SIDECAR: &str = env!("CARGO_BIN_EXE_corsair-sidecar");
+const APP: &str = "https://app.example.com";
+const ROLE: &str = "CORSAIR_BENCH_ROLE";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The upstream: a one-thread hyper server answering `hello` with a few headers, counting
+/// the connections it accepts (`GET /__connections`).
+fn upstream_main() {
+    use http_body_util::Full;
+    use hyper::body::{Bytes, Incoming};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        std::io::stdout().flush().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            accepted.fetch_add(1, Ordering::Relaxed);
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let body = if req.uri().path() == "/__connections" {
+                        Bytes::from(accepted.load(Ordering::Relaxed).to_string())
+                    } else {
+                        Bytes::from_static(b"hello world\n")
+                    };
+                    async move {
+                        Ok::<_, Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "text/plain")
+                                .header("x-request-id", "42")
+                                .body(Full::new(body))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// A child process, killed when dropped.
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first: nginx's master stops its workers only when asked.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn proc_stat(pid: u32) -> (u64, u64) {
+    // utime and stime (fields 14 and 15), in clock ticks, and RSS from status.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (ticks, rss)
+}
+
+/// The processes that do a target's work (for nginx: master and worker).
+fn pids(target: &Proc) -> Vec<u32> {
+    let mut pids = vec![target.child.id()];
+    if let Ok(children) =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", target.child.id()))
+    {
+        pids.extend(
+            children
+                .split_whitespace()
+                .map(|p| p.parse::<u32>().unwrap()),
+        );
+    }
+    pids
+}
+
+fn cpu_ticks(target: &Proc) -> u64 {
+    pids(target).into_iter().map(|p| proc_stat(p).0).sum()
+}
+
+fn rss_kib(target: &Proc) -> u64 {
+    pids(target).into_iter().map(|p| proc_stat(p).1).sum()
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not become ready");
+}
+
+fn accepts(addr: &str) -> bool {
+    std::net::TcpStream::connect(addr).is_ok()
+}
+
+#[derive(Debug, Clone, Default)]
+struct Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    failed: u64,
+    cpu_us_per_request: f64,
+}
+
+fn parse_latency(value: &str) -> f64 {
+    let value = value.trim();
+    for (unit, scale) in [("us", 1.0), ("ms", 1e3), ("s", 1e6)] {
+        if let Some(n) = value.strip_suffix(unit) {
+            return n.parse::<f64>().unwrap() * scale;
+        }
+    }
+    panic!("unknown latency {value:?}")
+}
+
+/// One `wrk` run against `url`; `script` sets method and headers.
+fn wrk(url: &str, script: &Path, seconds: u64, connections: u64, target: Option<&Proc>) -> Run {
+    let before = target.map(cpu_ticks);
+    let output = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(url)
+        .output()
+        .expect("wrk runs (install Debian's wrk)");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "wrk failed: {text}");
+    let mut run = Run::default();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            run.rps = v.trim().parse().unwrap();
+        } else if let Some(v) = line.strip_prefix("50%") {
+            run.p50_us = parse_latency(v);
+        } else if let Some(v) = line.strip_prefix("99%") {
+            run.p99_us = parse_latency(v);
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            run.failed += v.trim().parse::<u64>().unwrap();
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            run.failed += v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if line.contains(" requests in ") {
+            run.requests = line.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    }
+    if let (Some(before), Some(target)) = (before, target) {
+        let ticks = cpu_ticks(target) - before;
+        run.cpu_us_per_request = ticks as f64 * 1e6 / 100.0 / run.requests.max(1) as f64;
+    }
+    run
+}
+
+fn median(runs: &[Run]) -> Run {
+    let pick = |f: fn(&Run) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Run {
+        rps: pick(|r| r.rps),
+        p50_us: pick(|r| r.p50_us),
+        p99_us: pick(|r| r.p99_us),
+        requests: runs.iter().map(|r| r.requests).sum(),
+        failed: runs.iter().map(|r| r.failed).sum(),
+        cpu_us_per_request: pick(|r| r.cpu_us_per_request),
+    }
+}
+
+/// Opens `n` keep-alive connections, each with one answered request, and holds them.
+fn hold_connections(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            write!(
+                s,
+                "GET /held HTTP/1.1\r\nHost: {addr}\r\nOrigin: {APP}\r\n\r\n"
+            )
+            .unwrap();
+            let mut reader = BufReader::new(s.try_clone().unwrap());
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            s
+        })
+        .collect()
+}
+
+fn control_plane_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("CORSAIR_CONTROL_PLANE_BIN") {
+        return path.into();
+    }
+    // Next to this sidecar binary, in the same target directory.
+    let path = Path::new(SIDECAR).with_file_name("corsair-control-plane");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --release -p corsair-control-plane` first",
+        path.display()
+    );
+    path
+}
+
+fn policy(exposed: &str) -> v1::Policy {
+    v1::Policy {
+        service: "shop".into(),
+        allowed_origins: vec![APP.into(), "https://admin.example.com".into()],
+        allowed_methods: vec!["PUT".into(), "DELETE".into()],
+        allowed_headers: vec!["x-custom".into(), "content-type".into()],
+        exposed_headers: vec![exposed.into()],
+        max_age_seconds: Some(600),
+        ..Default::default()
+    }
+}
+
+const NGINX_CONF: &str = r#"
+worker_processes 1;
+daemon off;
+master_process on;
+pid __DIR__/nginx.pid;
+error_log __DIR__/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path __DIR__/body;
+    proxy_temp_path __DIR__/proxy;
+    fastcgi_temp_path __DIR__/fastcgi;
+    uwsgi_temp_path __DIR__/uwsgi;
+    scgi_temp_path __DIR__/scgi;
+    upstream app { server __UPSTREAM__; keepalive 64; }
+    map $http_origin $cors_origin {
+        default "";
+        "https://app.example.com" $http_origin;
+        "https://admin.example.com" $http_origin;
+    }
+    server {
+        listen 127.0.0.1:__PORT__ reuseport;
+        location / {
+            if ($request_method = OPTIONS) {
+                add_header Access-Control-Allow-Origin $cors_origin always;
+                add_header Access-Control-Allow-Methods "PUT, DELETE" always;
+                add_header Access-Control-Allow-Headers "x-custom, content-type" always;
+                add_header Access-Control-Max-Age 600 always;
+                add_header Vary "Origin, Access-Control-Request-Method, Access-Control-Request-Headers" always;
+                return 204;
+            }
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_hide_header Access-Control-Allow-Origin;
+            add_header Access-Control-Allow-Origin $cors_origin always;
+            add_header Access-Control-Expose-Headers x-request-id always;
+            add_header Vary Origin always;
+        }
+    }
+}
+"#;
+
+fn main() {
+    if std::env::var(ROLE).as_deref() == Ok("upstream") {
+        return upstream_main();
+    }
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks for a listing.
+    }
+    let seconds = env_or("CORSAIR_BENCH_SECONDS", 10);
+    let rounds = env_or("CORSAIR_BENCH_ROUNDS", 3) as usize;
+    let connections = env_or("CORSAIR_BENCH_CONNECTIONS", 64);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The upstream, a second copy of this program.
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env(ROLE, "upstream")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let upstream_addr: SocketAddr = line.trim().parse().unwrap();
+    let upstream = Proc {
+        child,
+        name: "upstream",
+    };
+    let upstream_connections = || {
+        get(&upstream_addr.to_string(), "/__connections")
+            .1
+            .parse::<u64>()
+            .unwrap()
+    };
+
+    // The control plane, on SQLite, with the service's policy.
+    let cp_port = free_port();
+    let cp_addr = format!("127.0.0.1:{cp_port}");
+    let cp = Proc {
+        child: Command::new(control_plane_bin())
+            .args(["--listen", &cp_addr, "--database-url"])
+            .arg(format!("sqlite://{}", dir.path().join("cp.db").display()))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+        name: "control plane",
+    };
+    wait_until("control plane", || accepts(&cp_addr));
+    // One worker of its own drives the gRPC channel while this thread blocks.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = runtime
+        .block_on(PolicyServiceClient::connect(format!("http://{cp_addr}")))
+        .unwrap();
+    runtime
+        .block_on(client.create_policy(v1::CreatePolicyRequest {
+            policy: Some(policy("x-request-id")),
+            ..Default::default()
+        }))
+        .unwrap();
+
+    // The sidecar, one worker thread like nginx's one worker.
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let (sidecar_addr, admin_addr) = (
+        format!("127.0.0.1:{proxy_port}"),
+        format!("127.0.0.1:{admin_port}"),
+    );
+    let sidecar = Proc {
+        child: Command::new(SIDECAR)
+            .args(["--listen", &sidecar_addr, "--admin-listen", &admin_addr])
+            .args([
+                "--upstream",
+                &upstream_addr.to_string(),
+                "--service",
+                "shop",
+            ])
+            .args(["--control-plane", &format!("http://{cp_addr}")])
+            .arg("--cache-file")
+            .arg(dir.path().join("shop.cache"))
+            .env("RUST_LOG", "warn")
+            .env("TOKIO_WORKER_THREADS", "1")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+        name: "corsair-sidecar",
+    };
+    wait_until("sidecar", || {
+        accepts(&admin_addr) && get(&admin_addr, "/readyz").0 == 200
+    });
+
+    // nginx, one worker.
+    let nginx_port = free_port();
+    let nginx_addr = format!("127.0.0.1:{nginx_port}");
+    let conf = NGINX_CONF
+        .replace("__DIR__", &dir.path().display().to_string())
+        .replace("__UPSTREAM__", &upstream_addr.to_string())
+        .replace("__PORT__", &nginx_port.to_string());
+    let conf_path = dir.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let nginx = Proc {
+        child: Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx runs (install Debian's nginx-light)"),
+        name: "nginx",
+    };
+    wait_until("nginx", || accepts(&nginx_addr) && pids(&nginx).len() > 1);
+
+    let idle_rss = [(&sidecar, rss_kib(&sidecar)), (&nginx, rss_kib(&nginx))];
+
+    let script = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    };
+    let actual = script(
+        "actual.lua",
+        &format!("wrk.method = \"GET\"\nwrk.headers[\"Origin\"] = \"{APP}\"\n"),
+    );
+    let preflight = script(
+        "preflight.lua",
+        &format!(
+            "wrk.method = \"OPTIONS\"\nwrk.headers[\"Origin\"] = \"{APP}\"\nwrk.headers[\"Access-Control-Request-Method\"] = \"PUT\"\nwrk.headers[\"Access-Control-Request-Headers\"] = \"x-custom\"\n"
+        ),
+    );
+
+    // Interleaved rounds: every configuration sees the same machine conditions.
+    let targets: [(&str, &str, &Path, Option<&Proc>); 5] = [
+        (
+            "direct",
+            &upstream_addr.to_string(),
+            &actual,
+            Some(&upstream),
+        ),
+        ("sidecar", &sidecar_addr, &actual, Some(&sidecar)),
+        ("nginx", &nginx_addr, &actual, Some(&nginx)),
+        (
+            "sidecar preflight",
+            &sidecar_addr,
+            &preflight,
+            Some(&sidecar),
+        ),
+        ("nginx preflight", &nginx_addr, &preflight, Some(&nginx)),
+    ];
+    let targets: Vec<(String, String, PathBuf, Option<&Proc>)> = targets
+        .into_iter()
+        .map(|(n, a, s, p)| (n.to_owned(), a.to_owned(), s.to_path_buf(), p))
+        .collect();
+    let mut results: BTreeMap<String, Vec<Run>> = BTreeMap::new();
+    let mut sidecar_requests = 0;
+    let mut counted_connections = 0;
+    for round in 0..rounds {
+        for (name, addr, script, target) in &targets {
+            let before = upstream_connections();
+            let run = wrk(
+                &format!("http://{addr}/api/items"),
+                script,
+                seconds,
+                connections,
+                *target,
+            );
+            let opened = upstream_connections() - before - 1;
+            if name == "sidecar" {
+                sidecar_requests += run.requests;
+                counted_connections += opened;
+            }
+            eprintln!(
+                "round {round} {name:18} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  cpu {:>5.1} µs/req  failed {}  new upstream connections {opened}",
+                run.rps, run.p50_us, run.p99_us, run.cpu_us_per_request, run.failed
+            );
+            results.entry(name.clone()).or_default().push(run);
+        }
+    }
+
+    // Ten policy swaps a second during load, against the same load without.
+    let swapping = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let swaps = Arc::new(AtomicU64::new(0));
+    let swapper = {
+        let (swapping, stop, swaps) = (swapping.clone(), stop.clone(), swaps.clone());
+        let mut client = client.clone();
+        let handle = runtime.handle().clone();
+        std::thread::spawn(move || {
+            handle.block_on(async {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    if !swapping.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    n += 1;
+                    let exposed = if n.is_multiple_of(2) {
+                        "x-request-id"
+                    } else {
+                        "x-trace-id"
+                    };
+                    let current = client
+                        .get_policy(v1::GetPolicyRequest {
+                            name: "services/shop/policy".into(),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    client
+                        .update_policy(v1::UpdatePolicyRequest {
+                            policy: Some(v1::Policy {
+                                name: current.name,
+                                etag: current.etag,
+                                ..policy(exposed)
+                            }),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                    swaps.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        })
+    };
+    let revision_before = revision(&admin_addr);
+    let mut calm = Vec::new();
+    let mut swapped = Vec::new();
+    for round in 0..rounds {
+        let run = wrk(
+            &format!("http://{sidecar_addr}/api/items"),
+            &actual,
+            seconds,
+            connections,
+            Some(&sidecar),
+        );
+        eprintln!(
+            "round {round} sidecar, no swaps: p99 {:.0} µs, failed {}",
+            run.p99_us, run.failed
+        );
+        calm.push(run);
+        swapping.store(true, Ordering::Relaxed);
+        let run = wrk(
+            &format!("http://{sidecar_addr}/api/items"),
+            &actual,
+            seconds,
+            connections,
+            Some(&sidecar),
+        );
+        swapping.store(false, Ordering::Relaxed);
+        eprintln!(
+            "round {round} sidecar, 10 swaps/s: p99 {:.0} µs, failed {}",
+            run.p99_us, run.failed
+        );
+        swapped.push(run);
+    }
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    let committed = swaps.load(Ordering::Relaxed);
+    wait_until("last swap applied", || {
+        revision(&admin_addr) >= revision_before + committed as i64
+    });
+    let applied = revision(&admin_addr) - revision_before;
+
+    // 1,000 open keep-alive connections.
+    let mut held_rss = Vec::new();
+    for (target, addr) in [(&sidecar, &sidecar_addr), (&nginx, &nginx_addr)] {
+        let held = hold_connections(addr, 1000);
+        held_rss.push((target.name, rss_kib(target)));
+        drop(held);
+    }
+
+    // The report.
+    let direct = median(&results["direct"]);
+    let side = median(&results["sidecar"]);
+    let ngx = median(&results["nginx"]);
+    let side_pre = median(&results["sidecar preflight"]);
+    let ngx_pre = median(&results["nginx preflight"]);
+    let calm = median(&calm);
+    let swapped = median(&swapped);
+    println!(
+        "\n## Proxy benchmark ({rounds} rounds of {seconds} s, wrk -t1 -c{connections}; medians)\n"
+    );
+    println!("| target | req/s | p50 | p99 | added p99 | CPU per request | failed |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, run, added) in [
+        ("upstream direct", &direct, None),
+        ("corsair-sidecar", &side, Some(side.p99_us - direct.p99_us)),
+        ("nginx", &ngx, Some(ngx.p99_us - direct.p99_us)),
+        ("corsair-sidecar, preflight", &side_pre, None),
+        ("nginx, preflight", &ngx_pre, None),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.0} µs | {:.0} µs | {} | {:.1} µs | {} |",
+            run.rps,
+            run.p50_us,
+            run.p99_us,
+            added
+                .map(|a| format!("{a:.0} µs"))
+                .unwrap_or_else(|| "–".into()),
+            run.cpu_us_per_request,
+            run.failed
+        );
+    }
+    println!();
+    println!("- sidecar / nginx throughput: {:.2}×", side.rps / ngx.rps);
+    println!(
+        "- sidecar preflights / sidecar proxied requests: {:.2}×",
+        side_pre.rps / side.rps
+    );
+    println!(
+        "- sidecar preflights / nginx preflights: {:.2}×",
+        side_pre.rps / ngx_pre.rps
+    );
+    for (target, rss) in idle_rss {
+        println!(
+            "- RSS idle, {}: {:.1} MiB",
+            target.name,
+            rss as f64 / 1024.0
+        );
+    }
+    for (name, rss) in held_rss {
+        println!(
+            "- RSS with 1,000 open keep-alive connections, {name}: {:.1} MiB",
+            rss as f64 / 1024.0
+        );
+    }
+    println!(
+        "- upstream connections opened by the sidecar: {counted_connections} for {sidecar_requests} requests ({} requests per new connection)",
+        sidecar_requests / counted_connections.max(1)
+    );
+    println!(
+        "- 10 swaps/s during load: p99 {:.0} µs without, {:.0} µs with ({:+.1}%); {} swaps committed, {} applied by the sidecar; failed requests {} without, {} with",
+        calm.p99_us,
+        swapped.p99_us,
+        (swapped.p99_us / calm.p99_us - 1.0) * 100.0,
+        committed,
+        applied,
+        calm.failed,
+        swapped.failed
+    );
+    drop((sidecar, nginx, cp, upstream));
+}
+
+fn revision(admin: &str) -> i64 {
+    let (_, body) = get(admin, "/policy");
+    let policy: serde_json::Value = serde_json::from_str(&body).unwrap();
+    policy["revision"].as_i64().unwrap()
+}
