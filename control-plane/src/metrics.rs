@@ -114,7 +114,10 @@ pub async fn serve(
                 async move {
                     let response = if req.uri().path() == "/metrics" {
                         Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .header(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
                             .body(Full::new(Bytes::from(metrics.render())))
                     } else {
                         Response::builder()

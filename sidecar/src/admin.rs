@@ -56,7 +56,7 @@ fn route(path: &str, state: &AdminState) -> Response<Full<Bytes>> {
     match path {
         "/metrics" => respond(
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
             state.metrics.render(&state.policies, state.sync.as_ref()),
         ),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),

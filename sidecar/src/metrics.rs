@@ -217,11 +217,6 @@ impl Metrics {
         self.upgrades.inc();
     }
 
-    /// Counts log lines the denial rate limit dropped.
-    pub fn denial_logs_suppressed(&self, n: u64) {
-        self.denial_logs_suppressed.inc_by(n);
-    }
-
     /// The metrics in Prometheus text format, with the gauges read from `policies` and `sync`
     /// now.
     pub fn render(
@@ -249,7 +244,8 @@ impl Metrics {
 }
 
 /// A rate limit on log lines: at most `per_second` in each second; what is dropped is counted
-/// and reported with the next line that gets through. Lock-free, for the request path.
+/// at once (in `dropped`) and reported with the next line that gets through. Lock-free, for
+/// the request path.
 #[derive(Debug)]
 pub struct LogLimit {
     per_second: u32,
@@ -257,16 +253,18 @@ pub struct LogLimit {
     /// The current second since `epoch` (high 32 bits) and lines logged in it (low 32 bits).
     window: AtomicU64,
     suppressed: AtomicU64,
+    dropped: Counter,
 }
 
 impl LogLimit {
-    /// A limit of `per_second` lines each second.
-    pub fn new(per_second: u32) -> LogLimit {
+    /// A limit of `per_second` lines each second; every dropped line also counts in `dropped`.
+    pub fn new(per_second: u32, dropped: Counter) -> LogLimit {
         LogLimit {
             per_second,
             epoch: Instant::now(),
             window: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            dropped,
         }
     }
 
@@ -280,12 +278,16 @@ impl LogLimit {
         let second = (second & u64::from(u32::MAX)) << 32;
         let mut current = self.window.load(Ordering::Relaxed);
         loop {
-            let next = if current & !u64::from(u32::MAX) != second {
+            let held = current & !u64::from(u32::MAX);
+            // A caller that read the clock before another moved the window on counts in the
+            // newer second: the window never goes back.
+            let next = if second > held {
                 second | 1
             } else if (current & u64::from(u32::MAX)) < u64::from(self.per_second) {
                 current + 1
             } else {
                 self.suppressed.fetch_add(1, Ordering::Relaxed);
+                self.dropped.inc();
                 return None;
             };
             match self.window.compare_exchange_weak(
@@ -312,9 +314,11 @@ pub struct Observer {
 
 impl Default for Observer {
     fn default() -> Self {
+        let metrics = Arc::new(Metrics::default());
+        let dropped = metrics.denial_logs_suppressed.clone();
         Observer {
-            metrics: Arc::default(),
-            denials: Arc::new(LogLimit::new(DENIAL_LOGS_PER_SECOND)),
+            metrics,
+            denials: Arc::new(LogLimit::new(DENIAL_LOGS_PER_SECOND, dropped)),
         }
     }
 }
@@ -328,15 +332,21 @@ mod tests {
 
     #[test]
     fn the_log_limit_admits_per_second_and_reports_what_it_dropped() {
-        let limit = LogLimit::new(3);
+        let dropped = Counter::default();
+        let limit = LogLimit::new(3, dropped.clone());
         assert_eq!(limit.admit_at(5), Some(0));
         assert_eq!(limit.admit_at(5), Some(0));
         assert_eq!(limit.admit_at(5), Some(0));
         assert_eq!(limit.admit_at(5), None);
         assert_eq!(limit.admit_at(5), None);
+        assert_eq!(dropped.get(), 2);
         // A new second: the first line through reports the two dropped.
         assert_eq!(limit.admit_at(6), Some(2));
         assert_eq!(limit.admit_at(6), Some(0));
+        assert_eq!(limit.admit_at(6), Some(0));
+        // A late caller still in second 5 counts in second 6, which is full.
+        assert_eq!(limit.admit_at(5), None);
+        assert_eq!(dropped.get(), 3);
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct Policies {
     pub revision: i64,
     /// Service → policy.
     pub services: HashMap<String, Arc<Active>>,
-    /// When this set was swapped in (`None`: nothing applied yet).
+    /// When the enforced policies last changed (`None`: never).
     pub applied_at: Option<std::time::Instant>,
 }
 
@@ -134,10 +134,23 @@ impl PolicySet {
         for removed in &response.removals {
             services.remove(removed);
         }
+        // The update time moves only when what is enforced changes (a resync that carries
+        // the same policies again does not count).
+        let changed = services.len() != current.services.len()
+            || services.iter().any(|(name, active)| {
+                current
+                    .services
+                    .get(name)
+                    .is_none_or(|held| held.wire != active.wire)
+            });
         let next = Arc::new(Policies {
             revision: response.revision.max(current.revision),
             services,
-            applied_at: Some(std::time::Instant::now()),
+            applied_at: if changed {
+                Some(std::time::Instant::now())
+            } else {
+                current.applied_at
+            },
         });
         self.current.store(next.clone());
         self.applied.send_replace(next.revision);

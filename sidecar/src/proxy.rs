@@ -99,7 +99,9 @@ pub async fn serve(
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .build(connector);
     let client_headers = config.timeouts.client_headers;
-    let shared = Arc::new((policies, config, client));
+    // Upgraded connections outlive their request; they are closed when serving stops.
+    let (close_tunnels, tunnels) = tokio::sync::watch::channel(false);
+    let shared = Arc::new((policies, config, client, tunnels));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -118,8 +120,8 @@ pub async fn serve(
         let service = service_fn(move |req: Request<Incoming>| {
             let shared = shared.clone();
             async move {
-                let (policies, config, client) = &*shared;
-                Ok::<_, Infallible>(handle(req, peer, policies, config, client).await)
+                let (policies, config, client, tunnels) = &*shared;
+                Ok::<_, Infallible>(handle(req, peer, policies, config, client, tunnels).await)
             }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -136,6 +138,7 @@ pub async fn serve(
         });
     }
     graceful.shutdown().await;
+    let _ = close_tunnels.send(true);
 }
 
 fn local(status: StatusCode, headers: HeaderMap, body: &'static str) -> Response<Body> {
@@ -158,6 +161,7 @@ async fn handle(
     policies: &PolicySet,
     config: &ProxyConfig,
     client: &Client<HttpConnector, Incoming>,
+    tunnels: &tokio::sync::watch::Receiver<bool>,
 ) -> Response<Body> {
     // One snapshot for the whole request.
     let snapshot = policies.load();
@@ -169,6 +173,7 @@ async fn handle(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     let authority = authority_value.as_ref().and_then(|v| v.to_str().ok());
+    let upgrade = is_upgrade(&req);
     // The decision borrows the snapshot's compiled policy, which `active` keeps alive.
     let cors = match &active {
         Some(active) => {
@@ -187,6 +192,16 @@ async fn handle(
                 .decided(decision.kind, outcome, decision.reason);
             if !decision.allowed {
                 log_denial(config, &active.compiled, &request, &decision);
+                // Browsers do not apply CORS to WebSocket and other upgrades: the origin
+                // check is the server's, so a refused origin never reaches the upstream
+                // (except in shadow mode, which changes nothing).
+                if upgrade && !shadow {
+                    return local(
+                        StatusCode::FORBIDDEN,
+                        HeaderMap::new(),
+                        "cross-origin upgrade refused\n",
+                    );
+                }
             }
             match decision.action {
                 Action::Respond(status) => {
@@ -224,8 +239,8 @@ async fn handle(
 
     // An HTTP/1.1 `Upgrade` (WebSocket, …): once the upstream agrees (`101`), both
     // connections are handed over and spliced byte for byte.
-    let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-    strip_hop_by_hop(req.headers_mut());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade);
     add_forwarded(
         req.headers_mut(),
         peer,
@@ -261,29 +276,33 @@ async fn handle(
     };
     match response {
         Ok(mut response) => {
-            if let Some(client_upgrade) = client_upgrade
-                && response.status() == StatusCode::SWITCHING_PROTOCOLS
-            {
-                let upstream_upgrade = hyper::upgrade::on(&mut response);
-                let observer = config.observer.clone();
-                tokio::spawn(async move {
-                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                        Ok((client, upstream)) => {
-                            observer.metrics.upgraded();
-                            let (mut client, mut upstream) =
-                                (TokioIo::new(client), TokioIo::new(upstream));
-                            if let Err(error) =
-                                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                            {
-                                tracing::debug!(%error, "upgraded connection ended with an error");
-                            }
-                        }
-                        Err(error) => tracing::debug!(%error, "upgrade did not complete"),
-                    }
-                });
+            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            match client_upgrade {
+                Some(client_upgrade) if switching => {
+                    let upstream_upgrade = hyper::upgrade::on(&mut response);
+                    tokio::spawn(splice(
+                        client_upgrade,
+                        upstream_upgrade,
+                        config.observer.clone(),
+                        tunnels.clone(),
+                    ));
+                }
+                None if switching => {
+                    config
+                        .observer
+                        .metrics
+                        .upstream_error(UpstreamError::Unavailable);
+                    tracing::warn!(upstream = %config.upstream, "upstream switched protocols unasked");
+                    return local(
+                        StatusCode::BAD_GATEWAY,
+                        HeaderMap::new(),
+                        "upstream switched protocols unasked\n",
+                    );
+                }
+                _ => {}
             }
             let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
+            strip_hop_by_hop(&mut parts.headers, switching);
             if let Some(cors) = &cors {
                 cors.apply(&mut parts.headers);
             }
@@ -304,6 +323,33 @@ async fn handle(
     }
 }
 
+/// Splices an upgraded client connection to the upgraded upstream one, byte for byte, until
+/// either side closes or serving stops.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    observer: Observer,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade did not complete");
+            return;
+        }
+    };
+    observer.metrics.upgraded();
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "upgraded connection ended with an error");
+            }
+        }
+        _ = stop.wait_for(|stop| *stop) => {}
+    }
+}
+
 /// Logs a refused (or, in shadow mode, would-be refused) request, within the rate limit: an
 /// attacker sending denied origins cannot flood the logs.
 fn log_denial(
@@ -315,9 +361,6 @@ fn log_denial(
     let Some(suppressed) = config.observer.denials.admit() else {
         return;
     };
-    if suppressed > 0 {
-        config.observer.metrics.denial_logs_suppressed(suppressed);
-    }
     tracing::info!(
         service = %config.service,
         kind = decision.kind.as_str(),
@@ -354,8 +397,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Removes hop-by-hop headers, including every header `Connection` names. `Upgrade` is kept
-/// only when `Connection` asks for it, so upgrades pass through.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// only for an upgrade (`upgrading`) that `Connection` asks for, so upgrades pass through.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -363,7 +406,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    let upgrading = named.contains(&header::UPGRADE);
+    let upgrading = upgrading && named.contains(&header::UPGRADE);
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         if !(upgrading && name == header::UPGRADE) {
             headers.remove(name);

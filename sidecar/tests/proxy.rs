@@ -54,6 +54,18 @@ async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                         if req.uri().path() == "/error" {
                             response = response.status(500);
                         }
+                        let asks_upgrade =
+                            req.headers().get("upgrade").is_some_and(|v| v == "echo")
+                                && req.headers().get("connection").is_some_and(|v| {
+                                    v.to_str().unwrap().eq_ignore_ascii_case("upgrade")
+                                });
+                        if req.uri().path() == "/upgrade" && !asks_upgrade {
+                            let response = response
+                                .status(StatusCode::BAD_REQUEST)
+                                .body(Full::new(Bytes::from_static(b"no upgrade asked\n")))
+                                .unwrap();
+                            return Ok::<_, Infallible>(response);
+                        }
                         if req.uri().path() == "/upgrade" {
                             // Switch to an echo protocol: every byte comes back.
                             let upgrade = hyper::upgrade::on(req);
@@ -409,24 +421,8 @@ async fn upgrades_are_spliced_to_the_upstream() {
     let (up, _) = upstream().await;
     let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
     sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
-    let mut stream = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
-    stream
-        .write_all(
-            format!(
-                "GET /upgrade HTTP/1.1\r\nHost: {}\r\nOrigin: {APP}\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\n",
-                sidecar.addr
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let (mut stream, head) = upgrade_from(&sidecar, APP, "HTTP/1.1", "keep-alive, Upgrade").await;
+    let head = head.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: echo"), "{head}");
     assert!(head.contains("connection: upgrade"), "{head}");
@@ -580,4 +576,51 @@ async fn hot_swaps_under_load_fail_nothing_and_never_mix_policies() {
         total += seen[0] + seen[1];
     }
     assert!(total > 0);
+}
+
+/// Sends an upgrade request from `origin`; returns the connection and the response head.
+async fn upgrade_from(
+    sidecar: &Sidecar,
+    origin: &str,
+    version: &str,
+    connection: &str,
+) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /upgrade {version}\r\nHost: {}\r\nOrigin: {origin}\r\nConnection: {connection}\r\nUpgrade: echo\r\n\r\n",
+                sidecar.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if stream.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    (stream, String::from_utf8(head).unwrap())
+}
+
+#[tokio::test]
+async fn upgrades_from_refused_origins_never_reach_the_upstream() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
+    // Standard mode forwards refused actual requests (the browser blocks them), but browsers
+    // do not apply CORS to WebSockets: the sidecar refuses those itself.
+    sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
+    let (_, head) = upgrade_from(&sidecar, "https://evil.example", "HTTP/1.1", "Upgrade").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    // An HTTP/1.0 request cannot upgrade: `Upgrade` is dropped on the way, so the upstream
+    // sees a plain request.
+    let (_, head) = upgrade_from(&sidecar, APP, "HTTP/1.0", "Upgrade").await;
+    assert!(head.starts_with("HTTP/1.0 400"), "{head}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
