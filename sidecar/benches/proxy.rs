@@ -606,50 +606,31 @@ fn main() {
             });
         })
     };
-    let mut calm = Vec::new();
-    let mut swapped = Vec::new();
-    let mut elsewhere = Vec::new();
+    // Per round: no writes, writes to another service, swaps of this one (swapper modes 0, 2, 1).
+    let mut under: [Vec<Run>; 3] = Default::default();
     for round in 0..rounds {
-        let run = wrk(
-            &format!("http://{sidecar_addr}/api/items"),
-            &actual,
-            seconds,
-            connections,
-            Some(&sidecar),
-        );
-        eprintln!(
-            "round {round} sidecar, no swaps: p99 {:.0} µs, failed {}",
-            run.p99_us, run.failed
-        );
-        calm.push(run);
-        swapping.store(2, Ordering::Relaxed);
-        let run = wrk(
-            &format!("http://{sidecar_addr}/api/items"),
-            &actual,
-            seconds,
-            connections,
-            Some(&sidecar),
-        );
-        eprintln!(
-            "round {round} sidecar, 10 writes/s to another service: p99 {:.0} µs, failed {}",
-            run.p99_us, run.failed
-        );
-        elsewhere.push(run);
-        swapping.store(1, Ordering::Relaxed);
-        let run = wrk(
-            &format!("http://{sidecar_addr}/api/items"),
-            &actual,
-            seconds,
-            connections,
-            Some(&sidecar),
-        );
+        for (slot, mode, label) in [
+            (0, 0, "no swaps"),
+            (1, 2, "10 writes/s to another service"),
+            (2, 1, "10 swaps/s"),
+        ] {
+            swapping.store(mode, Ordering::Relaxed);
+            let run = wrk(
+                &format!("http://{sidecar_addr}/api/items"),
+                &actual,
+                seconds,
+                connections,
+                Some(&sidecar),
+            );
+            eprintln!(
+                "round {round} sidecar, {label}: p99 {:.0} µs, failed {}",
+                run.p99_us, run.failed
+            );
+            under[slot].push(run);
+        }
         swapping.store(0, Ordering::Relaxed);
-        eprintln!(
-            "round {round} sidecar, 10 swaps/s: p99 {:.0} µs, failed {}",
-            run.p99_us, run.failed
-        );
-        swapped.push(run);
     }
+    let [calm, elsewhere, swapped] = under;
     stop.store(true, Ordering::Relaxed);
     swapper.join().unwrap();
     let committed = swaps.load(Ordering::Relaxed);
