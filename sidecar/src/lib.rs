@@ -10,6 +10,7 @@
 //! - [`policy_file`]: a watched local policy file as the source, without a control plane.
 //! - [`sync`]: the reconnecting `DiscoveryService` client: resume, apply, ACK/NACK, backoff.
 //! - [`proxy`]: the hyper proxy that enforces the policy set in front of one upstream.
+//! - [`upstream`]: the keep-alive connection pool to the upstream.
 //! - [`sim`]: a fleet of lightweight simulated sidecars, for load tests and benchmarks.
 
 pub mod admin;
@@ -20,3 +21,4 @@ pub mod policy_file;
 pub mod proxy;
 pub mod sim;
 pub mod sync;
+pub mod upstream;

@@ -21,14 +21,13 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::metrics::{Observer, Outcome, UpstreamError};
 use crate::policies::PolicySet;
+use crate::upstream::Upstream;
 
 /// The response body type: the upstream's, streamed, or a short local one.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -91,13 +90,12 @@ pub async fn serve(
     config: ProxyConfig,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.timeouts.connect));
-    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(config.timeouts.upstream_idle)
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(connector);
+    let client = Arc::new(Upstream::new(
+        config.upstream.clone(),
+        config.timeouts.connect,
+        config.timeouts.upstream_idle,
+    ));
+    client.reap_idle();
     let client_headers = config.timeouts.client_headers;
     // Upgraded connections outlive their request; they are closed when serving stops.
     let (close_tunnels, tunnels) = tokio::sync::watch::channel(false);
@@ -160,7 +158,7 @@ async fn handle(
     peer: SocketAddr,
     policies: &PolicySet,
     config: &ProxyConfig,
-    client: &Client<HttpConnector, Incoming>,
+    client: &Arc<Upstream>,
     tunnels: &tokio::sync::watch::Receiver<bool>,
 ) -> Response<Body> {
     // One snapshot for the whole request.
@@ -247,19 +245,22 @@ async fn handle(
         config.public_scheme,
         authority_value.as_ref(),
     );
+    // Origin-form over HTTP/1.1, whatever the client spoke; HTTP/2 clients' `:authority`
+    // becomes `Host`.
     let path = req
         .uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::builder()
-        .scheme("http")
-        .authority(config.upstream.clone())
-        .path_and_query(path)
-        .build()
-        .expect("upstream URI parts are valid");
+    *req.uri_mut() = Uri::from(path);
+    *req.version_mut() = http::Version::HTTP_11;
+    if let Some(host) = authority_value.as_ref()
+        && !req.headers().contains_key(header::HOST)
+    {
+        req.headers_mut().insert(header::HOST, host.clone());
+    }
 
-    let response = match tokio::time::timeout(config.timeouts.response, client.request(req)).await {
+    let response = match tokio::time::timeout(config.timeouts.response, client.send(req)).await {
         Ok(result) => result,
         Err(_) => {
             config

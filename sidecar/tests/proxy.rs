@@ -624,3 +624,58 @@ async fn upgrades_from_refused_origins_never_reach_the_upstream() {
     assert!(head.starts_with("HTTP/1.0 400"), "{head}");
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
+
+/// An upstream that answers `ok` and reports each connection it accepts and each that ends.
+async fn connection_counting_upstream() -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let service = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    (addr, accepted, closed)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_closed_when_idle() {
+    let (up, accepted, mut closed) = connection_counting_upstream().await;
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::PassThrough,
+        proxy::Timeouts {
+            upstream_idle: std::time::Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await;
+    // One after another: one upstream connection carries them all.
+    for _ in 0..50 {
+        let (status, _, body) = sidecar.send(Method::GET, "/", &[], "").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Left idle, it is closed by the sidecar, and the next request opens a new one.
+    closed.recv().await.unwrap();
+    let (status, _, _) = sidecar.send(Method::GET, "/", &[], "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}

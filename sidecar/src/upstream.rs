@@ -1,0 +1,219 @@
+//! The pool of keep-alive HTTP/1.1 connections to the one upstream.
+//!
+//! A proxy in front of one service needs one pool with one key, so this is a stack of idle
+//! connections behind a mutex: a request pops the most recently used connection (or opens
+//! one), and its response body puts the connection back when it has been read to the end.
+//! Nothing is spawned per request. A request that a reused connection could not take (it
+//! closed while idle) is retried once on another.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+
+/// Why the upstream did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connecting failed or took too long.
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(String),
+    /// The connection failed while sending the request or reading the response head.
+    #[error("upstream request failed: {0}")]
+    Request(#[from] hyper::Error),
+}
+
+struct Idle {
+    sender: SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// Keep-alive connections to one upstream.
+pub struct Upstream {
+    authority: Authority,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// A pool for `authority`; idle connections close after `idle_timeout`.
+    pub fn new(authority: Authority, connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Upstream {
+            authority,
+            connect_timeout,
+            idle_timeout,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Closes connections idle for longer than the idle timeout, every half of it, for as long
+    /// as the pool exists.
+    pub fn reap_idle(self: &Arc<Self>) {
+        let pool = Arc::downgrade(self);
+        let every = self.idle_timeout / 2;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                let timeout = pool.idle_timeout;
+                pool.idle
+                    .lock()
+                    .expect("pool lock")
+                    .retain(|idle| idle.since.elapsed() < timeout && !idle.sender.is_closed());
+            }
+        });
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) and returns the response head; the body
+    /// returns the connection to the pool once read to the end.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        // One retry: a reused connection may have closed while idle, before taking the request.
+        let mut reused = true;
+        loop {
+            let (mut sender, was_idle) = match self.checkout().await {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            reused &= was_idle;
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    let (parts, body) = response.into_parts();
+                    // An upgraded connection is the client's now; it never returns.
+                    let keep = parts.status != http::StatusCode::SWITCHING_PROTOCOLS;
+                    let mut body = PooledBody {
+                        inner: body,
+                        ret: keep.then(|| (sender, self.clone())),
+                    };
+                    if body.inner.is_end_stream() {
+                        body.finish();
+                    }
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if reused => {
+                        req = unsent;
+                        reused = false;
+                    }
+                    _ => return Err(UpstreamError::Request(error.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn checkout(&self) -> Option<SendRequest<Incoming>> {
+        loop {
+            let idle = self.idle.lock().expect("pool lock").pop()?;
+            if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
+                continue;
+            }
+            let mut sender = idle.sender;
+            // Ready once its connection has finished the previous exchange: at once, or
+            // after one turn of the connection's task.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let connect = tokio::net::TcpStream::connect(self.authority.as_str());
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(UpstreamError::Connect(error.to_string())),
+            Err(_) => {
+                return Err(UpstreamError::Connect(format!(
+                    "no connection within {:?}",
+                    self.connect_timeout
+                )));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn put(&self, sender: SendRequest<Incoming>) {
+        if !sender.is_closed() {
+            self.idle.lock().expect("pool lock").push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// An upstream response body that returns its connection to the pool when read to the end.
+/// Dropped early, it takes the connection with it (hyper closes a connection whose response
+/// was not read).
+pub struct PooledBody {
+    inner: Incoming,
+    ret: Option<(SendRequest<Incoming>, Arc<Upstream>)>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    fn finish(&mut self) {
+        if let Some((sender, pool)) = self.ret.take() {
+            pool.put(sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
+            Poll::Ready(Some(Err(_))) => self.ret = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
