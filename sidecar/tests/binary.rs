@@ -93,6 +93,15 @@ async fn http(addr: &str, request: &str) -> String {
     response
 }
 
+/// `GET path` on the admin listener; the whole response as text.
+async fn admin_get(admin: &str, path: &str) -> String {
+    http(
+        admin,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
 fn preflight(origin: &str) -> String {
     format!(
         "OPTIONS /x HTTP/1.1\r\nHost: api.local\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: PUT\r\nConnection: close\r\n\r\n"
@@ -158,24 +167,12 @@ async fn serves_from_the_cache_file_while_the_control_plane_is_down() {
         "{denied}"
     );
 
-    let policy = http(
-        &admin,
-        "GET /policy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let policy = admin_get(&admin, "/policy").await;
     assert!(policy.contains("\"source\": \"cache file\""), "{policy}");
     assert!(policy.contains("\"revision\": 9"), "{policy}");
-    let ready = http(
-        &admin,
-        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let ready = admin_get(&admin, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-    let metrics = http(
-        &admin,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let metrics = admin_get(&admin, "/metrics").await;
     for line in [
         "corsair_sidecar_policy_revision 9",
         r#"corsair_sidecar_sync_state{state="connecting"} 1"#,
@@ -208,11 +205,7 @@ async fn a_corrupt_cache_file_is_ignored_and_the_no_policy_setting_applies() {
     )
     .await;
     assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
-    let ready = http(
-        &admin,
-        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let ready = admin_get(&admin, "/readyz").await;
     assert!(
         ready.starts_with("HTTP/1.1 503") && ready.contains("cross-origin requests are denied"),
         "{ready}"
@@ -264,17 +257,9 @@ async fn a_policy_file_is_enforced_and_edits_go_live() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(!allows("https://a.example.com").await);
-    let policy = http(
-        &admin,
-        "GET /policy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let policy = admin_get(&admin, "/policy").await;
     assert!(policy.contains("\"source\": \"policy file\""), "{policy}");
-    let metrics = http(
-        &admin,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let metrics = admin_get(&admin, "/metrics").await;
     let denied = metrics
         .lines()
         .find(|l| {
