@@ -1,0 +1,418 @@
+//! `corsairctl audit …`: query, tail and verify the audit log.
+
+use std::time::SystemTime;
+
+use clap::ValueEnum;
+use corsair_proto::v1;
+use serde::Serialize;
+use tokio_stream::StreamExt;
+
+use crate::client::Client;
+use crate::doc::PolicyDoc;
+use crate::error::CliError;
+use crate::output::{self, Format, Table};
+use crate::policy::enum_name;
+
+/// An outcome to filter on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutcomeArg {
+    /// The call succeeded.
+    Ok,
+    /// The request or policy was invalid.
+    Invalid,
+    /// The etag did not match.
+    Conflict,
+    /// The policy or revision did not exist.
+    NotFound,
+    /// The policy already existed.
+    AlreadyExists,
+    /// Risks were not acknowledged.
+    RiskNotAcknowledged,
+    /// The caller was not allowed.
+    Denied,
+    /// Another failure.
+    Error,
+    /// The request did not fit the current state.
+    FailedPrecondition,
+}
+
+impl OutcomeArg {
+    fn proto(self) -> v1::Outcome {
+        match self {
+            OutcomeArg::Ok => v1::Outcome::Ok,
+            OutcomeArg::Invalid => v1::Outcome::Invalid,
+            OutcomeArg::Conflict => v1::Outcome::Conflict,
+            OutcomeArg::NotFound => v1::Outcome::NotFound,
+            OutcomeArg::AlreadyExists => v1::Outcome::AlreadyExists,
+            OutcomeArg::RiskNotAcknowledged => v1::Outcome::RiskNotAcknowledged,
+            OutcomeArg::Denied => v1::Outcome::Denied,
+            OutcomeArg::Error => v1::Outcome::Error,
+            OutcomeArg::FailedPrecondition => v1::Outcome::FailedPrecondition,
+        }
+    }
+}
+
+/// A point in time on the command line: a duration ago (`24h`, `15m`, `7d`) or an RFC 3339
+/// timestamp (`2026-11-24T09:00:00Z`).
+pub fn parse_time(text: &str) -> Result<SystemTime, String> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{text} ago is before the epoch"));
+    }
+    humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!("{text:?} is neither a duration (24h, 15m, 7d) nor a time (2026-11-24T09:00:00Z)")
+    })
+}
+
+fn proto_time(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+/// The filters of `audit list`.
+#[derive(Debug, Clone, Default)]
+pub struct Filters {
+    /// Only this service.
+    pub service: String,
+    /// Only this actor.
+    pub actor: String,
+    /// Only this method: a full gRPC method or its last part (`UpdatePolicy`).
+    pub method: String,
+    /// Only this outcome.
+    pub outcome: Option<OutcomeArg>,
+    /// Only events at or after.
+    pub since: Option<SystemTime>,
+    /// Only events before.
+    pub until: Option<SystemTime>,
+}
+
+impl Filters {
+    fn method(&self) -> String {
+        if self.method.is_empty() || self.method.contains('/') {
+            self.method.clone()
+        } else {
+            format!("corsair.v1.PolicyService/{}", self.method)
+        }
+    }
+
+    fn matches(&self, e: &v1::AuditEvent) -> bool {
+        let time = e
+            .time
+            .map(|t| SystemTime::try_from(t).unwrap_or(SystemTime::UNIX_EPOCH));
+        self.outcome.is_none_or(|o| e.outcome == o.proto() as i32)
+            && self.since.is_none_or(|s| time.is_some_and(|t| t >= s))
+            && self.until.is_none_or(|u| time.is_some_and(|t| t < u))
+    }
+}
+
+/// One event as printed.
+#[derive(Debug, Serialize)]
+struct EventView {
+    sequence: u64,
+    time: String,
+    actor: String,
+    method: String,
+    service: String,
+    revision: i64,
+    outcome: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    changed_fields: Vec<String>,
+    reason: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    error: String,
+    request_id: String,
+    peer: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    before: Option<PolicyDoc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    after: Option<PolicyDoc>,
+    hash: String,
+    prev_hash: String,
+}
+
+fn view(e: &v1::AuditEvent) -> Result<EventView, CliError> {
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    Ok(EventView {
+        sequence: e.sequence,
+        time: output::timestamp_or_dash(e.time.as_ref()),
+        actor: e.actor.clone(),
+        method: e.method.clone(),
+        service: e.service.clone(),
+        revision: e.revision,
+        outcome: enum_name(
+            v1::Outcome::try_from(e.outcome).map(|o| o.as_str_name()),
+            "OUTCOME_",
+        ),
+        changed_fields: e.changed_fields.clone(),
+        reason: e.reason.clone(),
+        error: e.error.clone(),
+        request_id: e.request_id.clone(),
+        peer: e.peer.clone(),
+        before: e.before.as_ref().map(PolicyDoc::from_proto).transpose()?,
+        after: e.after.as_ref().map(PolicyDoc::from_proto).transpose()?,
+        hash: hex(&e.hash),
+        prev_hash: hex(&e.prev_hash),
+    })
+}
+
+const HEADER: [&str; 9] = [
+    "SEQ", "TIME", "BY", "ACTION", "SERVICE", "REVISION", "OUTCOME", "DETAIL", "REASON",
+];
+
+fn row(v: &EventView) -> Vec<String> {
+    let action = v.method.rsplit('/').next().unwrap_or(&v.method).to_owned();
+    let detail = if !v.error.is_empty() {
+        v.error.clone()
+    } else if v.changed_fields.is_empty() {
+        "-".to_owned()
+    } else {
+        v.changed_fields.join(",")
+    };
+    vec![
+        v.sequence.to_string(),
+        v.time.clone(),
+        v.actor.clone(),
+        action,
+        v.service.clone(),
+        if v.revision == 0 {
+            "-".to_owned()
+        } else {
+            v.revision.to_string()
+        },
+        v.outcome.clone(),
+        detail,
+        v.reason.clone(),
+    ]
+}
+
+/// `audit list`: up to `limit` matching events, newest first. With `follow`, the same events
+/// oldest first, then every new matching event as it is recorded, until interrupted.
+pub async fn list(
+    client: &Client,
+    filters: &Filters,
+    limit: usize,
+    follow: bool,
+    format: Format,
+) -> Result<(), CliError> {
+    // Where a tail starts: the newest event of all, read before the listing so that no event
+    // falls between the two.
+    let tail_from = if follow {
+        let newest = page(client, &Filters::default(), 1, String::new()).await?;
+        newest.events.first().map_or(0, |e| e.sequence)
+    } else {
+        0
+    };
+    let mut events = Vec::new();
+    let mut token = String::new();
+    while events.len() < limit {
+        let want = (limit - events.len()).min(500);
+        let resp = page(client, filters, want, token).await?;
+        events.extend(resp.events.into_iter().filter(|e| filters.matches(e)));
+        if resp.next_page_token.is_empty() {
+            break;
+        }
+        token = resp.next_page_token;
+    }
+    events.truncate(limit);
+    if !follow {
+        let views = events.iter().map(view).collect::<Result<Vec<_>, _>>()?;
+        return output::emit(format, &views, || {
+            let mut t = Table::new(&HEADER);
+            for v in &views {
+                t.row(row(v));
+            }
+            t
+        });
+    }
+    let mut printer = Follower::new(format);
+    let last_listed = events.first().map_or(0, |e| e.sequence);
+    for e in events.iter().rev() {
+        printer.event(&view(e)?)?;
+    }
+    let after = tail_from.max(last_listed);
+    let mut stream = client
+        .audit()
+        .watch_audit_events(v1::WatchAuditEventsRequest {
+            after_sequence: after,
+            service: filters.service.clone(),
+            actor: filters.actor.clone(),
+            method: filters.method(),
+        })
+        .await
+        .map_err(|s| CliError::status("following the audit log", s))?
+        .into_inner();
+    loop {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        match next {
+            None => {
+                return Err(CliError::Local(
+                    "the control plane closed the audit stream (it is shutting down)".into(),
+                ));
+            }
+            Some(Err(status)) => return Err(CliError::status("following the audit log", status)),
+            Some(Ok(e)) if e.sequence > after && filters.matches(&e) => {
+                printer.event(&view(&e)?)?;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+async fn page(
+    client: &Client,
+    filters: &Filters,
+    size: usize,
+    page_token: String,
+) -> Result<v1::ListAuditEventsResponse, CliError> {
+    client
+        .call(
+            "listing audit events",
+            client
+                .audit()
+                .list_audit_events(client.request(v1::ListAuditEventsRequest {
+                    page_size: i32::try_from(size).unwrap_or(i32::MAX),
+                    page_token,
+                    service: filters.service.clone(),
+                    actor: filters.actor.clone(),
+                    method: filters.method(),
+                    outcome: filters.outcome.map_or(0, |o| o.proto() as i32),
+                    start_time: filters.since.map(proto_time),
+                    end_time: filters.until.map(proto_time),
+                })),
+        )
+        .await
+}
+
+/// Prints a stream of events: table rows in columns wide enough for what has been seen
+/// (the header first), one JSON object per line, or one YAML document per event.
+struct Follower {
+    format: Format,
+    widths: Vec<usize>,
+    header_done: bool,
+}
+
+impl Follower {
+    fn new(format: Format) -> Self {
+        Follower {
+            format,
+            widths: HEADER.iter().map(|h| h.len()).collect(),
+            header_done: false,
+        }
+    }
+
+    fn event(&mut self, v: &EventView) -> Result<(), CliError> {
+        match self.format {
+            Format::Json => {
+                let line = serde_json::to_string(v)
+                    .map_err(|e| CliError::Local(format!("cannot print: {e}")))?;
+                output::print(&(line + "\n"))
+            }
+            Format::Yaml => output::print(&format!("---\n{}", output::yaml(v)?)),
+            Format::Table => {
+                // Fixed minimum widths keep a live tail aligned without knowing later rows.
+                const MIN: [usize; 9] = [4, 20, 8, 14, 10, 8, 9, 16, 0];
+                let mut rows = Vec::new();
+                if !self.header_done {
+                    for (w, m) in self.widths.iter_mut().zip(MIN) {
+                        *w = (*w).max(m);
+                    }
+                    rows.push(HEADER.iter().map(|h| (*h).to_owned()).collect());
+                    self.header_done = true;
+                }
+                rows.push(row(v));
+                let mut text = String::new();
+                for cells in rows {
+                    let last = cells.len() - 1;
+                    for (i, cell) in cells.iter().enumerate() {
+                        if i == last {
+                            text.push_str(cell);
+                        } else {
+                            self.widths[i] = self.widths[i].max(cell.chars().count());
+                            text.push_str(&format!("{cell:<w$}  ", w = self.widths[i]));
+                        }
+                    }
+                    text.push('\n');
+                }
+                output::print(text.trim_end_matches(' '))
+            }
+        }
+    }
+}
+
+/// What `audit verify` reports.
+#[derive(Debug, Serialize)]
+struct Verified {
+    ok: bool,
+    verified_events: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_bad_sequence: Option<u64>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    error: String,
+}
+
+/// `audit verify`: recomputes the hash chain. Returns whether it verified.
+pub async fn verify(client: &Client, from: u64, to: u64, format: Format) -> Result<bool, CliError> {
+    let resp = client
+        .call(
+            "verifying the audit log",
+            client
+                .audit()
+                .verify_audit_chain(client.request(v1::VerifyAuditChainRequest {
+                    start_sequence: from,
+                    end_sequence: to,
+                })),
+        )
+        .await?;
+    let v = Verified {
+        ok: resp.ok,
+        verified_events: resp.verified_events,
+        first_bad_sequence: (!resp.ok).then_some(resp.first_bad_sequence),
+        error: resp.error,
+    };
+    match format {
+        Format::Table if v.ok => output::print(&format!(
+            "audit log verified: {} events, hash chain intact\n",
+            v.verified_events
+        ))?,
+        Format::Table => output::print(&format!(
+            "audit log does NOT verify: event {} is wrong ({}); {} events before it verified\n",
+            v.first_bad_sequence.unwrap_or_default(),
+            v.error,
+            v.verified_events
+        ))?,
+        _ => output::emit(format, &v, Table::default)?,
+    }
+    Ok(v.ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn times_are_durations_ago_or_timestamps() {
+        let ago = parse_time("24h").unwrap();
+        let elapsed = SystemTime::now().duration_since(ago).unwrap();
+        assert!(elapsed >= Duration::from_secs(24 * 3600));
+        let at = parse_time("2026-11-24T09:00:00Z").unwrap();
+        assert_eq!(
+            humantime::format_rfc3339_seconds(at).to_string(),
+            "2026-11-24T09:00:00Z"
+        );
+        let err = parse_time("yesterday").unwrap_err();
+        assert!(err.contains("neither a duration"), "{err}");
+    }
+
+    #[test]
+    fn short_method_names_are_policy_service_methods() {
+        let f = Filters {
+            method: "UpdatePolicy".into(),
+            ..Filters::default()
+        };
+        assert_eq!(f.method(), "corsair.v1.PolicyService/UpdatePolicy");
+    }
+}

@@ -1,0 +1,93 @@
+//! The connection to the control plane: one channel, a deadline on every call.
+
+use std::future::Future;
+use std::time::Duration;
+
+use corsair_proto::v1::audit_service_client::AuditServiceClient;
+use corsair_proto::v1::fleet_service_client::FleetServiceClient;
+use corsair_proto::v1::policy_service_client::PolicyServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::error::{CliError, chain};
+
+/// A connected control-plane client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+    deadline: Duration,
+}
+
+impl Client {
+    /// Connects to `addr` (`host:port` or `http://host:port`) within `deadline`.
+    pub async fn connect(addr: &str, deadline: Duration) -> Result<Self, CliError> {
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let fail = |why: String| CliError::Connect {
+            addr: uri.clone(),
+            why,
+        };
+        let endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|e| fail(chain(&e)))?
+            .connect_timeout(deadline)
+            .tcp_nodelay(true);
+        let channel = match tokio::time::timeout(deadline, endpoint.connect()).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => return Err(fail(chain(&e))),
+            Err(_) => {
+                return Err(fail(format!(
+                    "no connection within {}",
+                    humantime::format_duration(deadline)
+                )));
+            }
+        };
+        Ok(Client { channel, deadline })
+    }
+
+    /// The policy service.
+    pub fn policies(&self) -> PolicyServiceClient<Channel> {
+        PolicyServiceClient::new(self.channel.clone())
+    }
+
+    /// The audit service.
+    pub fn audit(&self) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel.clone())
+    }
+
+    /// The fleet service.
+    pub fn fleet(&self) -> FleetServiceClient<Channel> {
+        FleetServiceClient::new(self.channel.clone())
+    }
+
+    /// A request carrying the deadline, so the server gives up when the caller does.
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(self.deadline);
+        request
+    }
+
+    /// Awaits one call within the deadline; `context` names what it was for in errors.
+    pub async fn call<T>(
+        &self,
+        context: &str,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T, CliError> {
+        match tokio::time::timeout(self.deadline, call).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+                Err(CliError::Deadline {
+                    context: context.to_owned(),
+                    deadline: self.deadline,
+                })
+            }
+            Ok(Err(status)) => Err(CliError::status(context, status)),
+            Err(_) => Err(CliError::Deadline {
+                context: context.to_owned(),
+                deadline: self.deadline,
+            }),
+        }
+    }
+}

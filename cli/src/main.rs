@@ -1,0 +1,389 @@
+//! `corsairctl`: the command line over the `corsair_cli` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
+
+use corsair_cli::client::Client;
+use corsair_cli::error::CliError;
+use corsair_cli::output::{self, Format};
+use corsair_cli::policy::{self, DiffOutcome, WriteOptions};
+use corsair_cli::{audit, fleet, quickstart};
+
+/// corsairctl: manage Corsair's CORS policies, audit log and sidecar fleet.
+#[derive(Debug, Parser)]
+#[command(name = "corsairctl", version, propagate_version = true)]
+struct Cli {
+    /// The control plane's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "CORSAIR_ADDR",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    addr: String,
+    /// Deadline for connecting and for every call (e.g. 10s, 1m).
+    #[arg(long, global = true, env = "CORSAIR_TIMEOUT", default_value = "10s", value_parser = parse_deadline)]
+    timeout: Duration,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+fn parse_deadline(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than zero".into()),
+        Err(e) => Err(format!("{e} (examples: 10s, 1m, 500ms)")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Read, write, compare and explain policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Query, follow and verify the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// The sidecars and how far each is in sync.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+    /// Run the whole system locally: control plane (SQLite), a demo service, a sidecar in
+    /// front of it and an example policy. Ctrl-C stops everything.
+    Quickstart(quickstart::QuickstartArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion {
+        /// The shell.
+        shell: Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Write {
+    /// Why: recorded in the policy's history and the audit log.
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Accept a risk finding by its code (repeatable), e.g. --acknowledge WILDCARD_ORIGIN.
+    #[arg(long = "acknowledge", value_name = "CODE")]
+    acknowledge: Vec<String>,
+    /// Have the server check the change and report findings, without storing anything.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl Write {
+    fn options(&self) -> WriteOptions {
+        WriteOptions {
+            reason: self.reason.clone(),
+            acknowledge: self.acknowledge.clone(),
+            dry_run: self.dry_run,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Show one service's policy (`-o yaml` prints a file `apply` accepts back).
+    Get {
+        /// The service.
+        service: String,
+    },
+    /// List policies.
+    List {
+        /// Only services whose name starts with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Create or update the policies in files (YAML or JSON, several per file), changing
+    /// only what differs, compare-and-set on each policy's etag.
+    Apply {
+        /// A file, a directory of .yaml/.yml/.json files, or - for standard input
+        /// (repeatable).
+        #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        write: Write,
+    },
+    /// Show what `apply` would change. Exit status: 0 no change, 1 changes, 2 errors.
+    Diff {
+        /// As for apply.
+        #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
+        files: Vec<PathBuf>,
+        /// Risk codes apply would acknowledge (repeatable).
+        #[arg(long = "acknowledge", value_name = "CODE")]
+        acknowledge: Vec<String>,
+    },
+    /// Delete a service's policy; its sidecars stop applying CORS for it.
+    Delete {
+        /// The service.
+        service: String,
+        /// Delete only if the policy still has this etag.
+        #[arg(long)]
+        etag: Option<String>,
+        #[command(flatten)]
+        write: Write,
+    },
+    /// A policy's revisions, newest first, each with what it changed.
+    History {
+        /// The service.
+        service: String,
+        /// At most this many revisions.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Restore an earlier revision's policy as a new revision.
+    Rollback {
+        /// The service.
+        service: String,
+        /// The revision to restore (see `policy history`).
+        #[arg(long = "to", value_name = "REVISION")]
+        revision: i64,
+        /// Roll back only if the policy still has this etag.
+        #[arg(long)]
+        etag: Option<String>,
+        #[command(flatten)]
+        write: Write,
+    },
+    /// Explain how a sidecar answers one request: the decision, the reason, the headers.
+    Explain {
+        /// A service whose stored policy is used.
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        service: Option<String>,
+        /// A policy file to evaluate instead, without storing it.
+        #[arg(short = 'f', long = "filename", value_name = "PATH")]
+        file: Option<PathBuf>,
+        /// The Origin header.
+        #[arg(long)]
+        origin: String,
+        /// The request method (for a preflight, the one it asks for).
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// A request header name the page sets (repeatable).
+        #[arg(long = "header", value_name = "NAME")]
+        headers: Vec<String>,
+        /// The request carries credentials (cookies, HTTP authentication).
+        #[arg(long)]
+        credentials: bool,
+        /// Explain the preflight even when a browser would not send one.
+        #[arg(long)]
+        preflight: bool,
+        /// The preflight asks for private network access.
+        #[arg(long)]
+        private_network: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Audit events, newest first; --follow tails new ones live.
+    List {
+        /// Only events about this service.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Only events by this actor.
+        #[arg(long, default_value = "")]
+        actor: String,
+        /// Only this method, e.g. UpdatePolicy.
+        #[arg(long, default_value = "")]
+        method: String,
+        /// Only events with this outcome.
+        #[arg(long, value_enum)]
+        outcome: Option<audit::OutcomeArg>,
+        /// Only events since: a duration ago (24h, 15m) or a time (2026-11-24T09:00:00Z).
+        #[arg(long, value_parser = audit::parse_time)]
+        since: Option<SystemTime>,
+        /// Only events before: a duration ago or a time.
+        #[arg(long, value_parser = audit::parse_time, conflicts_with = "follow")]
+        until: Option<SystemTime>,
+        /// At most this many events (before following).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// After the listing, print new events as they are recorded, until Ctrl-C.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Recompute the audit log's hash chain; exit status 1 if it does not verify.
+    Verify {
+        /// First event to verify (default: the first).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Last event to verify (default: the last).
+        #[arg(long, default_value_t = 0)]
+        to: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetCommand {
+    /// One row per sidecar: its state and the revisions sent to and acknowledged by it.
+    Status {
+        /// Only sidecars that receive this service's policy.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Only sidecars in this state.
+        #[arg(long, value_enum)]
+        state: Option<fleet::StateArg>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    // `policy diff` uses 1 for "changes", so its errors are 2.
+    let error_code = match cli.command {
+        Command::Policy(PolicyCommand::Diff { .. }) => 2,
+        _ => 1,
+    };
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(error_code)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
+    let format = cli.output;
+    let connect = || Client::connect(&cli.addr, cli.timeout);
+    let ok = |success: bool| {
+        if success {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    };
+    match cli.command {
+        Command::Completion { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "corsairctl", &mut out);
+            output::print(&String::from_utf8_lossy(&out))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Quickstart(ref args) => quickstart::run(args, cli.timeout).await.map(ok),
+        Command::Policy(ref command) => {
+            let client = connect().await?;
+            match command {
+                PolicyCommand::Get { service } => policy::get(&client, service, format).await,
+                PolicyCommand::List { prefix } => policy::list(&client, prefix, format).await,
+                PolicyCommand::Apply { files, write } => {
+                    return policy::apply(&client, files, &write.options(), format)
+                        .await
+                        .map(ok);
+                }
+                PolicyCommand::Diff { files, acknowledge } => {
+                    return Ok(match policy::diff(&client, files, acknowledge).await? {
+                        DiffOutcome::Same => ExitCode::SUCCESS,
+                        DiffOutcome::Changes => ExitCode::from(1),
+                        DiffOutcome::Failed => ExitCode::from(2),
+                    });
+                }
+                PolicyCommand::Delete {
+                    service,
+                    etag,
+                    write,
+                } => policy::delete(&client, service, etag.clone(), &write.options()).await,
+                PolicyCommand::History { service, limit } => {
+                    policy::history(&client, service, *limit, format).await
+                }
+                PolicyCommand::Rollback {
+                    service,
+                    revision,
+                    etag,
+                    write,
+                } => {
+                    policy::rollback(&client, service, *revision, etag.clone(), &write.options())
+                        .await
+                }
+                PolicyCommand::Explain {
+                    service,
+                    file,
+                    origin,
+                    method,
+                    headers,
+                    credentials,
+                    preflight,
+                    private_network,
+                } => {
+                    let args = policy::ExplainArgs {
+                        service: service.clone(),
+                        file: file.clone(),
+                        origin: origin.clone(),
+                        method: method.clone(),
+                        headers: headers.clone(),
+                        credentials: *credentials,
+                        preflight: *preflight,
+                        private_network: *private_network,
+                    };
+                    policy::explain(&client, &args, format).await
+                }
+            }
+            .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Audit(ref command) => {
+            let client = connect().await?;
+            match command {
+                AuditCommand::List {
+                    service,
+                    actor,
+                    method,
+                    outcome,
+                    since,
+                    until,
+                    limit,
+                    follow,
+                } => {
+                    let filters = audit::Filters {
+                        service: service.clone(),
+                        actor: actor.clone(),
+                        method: method.clone(),
+                        outcome: *outcome,
+                        since: *since,
+                        until: *until,
+                    };
+                    audit::list(&client, &filters, *limit, *follow, format)
+                        .await
+                        .map(|()| ExitCode::SUCCESS)
+                }
+                AuditCommand::Verify { from, to } => {
+                    audit::verify(&client, *from, *to, format).await.map(ok)
+                }
+            }
+        }
+        Command::Fleet(FleetCommand::Status { ref service, state }) => {
+            let client = connect().await?;
+            fleet::status(&client, service, state, format)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,502 @@
+//! `corsairctl quickstart`: the whole system on one machine, on the embedded default. Starts
+//! the real `corsair-control-plane` (SQLite) and `corsair-sidecar` binaries found next to
+//! this one, a small demo service in this process, and applies an example policy; prints
+//! what to try; on Ctrl-C or SIGTERM stops the sidecar, then the control plane, cleanly.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use corsair_proto::v1;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tonic::Code;
+
+use crate::client::Client;
+use crate::doc;
+use crate::error::CliError;
+
+/// The example policy for the demo service.
+pub const DEMO_POLICY: &str = include_str!("../examples/demo.yaml");
+
+/// The service the demo policy is for.
+const DEMO_SERVICE: &str = "demo";
+
+/// How long a stopping process may take before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// Flags of `quickstart`.
+#[derive(Debug, Clone, Args)]
+pub struct QuickstartArgs {
+    /// Where the database, the sidecar's cache, the logs and the example policy files go.
+    #[arg(long, default_value = ".corsair-quickstart")]
+    dir: PathBuf,
+    /// The control plane's gRPC listener (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    control_plane_listen: SocketAddr,
+    /// The sidecar's listener: the demo service as browsers reach it.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    listen: SocketAddr,
+    /// The sidecar's admin listener (/metrics, /policy, /readyz).
+    #[arg(long, default_value = "127.0.0.1:7481")]
+    admin_listen: SocketAddr,
+    /// Where corsair-control-plane and corsair-sidecar are (default: next to corsairctl).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+/// A child process whose JSON log goes to a file, once its "listening" line is seen.
+struct Process {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `bin` with `args`, copies its output to `log`, and waits for the log line whose
+    /// message is `ready`; returns that line's fields.
+    async fn start(
+        name: &'static str,
+        bin: &Path,
+        args: &[String],
+        log: PathBuf,
+        ready: &'static str,
+    ) -> Result<(Process, serde_json::Value), CliError> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .arg("--log-format")
+            .arg("json")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| CliError::Local(format!("cannot start {}: {e}", bin.display())))?;
+        let file = tokio::fs::File::create(&log)
+            .await
+            .map_err(|e| CliError::Local(format!("cannot create {}: {e}", log.display())))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let (found, listening) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut found = Some(found);
+            let mut file = file;
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = file.write_all(line.as_bytes()).await;
+                let _ = file.write_all(b"\n").await;
+                if found.is_some()
+                    && let Ok(log) = serde_json::from_str::<serde_json::Value>(&line)
+                    && log["fields"]["message"] == ready
+                    && let Some(found) = found.take()
+                {
+                    let _ = found.send(log["fields"].clone());
+                }
+            }
+            let _ = file.flush().await;
+        });
+        match listening.await {
+            Ok(fields) => Ok((Process { name, child, log }, fields)),
+            Err(_) => {
+                // It exited before listening: its one-line error is on stderr.
+                let mut why = String::new();
+                let _ = stderr.read_to_string(&mut why).await;
+                let status = child.wait().await.ok();
+                Err(CliError::Local(format!(
+                    "{name} did not start ({}): {}",
+                    status.map_or_else(|| "unknown status".into(), |s| s.to_string()),
+                    why.trim()
+                )))
+            }
+        }
+    }
+
+    /// SIGTERM, then waits; kills it if it takes longer than the grace period.
+    async fn stop(mut self) -> Result<(), CliError> {
+        if let Some(pid) = self.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        match tokio::time::timeout(STOP_GRACE, self.child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(CliError::Local(format!(
+                "{} exited with {status}; see {}",
+                self.name,
+                self.log.display()
+            ))),
+            Ok(Err(e)) => Err(CliError::Local(format!("{}: {e}", self.name))),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Err(CliError::Local(format!(
+                    "{} did not stop within {}s and was killed",
+                    self.name,
+                    STOP_GRACE.as_secs()
+                )))
+            }
+        }
+    }
+}
+
+fn field_addr(fields: &serde_json::Value, key: &str, name: &str) -> Result<SocketAddr, CliError> {
+    fields[key]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| CliError::Local(format!("{name} did not log its {key} address")))
+}
+
+/// Runs the quickstart until Ctrl-C or SIGTERM. Returns whether everything stopped cleanly.
+pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliError> {
+    let bin_dir = match &args.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf))
+            .ok_or_else(|| CliError::Local("cannot tell where corsairctl is".into()))?,
+    };
+    let control_plane_bin = bin_dir.join("corsair-control-plane");
+    let sidecar_bin = bin_dir.join("corsair-sidecar");
+    for bin in [&control_plane_bin, &sidecar_bin] {
+        if !bin.is_file() {
+            return Err(CliError::Local(format!(
+                "{} is missing: build every binary first (`cargo build`), or run scripts/quickstart.sh",
+                bin.display()
+            )));
+        }
+    }
+    let dir = &args.dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::Local(format!("cannot create {}: {e}", dir.display())))?;
+    let demo_file = dir.join("demo.yaml");
+    let add_origin_file = dir.join("demo-add-origin.yaml");
+    write_new(&demo_file, DEMO_POLICY)?;
+    write_new(&add_origin_file, &add_origin_example())?;
+
+    let (control_plane, fields) = Process::start(
+        "the control plane",
+        &control_plane_bin,
+        &[
+            "--listen".into(),
+            args.control_plane_listen.to_string(),
+            "--database-url".into(),
+            format!("sqlite://{}", dir.join("corsair.db").display()),
+            "--replica-id".into(),
+            "quickstart".into(),
+        ],
+        dir.join("control-plane.log"),
+        "control plane listening",
+    )
+    .await?;
+    let control_plane_addr = field_addr(&fields, "address", "the control plane")?;
+    let grpc = format!("http://{control_plane_addr}");
+
+    let upstream = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| CliError::Local(format!("cannot start the demo service: {e}")))?;
+    let upstream_addr = upstream
+        .local_addr()
+        .map_err(|e| CliError::Local(e.to_string()))?;
+    let demo = tokio::spawn(serve_demo(upstream));
+
+    let client = Client::connect(&grpc, deadline).await?;
+    let created = ensure_demo_policy(&client).await?;
+
+    let (sidecar, fields) = Process::start(
+        "the sidecar",
+        &sidecar_bin,
+        &[
+            "--listen".into(),
+            args.listen.to_string(),
+            "--admin-listen".into(),
+            args.admin_listen.to_string(),
+            "--upstream".into(),
+            upstream_addr.to_string(),
+            "--service".into(),
+            DEMO_SERVICE.into(),
+            "--control-plane".into(),
+            grpc.clone(),
+            "--cache-file".into(),
+            dir.join("demo.policy-cache.json").display().to_string(),
+            "--sidecar-id".into(),
+            "quickstart-demo".into(),
+        ],
+        dir.join("sidecar.log"),
+        "sidecar listening",
+    )
+    .await?;
+    let sidecar_addr = field_addr(&fields, "address", "the sidecar")?;
+    let admin_addr = field_addr(&fields, "admin", "the sidecar")?;
+    wait_ready(admin_addr, Duration::from_secs(30)).await?;
+
+    crate::output::print(&banner(&Banner {
+        dir,
+        grpc: &grpc,
+        default_grpc: args.control_plane_listen.to_string() == "127.0.0.1:7400",
+        sidecar: sidecar_addr,
+        admin: admin_addr,
+        upstream: upstream_addr,
+        created,
+        add_origin_file: &add_origin_file,
+        demo_file: &demo_file,
+    }))?;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::Local(format!("cannot handle SIGTERM: {e}")))?;
+    let mut control_plane = control_plane;
+    let mut sidecar = sidecar;
+    let exited = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        status = sidecar.child.wait() => Some(("the sidecar", status, sidecar.log.clone())),
+        status = control_plane.child.wait() => Some(("the control plane", status, control_plane.log.clone())),
+    };
+    eprintln!("stopping…");
+    let sidecar_stopped = sidecar.stop().await;
+    let control_plane_stopped = control_plane.stop().await;
+    demo.abort();
+    if let Some((name, status, log)) = exited {
+        return Err(CliError::Local(format!(
+            "{name} exited unexpectedly ({}); see {}",
+            status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+            log.display()
+        )));
+    }
+    let mut clean = true;
+    for stopped in [sidecar_stopped, control_plane_stopped] {
+        if let Err(e) = stopped {
+            eprintln!("error: {e}");
+            clean = false;
+        }
+    }
+    if clean {
+        eprintln!("stopped; the database and logs are in {}", dir.display());
+    }
+    Ok(clean)
+}
+
+/// The example policy with a second origin.
+fn add_origin_example() -> String {
+    DEMO_POLICY.replace(
+        "  - https://app.example.com\n",
+        "  - https://app.example.com\n  - https://admin.example.com\n",
+    )
+}
+
+/// Writes `contents` to `path` unless it exists (so the user's edits survive a restart).
+fn write_new(path: &Path, contents: &str) -> Result<(), CliError> {
+    if path.exists() {
+        return Ok(());
+    }
+    std::fs::write(path, contents)
+        .map_err(|e| CliError::Local(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Creates the demo policy unless the service already has one (kept from an earlier run).
+/// Returns whether it was created.
+async fn ensure_demo_policy(client: &Client) -> Result<bool, CliError> {
+    let docs = doc::parse("the example policy", DEMO_POLICY, Some(false))?;
+    let policy = v1::Policy::from(&docs[0].doc.spec());
+    let created = client
+        .call(
+            "creating the example policy",
+            client
+                .policies()
+                .create_policy(client.request(v1::CreatePolicyRequest {
+                    policy: Some(policy),
+                    validate_only: false,
+                    reason: "quickstart example policy".into(),
+                    acknowledged_risks: Vec::new(),
+                })),
+        )
+        .await;
+    match created {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Some(Code::AlreadyExists) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Polls the sidecar's `/readyz` until it answers 200: the sidecar holds a policy.
+async fn wait_ready(admin: SocketAddr, limit: Duration) -> Result<(), CliError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        if let Ok(200) = get_status(admin, "/readyz").await {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            return Err(CliError::Local(format!(
+                "the sidecar was not ready within {}s (see http://{admin}/readyz)",
+                limit.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await?;
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("not an HTTP response"))
+}
+
+/// The demo service: answers every request with a small JSON document describing it.
+async fn serve_demo(listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(demo_response);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+async fn demo_response(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let body = serde_json::json!({
+        "service": DEMO_SERVICE,
+        "message": "hello from the demo service",
+        "method": request.method().as_str(),
+        "path": request.uri().path(),
+    });
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert("x-demo-version", http::HeaderValue::from_static("1"));
+    Ok(response)
+}
+
+struct Banner<'a> {
+    dir: &'a Path,
+    grpc: &'a str,
+    default_grpc: bool,
+    sidecar: SocketAddr,
+    admin: SocketAddr,
+    upstream: SocketAddr,
+    created: bool,
+    add_origin_file: &'a Path,
+    demo_file: &'a Path,
+}
+
+/// What is running and what to try, with commands that work as printed.
+fn banner(b: &Banner<'_>) -> String {
+    let ctl = ctl_command(b.grpc, b.default_grpc);
+    let policy = if b.created {
+        "The example policy (created now) allows https://app.example.com."
+    } else {
+        "The demo service keeps its policy from an earlier run."
+    };
+    let s = b.sidecar;
+    format!(
+        "\
+Corsair is running.
+
+  control plane  {grpc}  (SQLite database in {dir})
+  sidecar        http://{s}  in front of the demo service http://{up}
+  sidecar admin  http://{admin}  (/readyz /metrics /policy)
+  logs           {dir}/control-plane.log, {dir}/sidecar.log
+
+{policy} Try:
+
+  # A preflight that is allowed: 204 with Access-Control-Allow-* headers
+  curl -i -X OPTIONS http://{s}/orders -H 'Origin: https://app.example.com' -H 'Access-Control-Request-Method: PUT'
+
+  # One that is denied: no Access-Control-Allow-* headers, so the browser refuses
+  curl -i -X OPTIONS http://{s}/orders -H 'Origin: https://admin.example.com' -H 'Access-Control-Request-Method: PUT'
+
+  # Allow https://admin.example.com too: see the change, apply it; the sidecar takes it
+  # without a restart, and the denied preflight above is now allowed
+  {ctl} policy diff -f {add}
+  {ctl} policy apply -f {add} --reason 'admin app'
+
+  # Watch the audit log (another terminal), see the sidecar in sync, explain a request
+  {ctl} audit list --follow
+  {ctl} fleet status
+  {ctl} policy explain --service demo --origin https://admin.example.com --method PUT
+
+  # Edit the policy yourself: {demo}, then apply it the same way.
+
+Ctrl-C stops everything.
+",
+        grpc = b.grpc,
+        dir = b.dir.display(),
+        up = b.upstream,
+        admin = b.admin,
+        add = b.add_origin_file.display(),
+        demo = b.demo_file.display(),
+    )
+}
+
+/// How to run corsairctl from where the user is: by name if the one on `PATH` is this one,
+/// otherwise by path; with `--addr` unless the control plane is on the default address.
+fn ctl_command(grpc: &str, default_addr: bool) -> String {
+    let exe = std::env::current_exe().ok();
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            let candidate = dir.join("corsairctl");
+            candidate.is_file() && candidate.canonicalize().ok() == exe.clone()
+        })
+    });
+    let mut command = if on_path {
+        "corsairctl".to_owned()
+    } else {
+        let exe = exe.unwrap_or_else(|| PathBuf::from("corsairctl"));
+        let cwd = std::env::current_dir().unwrap_or_default();
+        exe.strip_prefix(&cwd)
+            .map_or_else(|_| exe.display().to_string(), |p| p.display().to_string())
+    };
+    if !default_addr {
+        command.push_str(&format!(" --addr {grpc}"));
+    }
+    command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_policies_parse() {
+        let docs = doc::parse("demo.yaml", DEMO_POLICY, None).unwrap();
+        assert_eq!(docs.len(), 1);
+        assert_eq!(docs[0].doc.service, DEMO_SERVICE);
+        let (valid, findings) = corsair_policy::lint(&docs[0].doc.spec());
+        assert!(valid.is_some(), "{findings:?}");
+    }
+
+    #[test]
+    fn the_second_example_adds_an_origin() {
+        let docs = doc::parse("add.yaml", &add_origin_example(), None).unwrap();
+        assert_eq!(
+            docs[0].doc.allowed_origins,
+            ["https://app.example.com", "https://admin.example.com"]
+        );
+    }
+}

@@ -1,0 +1,464 @@
+//! The real `corsairctl` binary against a real control plane (and, for fleet status, a real
+//! sidecar): exit codes, idempotence, compare-and-set, errors, audit filters.
+
+mod support;
+
+use support::{ControlPlane, ctl, sibling, spawn, spawn_plain};
+
+const SHOP_AND_WEB: &str = "\
+service: shop
+allowed_origins: [https://shop.example.com]
+allowed_methods: [PUT]
+---
+service: web
+allowed_origins: [https://web.example.com]
+mode: enforce
+";
+
+const SHOP_WIDER: &str = "\
+service: shop
+allowed_origins: [https://shop.example.com, https://admin.example.com]
+allowed_methods: [PUT]
+";
+
+fn revision(cp: &ControlPlane, service: &str) -> i64 {
+    cp.json(&["policy", "get", service])["revision"]
+        .as_i64()
+        .unwrap()
+}
+
+fn audit_count(cp: &ControlPlane, filters: &[&str]) -> usize {
+    cp.json(&[&["audit", "list"], filters].concat())
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn apply_diff_and_dry_run_exit_codes_and_idempotent_reapply() {
+    let cp = ControlPlane::start();
+    let both = cp.file("policies.yaml", SHOP_AND_WEB);
+
+    // Nothing stored yet: diff shows two creations and exits 1.
+    let diff = cp.ctl(&["policy", "diff", "-f", &both]);
+    assert_eq!(diff.code, 1, "{diff:?}");
+    assert!(diff.stdout.contains("+++ services/shop/policy"), "{diff:?}");
+    assert!(diff.stdout.contains("+++ services/web/policy"), "{diff:?}");
+    assert!(
+        diff.stdout.contains("+- https://web.example.com"),
+        "{diff:?}"
+    );
+
+    // A dry run is checked by the server and stores (and audits) nothing.
+    let dry = cp.ctl(&["policy", "apply", "-f", &both, "--dry-run"]);
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert!(
+        dry.stdout
+            .contains("services/shop/policy would be created (dry run)"),
+        "{dry:?}"
+    );
+    assert_eq!(cp.json(&["policy", "list"]), serde_json::json!([]));
+    assert_eq!(audit_count(&cp, &[]), 0);
+
+    let applied = cp.ctl(&["policy", "apply", "-f", &both, "--reason", "first"]);
+    assert_eq!(applied.code, 0, "{applied:?}");
+    assert!(
+        applied
+            .stdout
+            .contains("services/shop/policy created (revision 1)"),
+        "{applied:?}"
+    );
+    assert!(
+        applied
+            .stdout
+            .contains("services/web/policy created (revision 2)"),
+        "{applied:?}"
+    );
+
+    // Applying the same files again writes nothing: no revision, no audit event.
+    let diff = cp.ctl(&["policy", "diff", "-f", &both]);
+    assert_eq!((diff.code, diff.stdout.as_str()), (0, ""), "{diff:?}");
+    let again = cp.ctl(&["policy", "apply", "-f", &both]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(
+        again.stdout.contains("services/shop/policy unchanged")
+            && again.stdout.contains("services/web/policy unchanged"),
+        "{again:?}"
+    );
+    assert_eq!((revision(&cp, "shop"), revision(&cp, "web")), (1, 2));
+    assert_eq!(audit_count(&cp, &[]), 2);
+
+    // One field changes: diff says so, apply writes only that policy.
+    let wider = cp.file("shop.yaml", SHOP_WIDER);
+    let diff = cp.ctl(&["policy", "diff", "-f", &wider]);
+    assert_eq!(diff.code, 1, "{diff:?}");
+    assert!(
+        diff.stdout.contains("+- https://admin.example.com"),
+        "{diff:?}"
+    );
+    let out = cp.ctl(&["policy", "apply", "-f", &wider]);
+    assert!(
+        out.stdout
+            .contains("services/shop/policy updated (revision 3): allowed_origins"),
+        "{out:?}"
+    );
+
+    // Standard input and JSON, the format `get -o json` prints, applied back unchanged.
+    let shop = cp.ctl(&["policy", "get", "shop", "-o", "json"]).stdout;
+    let back = cp.ctl_stdin(&["policy", "apply", "-f", "-"], &shop);
+    assert_eq!(back.code, 0, "{back:?}");
+    assert!(back.stdout.contains("unchanged"), "{back:?}");
+
+    // A directory is every policy file in it.
+    let dir = cp.dir.path().join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("a.json"), r#"[{"service": "api"}]"#).unwrap();
+    std::fs::write(dir.join("b.yml"), "service: docs\n").unwrap();
+    std::fs::write(dir.join("notes.txt"), "not a policy").unwrap();
+    let out = cp.ctl(&["policy", "apply", "-f", dir.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("services/api/policy created")
+            && out.stdout.contains("services/docs/policy created"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn errors_name_the_field_and_exit_non_zero() {
+    let cp = ControlPlane::start();
+    let bad = cp.file(
+        "bad.yaml",
+        "service: shop\nallowed_origins: [https://a.example.com, https://b.example.com, 'https://x.example.com/path']\n",
+    );
+    let out = cp.ctl(&["policy", "apply", "-f", &bad]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("  allowed_origins[2]: ") && out.stderr.contains("[INVALID_ORIGIN]"),
+        "{out:?}"
+    );
+    // diff reports errors with status 2, distinct from "changes".
+    let out = cp.ctl(&["policy", "diff", "-f", &bad]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("allowed_origins[2]"), "{out:?}");
+
+    // A misspelt field is caught before anything is sent, naming the file and the field.
+    let typo = cp.file(
+        "typo.yaml",
+        "service: shop\nallowed_origin: [https://a.example.com]\n",
+    );
+    let out = cp.ctl(&["policy", "apply", "-f", &typo]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("typo.yaml") && out.stderr.contains("allowed_origin"),
+        "{out:?}"
+    );
+
+    // A risk must be acknowledged by its code.
+    let risky = cp.file("risky.yaml", "service: shop\nallowed_origins: ['null']\n");
+    let out = cp.ctl(&["policy", "apply", "-f", &risky]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("--acknowledge NULL_ORIGIN"), "{out:?}");
+    let out = cp.ctl(&[
+        "policy",
+        "apply",
+        "-f",
+        &risky,
+        "--acknowledge",
+        "NULL_ORIGIN",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("acknowledged risk"), "{out:?}");
+
+    // A service defined twice is refused before anything is sent.
+    let twice = cp.file("twice.yaml", "service: a\n---\nservice: a\n");
+    let out = cp.ctl(&["policy", "diff", "-f", &twice]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("defined twice"), "{out:?}");
+
+    // Not found, and an unreachable control plane.
+    let out = cp.ctl(&["policy", "get", "nothing"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("services/nothing/policy"), "{out:?}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    let out = ctl(&["--addr", &addr, "policy", "list"], None);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("cannot reach the control plane"),
+        "{out:?}"
+    );
+    let out = ctl(&["--addr", &addr, "policy", "diff", "-f", &risky], None);
+    assert_eq!(out.code, 2, "{out:?}");
+}
+
+#[test]
+fn a_stale_etag_is_refused_clearly() {
+    let cp = ControlPlane::start();
+    let shop = cp.file("shop.yaml", SHOP_AND_WEB.split("---").next().unwrap());
+    assert_eq!(cp.ctl(&["policy", "apply", "-f", &shop]).code, 0);
+
+    // Someone saves the policy (with its etag) to edit it…
+    let saved = cp.ctl(&["policy", "get", "shop", "-o", "yaml"]).stdout;
+    assert!(saved.contains("etag:"), "{saved}");
+    // …someone else changes it meanwhile…
+    let wider = cp.file("wider.yaml", SHOP_WIDER);
+    assert_eq!(cp.ctl(&["policy", "apply", "-f", &wider]).code, 0);
+    // …and the first edit, made on the old version, is refused rather than lost.
+    let edited = saved.replace("mode: standard", "mode: enforce");
+    assert_ne!(edited, saved);
+    let out = cp.ctl_stdin(&["policy", "apply", "-f", "-"], &edited);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("changed by someone else since it was read"),
+        "{out:?}"
+    );
+    assert_eq!(cp.json(&["policy", "get", "shop"])["mode"], "standard");
+}
+
+#[test]
+fn history_rollback_delete_and_explain() {
+    let cp = ControlPlane::start();
+    let shop = cp.file("shop.yaml", SHOP_AND_WEB.split("---").next().unwrap());
+    let wider = cp.file("wider.yaml", SHOP_WIDER);
+    assert_eq!(
+        cp.ctl(&["policy", "apply", "-f", &shop, "--reason", "v1"])
+            .code,
+        0
+    );
+    assert_eq!(
+        cp.ctl(&["policy", "apply", "-f", &wider, "--reason", "v2"])
+            .code,
+        0
+    );
+
+    let history = cp.ctl(&["policy", "history", "shop"]);
+    let lines: Vec<&str> = history.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{history:?}");
+    assert!(lines[0].starts_with("REVISION"), "{history:?}");
+    assert!(
+        lines[1].starts_with("2 ")
+            && lines[1].contains("allowed_origins")
+            && lines[1].ends_with("v2"),
+        "{history:?}"
+    );
+    assert!(
+        lines[2].starts_with("1 ") && lines[2].contains("created"),
+        "{history:?}"
+    );
+
+    // Explain, against the stored policy.
+    let explain = |origin: &str| {
+        cp.json(&[
+            "policy",
+            "explain",
+            "--service",
+            "shop",
+            "--origin",
+            origin,
+            "--method",
+            "PUT",
+        ])
+    };
+    let allowed = explain("https://admin.example.com");
+    assert_eq!(allowed["decision"], "ALLOWED");
+    assert_eq!(allowed["kind"], "PREFLIGHT");
+    assert_eq!(allowed["status"], 204);
+    assert!(
+        allowed["headers"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!([
+                "access-control-allow-origin",
+                "https://admin.example.com"
+            ])),
+        "{allowed}"
+    );
+
+    let out = cp.ctl(&[
+        "policy", "rollback", "shop", "--to", "1", "--reason", "back",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("new revision 3"), "{out:?}");
+    assert_eq!(explain("https://admin.example.com")["decision"], "DENIED");
+    let table = cp.ctl(&[
+        "policy",
+        "explain",
+        "--service",
+        "shop",
+        "--origin",
+        "https://admin.example.com",
+    ]);
+    assert!(
+        table
+            .stdout
+            .starts_with("decision:  DENIED\nrequest:   ACTUAL"),
+        "{table:?}"
+    );
+
+    let out = cp.ctl(&["policy", "delete", "shop", "--dry-run"]);
+    assert!(out.stdout.contains("would be deleted"), "{out:?}");
+    assert_eq!(revision(&cp, "shop"), 3);
+    let out = cp.ctl(&["policy", "delete", "shop", "--reason", "gone"]);
+    assert!(out.stdout.contains("deleted (revision 4)"), "{out:?}");
+    assert_eq!(cp.ctl(&["policy", "get", "shop"]).code, 1);
+    let history = cp.json(&["policy", "history", "shop"]);
+    assert_eq!(history[0]["change"], "deleted");
+    assert_eq!(history[0]["reason"], "gone");
+}
+
+#[test]
+fn audit_list_filters_and_follows() {
+    let cp = ControlPlane::start();
+    let both = cp.file("policies.yaml", SHOP_AND_WEB);
+    let wider = cp.file("wider.yaml", SHOP_WIDER);
+    assert_eq!(cp.ctl(&["policy", "apply", "-f", &both]).code, 0);
+    assert_eq!(
+        cp.ctl(&["policy", "apply", "-f", &wider, "--reason", "admin"])
+            .code,
+        0
+    );
+    // A delete on a stale etag is refused, and audited as a conflict.
+    let out = cp.ctl(&["policy", "delete", "web", "--etag", "\"stale\""]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("changed by someone else"), "{out:?}");
+
+    let all = cp.json(&["audit", "list"]);
+    let sequences: Vec<u64> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sequences, [4, 3, 2, 1], "newest first");
+    assert_eq!(audit_count(&cp, &["--service", "shop"]), 2);
+    assert_eq!(audit_count(&cp, &["--service", "web"]), 2);
+    assert_eq!(audit_count(&cp, &["--actor", "local"]), 4);
+    assert_eq!(audit_count(&cp, &["--actor", "someone-else"]), 0);
+    assert_eq!(audit_count(&cp, &["--method", "UpdatePolicy"]), 1);
+    assert_eq!(audit_count(&cp, &["--outcome", "ok"]), 3);
+    assert_eq!(audit_count(&cp, &["--outcome", "conflict"]), 1);
+    assert_eq!(audit_count(&cp, &["--since", "1h"]), 4);
+    assert_eq!(audit_count(&cp, &["--until", "2000-01-01T00:00:00Z"]), 0);
+    assert_eq!(audit_count(&cp, &["--limit", "2"]), 2);
+    let shop_update = &cp.json(&["audit", "list", "--method", "UpdatePolicy"])[0];
+    assert_eq!(shop_update["reason"], "admin");
+    assert_eq!(
+        shop_update["changed_fields"],
+        serde_json::json!(["allowed_origins"])
+    );
+    let table = cp.ctl(&["audit", "list", "--service", "shop"]).stdout;
+    assert!(table.starts_with("SEQ  TIME"), "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().contains("UpdatePolicy"),
+        "{table}"
+    );
+
+    let out = cp.ctl(&["audit", "verify"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("4 events"), "{out:?}");
+
+    // --follow: the listing, oldest first, then each new matching event as it happens.
+    let mut follow = spawn_plain(
+        std::path::Path::new(support::CTL),
+        &[
+            "--addr",
+            &cp.addr,
+            "audit",
+            "list",
+            "--service",
+            "web",
+            "--follow",
+            "-o",
+            "json",
+        ],
+    );
+    let mut next = || -> serde_json::Value {
+        serde_json::from_str(&follow.lines.next().unwrap().unwrap()).unwrap()
+    };
+    assert_eq!(next()["sequence"], 2);
+    assert_eq!(next()["sequence"], 4);
+    let web_v2 = cp.file(
+        "web2.yaml",
+        "service: web\nallowed_origins: [https://new.example.com]\n",
+    );
+    assert_eq!(cp.ctl(&["policy", "apply", "-f", &web_v2]).code, 0);
+    let next = next();
+    assert_eq!(next["sequence"], 5);
+    assert_eq!(next["service"], "web");
+    assert_eq!(next["method"], "corsair.v1.PolicyService/UpdatePolicy");
+}
+
+#[test]
+fn fleet_status_shows_a_live_sidecar() {
+    let cp = ControlPlane::start();
+    let shop = cp.file("shop.yaml", SHOP_AND_WEB.split("---").next().unwrap());
+    assert_eq!(cp.ctl(&["policy", "apply", "-f", &shop]).code, 0);
+
+    let mut sidecar = spawn(
+        &sibling("corsair-sidecar"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+            "--service",
+            "shop",
+            "--control-plane",
+            &cp.addr,
+            "--sidecar-id",
+            "shop-1",
+        ],
+    );
+    sidecar.wait_for_log("sidecar listening");
+    // The sidecar ACKs revision 1 right after applying it; wait for the control plane to
+    // record that.
+    let row = loop {
+        let fleet = cp.json(&["fleet", "status"]);
+        let row = fleet[0].clone();
+        if row["state"] == "SYNCED" {
+            break row;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(row["sidecar_id"], "shop-1");
+    assert_eq!(row["services"], serde_json::json!(["shop"]));
+    assert_eq!(row["last_acked_revision"], 1);
+    let table = cp.ctl(&["fleet", "status"]).stdout;
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("SIDECAR  SERVICES  STATE   SENT  ACKED"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("shop-1   shop      SYNCED  1     1"),
+        "{table}"
+    );
+    assert_eq!(
+        cp.json(&["fleet", "status", "--state", "nacked"]),
+        serde_json::json!([])
+    );
+
+    assert!(sidecar.terminate().success());
+    loop {
+        if cp.json(&["fleet", "status"])[0]["state"] == "DISCONNECTED" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = ctl(&["completion", shell], None);
+        assert_eq!(out.code, 0, "{out:?}");
+        assert!(out.stdout.contains("corsairctl"), "{shell}: {out:?}");
+    }
+    let out = ctl(&["completion", "tcsh"], None);
+    assert_eq!(out.code, 2, "{out:?}");
+}

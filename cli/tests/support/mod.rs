@@ -1,0 +1,183 @@
+//! Real processes for the end-to-end tests: the `corsair-control-plane` and `corsair-sidecar`
+//! binaries (built beside `corsairctl`), each test with its own database and ports.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Lines};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// The `corsairctl` under test.
+pub const CTL: &str = env!("CARGO_BIN_EXE_corsairctl");
+
+/// A sibling binary of `corsairctl`, built on first use when this package's tests run alone
+/// (`cargo test --workspace` has already built it).
+pub fn sibling(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = Path::new(CTL).parent().expect("corsairctl has a directory");
+    let path = dir.join(name);
+    if !path.is_file() {
+        BUILT.get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args([
+                    "build",
+                    "--bins",
+                    "-p",
+                    "corsair-control-plane",
+                    "-p",
+                    "corsair-sidecar",
+                ])
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building the other binaries failed");
+        });
+    }
+    assert!(path.is_file(), "{} is missing", path.display());
+    path
+}
+
+/// Kills a child when dropped, so a failing test leaves no process behind.
+pub struct Running {
+    pub child: Child,
+    pub lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Running {
+    /// Reads JSON log lines until one whose message is `message`; returns its fields.
+    pub fn wait_for_log(&mut self, message: &str) -> serde_json::Value {
+        loop {
+            let line = self
+                .lines
+                .next()
+                .unwrap_or_else(|| panic!("the process exited before logging {message:?}"))
+                .unwrap();
+            if let Ok(log) = serde_json::from_str::<serde_json::Value>(&line)
+                && log["fields"]["message"] == message
+            {
+                return log["fields"].clone();
+            }
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a binary with JSON logs on stdout.
+pub fn spawn(bin: &Path, args: &[&str]) -> Running {
+    spawn_plain(bin, &[args, &["--log-format", "json"]].concat())
+}
+
+/// Starts a binary with its standard output piped.
+pub fn spawn_plain(bin: &Path, args: &[&str]) -> Running {
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    Running { child, lines }
+}
+
+/// A control plane on its own SQLite database and port.
+pub struct ControlPlane {
+    pub process: Running,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("cp.db").display());
+        let mut process = spawn(
+            &sibling("corsair-control-plane"),
+            &["--listen", "127.0.0.1:0", "--database-url", &url],
+        );
+        let fields = process.wait_for_log("control plane listening");
+        let addr = format!("http://{}", fields["address"].as_str().unwrap());
+        ControlPlane { process, addr, dir }
+    }
+
+    /// Runs `corsairctl --addr <this> args…`.
+    pub fn ctl(&self, args: &[&str]) -> Ctl {
+        ctl(&[&["--addr", &self.addr], args].concat(), None)
+    }
+
+    /// Runs `corsairctl --addr <this> args…` with `stdin` as standard input.
+    pub fn ctl_stdin(&self, args: &[&str], stdin: &str) -> Ctl {
+        ctl(&[&["--addr", &self.addr], args].concat(), Some(stdin))
+    }
+
+    /// Writes a file in this test's directory and returns its path.
+    pub fn file(&self, name: &str, contents: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path.display().to_string()
+    }
+
+    /// `args` with `-o json`, parsed; panics unless it succeeded.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.ctl(&[args, &["-o", "json"]].concat());
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+}
+
+/// What a `corsairctl` run printed.
+#[derive(Debug)]
+pub struct Ctl {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `corsairctl args…`.
+pub fn ctl(args: &[&str], stdin: Option<&str>) -> Ctl {
+    let mut child = Command::new(CTL)
+        .args(args)
+        .env_remove("CORSAIR_ADDR")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(text) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().unwrap();
+    Ctl {
+        code: status.code().expect("exited, not killed"),
+        stdout: String::from_utf8(stdout).unwrap(),
+        stderr: String::from_utf8(stderr).unwrap(),
+    }
+}
