@@ -374,8 +374,9 @@ pub async fn verify(client: &Client, from: u64, to: u64, format: Format) -> Resu
     };
     match format {
         Format::Table if v.ok => output::print(&format!(
-            "audit log verified: {} events, hash chain intact\n",
-            v.verified_events
+            "audit log verified: {} event{}, hash chain intact\n",
+            v.verified_events,
+            if v.verified_events == 1 { "" } else { "s" }
         ))?,
         Format::Table => output::print(&format!(
             "audit log does NOT verify: event {} is wrong ({}); {} events before it verified\n",
