@@ -232,12 +232,12 @@ pub async fn list(
     let after = tail_from.max(last_listed);
     let mut stream = client
         .audit()
-        .watch_audit_events(v1::WatchAuditEventsRequest {
+        .watch_audit_events(client.streaming(v1::WatchAuditEventsRequest {
             after_sequence: after,
             service: filters.service.clone(),
             actor: filters.actor.clone(),
             method: filters.method(),
-        })
+        }))
         .await
         .map_err(|s| CliError::status("following the audit log", s))?
         .into_inner();

@@ -6,6 +6,7 @@ use std::time::Duration;
 use corsair_proto::v1::audit_service_client::AuditServiceClient;
 use corsair_proto::v1::fleet_service_client::FleetServiceClient;
 use corsair_proto::v1::policy_service_client::PolicyServiceClient;
+use corsair_proto::v1::token_service_client::TokenServiceClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
@@ -16,11 +17,29 @@ use crate::error::{CliError, chain};
 pub struct Client {
     channel: Channel,
     deadline: Duration,
+    /// `Bearer <token>`, marked sensitive so that `Debug` never shows it.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Client {
-    /// Connects to `addr` (`host:port` or `http://host:port`) within `deadline`.
-    pub async fn connect(addr: &str, deadline: Duration) -> Result<Self, CliError> {
+    /// Connects to `addr` (`host:port` or `http://host:port`) within `deadline`; every call
+    /// presents `token` when given.
+    pub async fn connect(
+        addr: &str,
+        deadline: Duration,
+        token: Option<&str>,
+    ) -> Result<Self, CliError> {
+        let authorization = match token {
+            None => None,
+            Some(token) => {
+                let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                    format!("Bearer {token}").parse().map_err(|_| {
+                        CliError::Input("the token has characters a header cannot carry".into())
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
         let uri = if addr.contains("://") {
             addr.to_owned()
         } else {
@@ -44,7 +63,11 @@ impl Client {
                 )));
             }
         };
-        Ok(Client { channel, deadline })
+        Ok(Client {
+            channel,
+            deadline,
+            authorization,
+        })
     }
 
     /// The policy service.
@@ -62,10 +85,27 @@ impl Client {
         FleetServiceClient::new(self.channel.clone())
     }
 
-    /// A request carrying the deadline, so the server gives up when the caller does.
+    /// The token service.
+    pub fn tokens(&self) -> TokenServiceClient<Channel> {
+        TokenServiceClient::new(self.channel.clone())
+    }
+
+    /// A request carrying the credential and the deadline (so the server gives up when the
+    /// caller does).
     pub fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
+        let mut request = self.streaming(message);
         request.set_timeout(self.deadline);
+        request
+    }
+
+    /// A request carrying the credential, without a deadline (for streams that stay open).
+    pub fn streaming<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
         request
     }
 

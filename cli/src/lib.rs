@@ -12,3 +12,4 @@ pub mod fleet;
 pub mod output;
 pub mod policy;
 pub mod quickstart;
+pub mod token;

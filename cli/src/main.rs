@@ -11,7 +11,7 @@ use corsair_cli::client::Client;
 use corsair_cli::error::CliError;
 use corsair_cli::output::{self, Format};
 use corsair_cli::policy::{self, DiffOutcome, WriteOptions};
-use corsair_cli::{audit, fleet, quickstart};
+use corsair_cli::{audit, fleet, quickstart, token};
 
 /// corsairctl: manage Corsair's CORS policies, audit log and sidecar fleet.
 #[derive(Debug, Parser)]
@@ -28,11 +28,32 @@ struct Cli {
     /// Deadline for connecting and for every call (e.g. 10s, 1m).
     #[arg(long, global = true, env = "CORSAIR_TIMEOUT", default_value = "10s", value_parser = parse_deadline)]
     timeout: Duration,
+    /// Token to present (from `corsairctl token create`, or the control plane's first start);
+    /// prefer the environment variable, which `ps` does not show.
+    #[arg(long, global = true, env = "CORSAIR_TOKEN", hide_env_values = true, value_parser = parse_secret)]
+    token: Option<Secret>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
     #[command(subcommand)]
     command: Command,
+}
+
+/// A credential: never printed, not even by `Debug`.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+fn parse_secret(text: &str) -> Result<Secret, String> {
+    if text.is_empty() {
+        return Err("empty".into());
+    }
+    Ok(Secret(text.to_owned()))
 }
 
 fn parse_deadline(text: &str) -> Result<Duration, String> {
@@ -54,6 +75,9 @@ enum Command {
     /// The sidecars and how far each is in sync.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Create, list and revoke access tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run the whole system locally: control plane (SQLite), a demo service, a sidecar in
     /// front of it and an example policy. Ctrl-C stops everything.
     Quickstart(quickstart::QuickstartArgs),
@@ -220,6 +244,38 @@ enum AuditCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; it is printed once, alone on standard output.
+    Create {
+        /// A name for people; recorded as the actor of its calls.
+        #[arg(long)]
+        name: String,
+        /// What it may do.
+        #[arg(long, value_parser = ["viewer", "editor", "auditor", "admin", "sidecar"])]
+        role: String,
+        /// For a sidecar token: a service whose policy it may stream (repeatable).
+        #[arg(long = "service", value_name = "SERVICE")]
+        services: Vec<String>,
+        /// Lifetime, e.g. 90d, 12h (default: no expiry).
+        #[arg(long, value_parser = parse_deadline)]
+        expires_in: Option<Duration>,
+        /// Why; recorded in the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List tokens, revoked and expired ones included (never their secrets).
+    List,
+    /// Revoke a token at once, including streams it holds open.
+    Revoke {
+        /// The token's id (see `token list`).
+        id: String,
+        /// Why; recorded in the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum FleetCommand {
     /// One row per sidecar: its state and the revisions sent to and acknowledged by it.
     Status {
@@ -264,7 +320,8 @@ async fn run(cli: Cli) -> ExitCode {
 
 async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     let format = cli.output;
-    let connect = || Client::connect(&cli.addr, cli.timeout);
+    let token = cli.token.as_ref().map(|Secret(t)| t.as_str());
+    let connect = || Client::connect(&cli.addr, cli.timeout, token);
     let ok = |success: bool| {
         if success {
             ExitCode::SUCCESS
@@ -368,6 +425,30 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                     audit::verify(&client, *from, *to, format).await.map(ok)
                 }
             }
+        }
+        Command::Token(ref command) => {
+            let client = connect().await?;
+            match command {
+                TokenCommand::Create {
+                    name,
+                    role,
+                    services,
+                    expires_in,
+                    reason,
+                } => {
+                    let args = token::CreateArgs {
+                        name: name.clone(),
+                        role: role.clone(),
+                        services: services.clone(),
+                        expires_in: *expires_in,
+                        reason: reason.clone(),
+                    };
+                    token::create(&client, &args, format).await
+                }
+                TokenCommand::List => token::list(&client, format).await,
+                TokenCommand::Revoke { id, reason } => token::revoke(&client, id, reason).await,
+            }
+            .map(|()| ExitCode::SUCCESS)
         }
         Command::Fleet(FleetCommand::Status { ref service, state }) => {
             let client = connect().await?;

@@ -71,11 +71,13 @@ impl Process {
         name: &'static str,
         bin: &Path,
         args: &[String],
+        env: &[(&str, &str)],
         log: PathBuf,
         ready: &'static str,
     ) -> Result<(Process, serde_json::Value), CliError> {
         let mut child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .arg("--log-format")
             .arg("json")
             .env("RUST_LOG", "info")
@@ -183,6 +185,9 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
     write_new(&demo_file, DEMO_POLICY)?;
     write_new(&add_origin_file, &add_origin_example())?;
 
+    // The admin token the control plane starts with on its first run, kept for later runs.
+    let admin_token_file = dir.join("admin.token");
+    let admin_token = read_or_create_token(&admin_token_file)?;
     let (control_plane, fields) = Process::start(
         "the control plane",
         &control_plane_bin,
@@ -194,6 +199,7 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
             "--replica-id".into(),
             "quickstart".into(),
         ],
+        &[("CORSAIR_BOOTSTRAP_TOKEN", &admin_token)],
         dir.join("control-plane.log"),
         "control plane listening",
     )
@@ -209,8 +215,9 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
         .map_err(|e| CliError::Local(e.to_string()))?;
     let demo = tokio::spawn(serve_demo(upstream));
 
-    let client = Client::connect(&grpc, deadline).await?;
+    let client = Client::connect(&grpc, deadline, Some(&admin_token)).await?;
     let created = ensure_demo_policy(&client).await?;
+    let sidecar_token = sidecar_token(&client, &dir.join("sidecar.token")).await?;
 
     let (sidecar, fields) = Process::start(
         "the sidecar",
@@ -231,6 +238,7 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
             "--sidecar-id".into(),
             "quickstart-demo".into(),
         ],
+        &[("CORSAIR_TOKEN", &sidecar_token)],
         dir.join("sidecar.log"),
         "sidecar listening",
     )
@@ -249,6 +257,7 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
         created,
         add_origin_file: &add_origin_file,
         demo_file: &demo_file,
+        admin_token_file: &admin_token_file,
     }))?;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -283,6 +292,63 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
         eprintln!("stopped; the database and logs are in {}", dir.display());
     }
     Ok(clean)
+}
+
+/// A new random token (`corsair_` and 64 hex digits).
+fn new_token() -> Result<String, CliError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| CliError::Local(format!("no randomness: {e}")))?;
+    Ok(format!(
+        "corsair_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+/// The token kept in `path`, or a new one written there readable by the owner only.
+fn read_or_create_token(path: &Path) -> Result<String, CliError> {
+    if let Ok(token) = std::fs::read_to_string(path) {
+        return Ok(token.trim().to_owned());
+    }
+    let token = new_token()?;
+    write_secret(path, &token)?;
+    Ok(token)
+}
+
+fn write_secret(path: &Path, secret: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| CliError::Local(format!("cannot create {}: {e}", path.display())))?;
+    file.write_all(format!("{secret}\n").as_bytes())
+        .map_err(|e| CliError::Local(format!("cannot write {}: {e}", path.display())))
+}
+
+/// The demo sidecar's token, scoped to the demo service: kept in `path` from an earlier
+/// run, or created now.
+async fn sidecar_token(client: &Client, path: &Path) -> Result<String, CliError> {
+    if let Ok(token) = std::fs::read_to_string(path) {
+        return Ok(token.trim().to_owned());
+    }
+    let created = client
+        .call(
+            "creating the sidecar's token",
+            client
+                .tokens()
+                .create_token(client.request(v1::CreateTokenRequest {
+                    name: "quickstart-demo-sidecar".into(),
+                    role: "sidecar".into(),
+                    services: vec![DEMO_SERVICE.into()],
+                    ttl_seconds: 0,
+                    reason: "quickstart sidecar".into(),
+                })),
+        )
+        .await?;
+    write_secret(path, &created.secret)?;
+    Ok(created.secret)
 }
 
 /// The example policy with a second origin.
@@ -403,6 +469,7 @@ struct Banner<'a> {
     created: bool,
     add_origin_file: &'a Path,
     demo_file: &'a Path,
+    admin_token_file: &'a Path,
 }
 
 /// What is running and what to try, with commands that work as printed.
@@ -431,6 +498,9 @@ Corsair is running.
   # One that is denied: no Access-Control-Allow-* headers, so the browser refuses
   curl -i -X OPTIONS http://{s}/orders -H 'Origin: https://admin.example.com' -H 'Access-Control-Request-Method: PUT'
 
+  # corsairctl authenticates with the admin token created on the first run
+  export CORSAIR_TOKEN=$(cat {token})
+
   # Allow https://admin.example.com too: see the change, apply it; the sidecar takes it
   # without a restart, and the denied preflight above is now allowed
   {ctl} policy diff -f {add}
@@ -451,6 +521,7 @@ Ctrl-C stops everything.
         admin = b.admin,
         add = b.add_origin_file.display(),
         demo = b.demo_file.display(),
+        token = b.admin_token_file.display(),
     )
 }
 

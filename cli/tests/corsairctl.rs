@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{ControlPlane, ctl, sibling, spawn, spawn_plain};
+use support::{ControlPlane, ctl, sibling, spawn_env, spawn_plain, wait_until};
 
 const SHOP_AND_WEB: &str = "\
 service: shop
@@ -58,7 +58,8 @@ fn apply_diff_and_dry_run_exit_codes_and_idempotent_reapply() {
         "{dry:?}"
     );
     assert_eq!(cp.json(&["policy", "list"]), serde_json::json!([]));
-    assert_eq!(audit_count(&cp, &[]), 0);
+    // Only the first start's admin token is in the log.
+    assert_eq!(audit_count(&cp, &[]), 1);
 
     let applied = cp.ctl(&["policy", "apply", "-f", &both, "--reason", "first"]);
     assert_eq!(applied.code, 0, "{applied:?}");
@@ -86,7 +87,8 @@ fn apply_diff_and_dry_run_exit_codes_and_idempotent_reapply() {
         "{again:?}"
     );
     assert_eq!((revision(&cp, "shop"), revision(&cp, "web")), (1, 2));
-    assert_eq!(audit_count(&cp, &[]), 2);
+    assert_eq!(audit_count(&cp, &["--service", "shop"]), 1);
+    assert_eq!(audit_count(&cp, &["--service", "web"]), 1);
 
     // One field changes: diff says so, apply writes only that policy.
     let wider = cp.file("shop.yaml", SHOP_WIDER);
@@ -332,15 +334,16 @@ fn audit_list_filters_and_follows() {
         .iter()
         .map(|e| e["sequence"].as_u64().unwrap())
         .collect();
-    assert_eq!(sequences, [4, 3, 2, 1], "newest first");
+    // 1 is the first start's admin token.
+    assert_eq!(sequences, [5, 4, 3, 2, 1], "newest first");
     assert_eq!(audit_count(&cp, &["--service", "shop"]), 2);
     assert_eq!(audit_count(&cp, &["--service", "web"]), 2);
-    assert_eq!(audit_count(&cp, &["--actor", "local"]), 4);
+    assert_eq!(audit_count(&cp, &["--actor", "bootstrap-admin"]), 4);
     assert_eq!(audit_count(&cp, &["--actor", "someone-else"]), 0);
     assert_eq!(audit_count(&cp, &["--method", "UpdatePolicy"]), 1);
-    assert_eq!(audit_count(&cp, &["--outcome", "ok"]), 3);
+    assert_eq!(audit_count(&cp, &["--outcome", "ok"]), 4);
     assert_eq!(audit_count(&cp, &["--outcome", "conflict"]), 1);
-    assert_eq!(audit_count(&cp, &["--since", "1h"]), 4);
+    assert_eq!(audit_count(&cp, &["--since", "1h"]), 5);
     assert_eq!(audit_count(&cp, &["--until", "2000-01-01T00:00:00Z"]), 0);
     assert_eq!(audit_count(&cp, &["--limit", "2"]), 2);
     let shop_update = &cp.json(&["audit", "list", "--method", "UpdatePolicy"])[0];
@@ -358,7 +361,7 @@ fn audit_list_filters_and_follows() {
 
     let out = cp.ctl(&["audit", "verify"]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains("4 events"), "{out:?}");
+    assert!(out.stdout.contains("5 events"), "{out:?}");
 
     // --follow: the listing, oldest first, then each new matching event as it happens.
     let mut follow = spawn_plain(
@@ -366,6 +369,8 @@ fn audit_list_filters_and_follows() {
         &[
             "--addr",
             &cp.addr,
+            "--token",
+            support::ADMIN_TOKEN,
             "audit",
             "list",
             "--service",
@@ -378,15 +383,15 @@ fn audit_list_filters_and_follows() {
     let mut next = || -> serde_json::Value {
         serde_json::from_str(&follow.lines.next().unwrap().unwrap()).unwrap()
     };
-    assert_eq!(next()["sequence"], 2);
-    assert_eq!(next()["sequence"], 4);
+    assert_eq!(next()["sequence"], 3);
+    assert_eq!(next()["sequence"], 5);
     let web_v2 = cp.file(
         "web2.yaml",
         "service: web\nallowed_origins: [https://new.example.com]\n",
     );
     assert_eq!(cp.ctl(&["policy", "apply", "-f", &web_v2]).code, 0);
     let next = next();
-    assert_eq!(next["sequence"], 5);
+    assert_eq!(next["sequence"], 6);
     assert_eq!(next["service"], "web");
     assert_eq!(next["method"], "corsair.v1.PolicyService/UpdatePolicy");
 }
@@ -397,7 +402,8 @@ fn fleet_status_shows_a_live_sidecar() {
     let shop = cp.file("shop.yaml", SHOP_AND_WEB.split("---").next().unwrap());
     assert_eq!(cp.ctl(&["policy", "apply", "-f", &shop]).code, 0);
 
-    let mut sidecar = spawn(
+    let token = cp.token("shop-1", "sidecar", &["shop"]);
+    let mut sidecar = spawn_env(
         &sibling("corsair-sidecar"),
         &[
             "--listen",
@@ -412,19 +418,18 @@ fn fleet_status_shows_a_live_sidecar() {
             &cp.addr,
             "--sidecar-id",
             "shop-1",
+            "--log-format",
+            "json",
         ],
+        &[("CORSAIR_TOKEN", &token)],
     );
     sidecar.wait_for_log("sidecar listening");
     // The sidecar ACKs revision 1 right after applying it; wait for the control plane to
     // record that.
-    let row = loop {
-        let fleet = cp.json(&["fleet", "status"]);
-        let row = fleet[0].clone();
-        if row["state"] == "SYNCED" {
-            break row;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    wait_until("the sidecar is SYNCED", || {
+        cp.json(&["fleet", "status"])[0]["state"] == "SYNCED"
+    });
+    let row = cp.json(&["fleet", "status"])[0].clone();
     assert_eq!(row["sidecar_id"], "shop-1");
     assert_eq!(row["services"], serde_json::json!(["shop"]));
     assert_eq!(row["last_acked_revision"], 1);
@@ -444,12 +449,9 @@ fn fleet_status_shows_a_live_sidecar() {
     );
 
     assert!(sidecar.terminate().success());
-    loop {
-        if cp.json(&["fleet", "status"])[0]["state"] == "DISCONNECTED" {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until("the sidecar is DISCONNECTED", || {
+        cp.json(&["fleet", "status"])[0]["state"] == "DISCONNECTED"
+    });
 }
 
 #[test]

@@ -82,7 +82,8 @@ fn quickstart_runs_the_system_answers_a_preflight_and_stops_cleanly() {
         banner.contains(&format!("policy apply -f {}", add.display())),
         "{banner}"
     );
-    let out = support::ctl(
+    let admin = std::fs::read_to_string(state.join("admin.token")).unwrap();
+    let out = support::ctl_with(
         &[
             "--addr",
             &control_plane,
@@ -92,6 +93,7 @@ fn quickstart_runs_the_system_answers_a_preflight_and_stops_cleanly() {
             add.to_str().unwrap(),
         ],
         None,
+        Some(admin.trim()),
     );
     assert_eq!(out.code, 0, "{out:?}");
 

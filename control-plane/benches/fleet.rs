@@ -36,6 +36,9 @@ impl ControlPlane {
                 database_url,
                 "--log-format",
                 "json",
+                // Loopback only; the simulated sidecars present no token.
+                "--auth",
+                "none",
             ])
             .args(extra)
             .env("RUST_LOG", "warn,corsair_control_plane::server=info")

@@ -174,6 +174,8 @@ pub fn write_error_status(error: &WriteError) -> Status {
         WriteError::AlreadyExists(m) => Status::already_exists(m.clone()),
         WriteError::Conflict(m) => Status::aborted(m.clone()),
         WriteError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+        WriteError::Unauthenticated(m) => Status::unauthenticated(m.clone()),
+        WriteError::PermissionDenied(m) => Status::permission_denied(m.clone()),
         WriteError::BadRequest { field, message } => bad_request(field, message.clone()),
         WriteError::Invalid(rejected) => rejected_status(rejected, "policy."),
     }

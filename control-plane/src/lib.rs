@@ -15,6 +15,7 @@
 //!   gracefully.
 
 pub mod audit;
+pub mod auth;
 pub mod cache;
 pub mod convert;
 pub mod metrics;

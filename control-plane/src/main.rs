@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use corsair_control_plane::auth::AuthMode;
 use corsair_control_plane::server::{self, Config};
 use corsair_control_plane::service::PageLimits;
 use corsair_control_plane::service::discovery::StreamConfig;
@@ -27,9 +28,16 @@ struct Args {
     /// Log format.
     #[arg(long, env = "CORSAIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Principal recorded as the actor of every change.
+    /// How callers authenticate: `tokens` (bearer tokens managed with TokenService) or
+    /// `none` (every caller is --identity with every role; loopback only unless --insecure).
+    #[arg(long, env = "CORSAIR_AUTH", value_enum, default_value_t = AuthArg::Tokens)]
+    auth: AuthArg,
+    /// With --auth none: the actor recorded for every change.
     #[arg(long, env = "CORSAIR_IDENTITY", default_value = "local")]
     identity: String,
+    /// Allow --auth none on a non-loopback address (logged as a warning at start).
+    #[arg(long, env = "CORSAIR_INSECURE")]
+    insecure: bool,
     /// Largest request message, in bytes.
     #[arg(long, env = "CORSAIR_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     max_message_bytes: usize,
@@ -65,6 +73,12 @@ struct Args {
     /// Largest page a listing returns.
     #[arg(long, env = "CORSAIR_MAX_PAGE_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     max_page_size: u32,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AuthArg {
+    Tokens,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -121,8 +135,53 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let auth = match args.auth {
+        AuthArg::Tokens => {
+            let given = std::env::var("CORSAIR_BOOTSTRAP_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty());
+            if given.as_ref().is_some_and(|t| t.len() < 32) {
+                eprintln!(
+                    "corsair-control-plane: CORSAIR_BOOTSTRAP_TOKEN must be at least 32 characters"
+                );
+                return ExitCode::FAILURE;
+            }
+            match corsair_control_plane::service::token::bootstrap(&store, given.as_deref()).await {
+                Ok(Some(token)) => {
+                    // Shown once, on the terminal only: never logged.
+                    eprintln!(
+                        "corsair-control-plane: first start: created the admin token below. It is shown only \
+                         now; store it (e.g. export CORSAIR_TOKEN=...) and create narrower tokens with \
+                         `corsairctl token create`.\n{token}"
+                    );
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    eprintln!("corsair-control-plane: cannot create the first admin token: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            AuthMode::Tokens
+        }
+        AuthArg::None => {
+            if !args.listen.ip().is_loopback() {
+                if !args.insecure {
+                    eprintln!(
+                        "corsair-control-plane: refusing to serve {} without authentication: use --auth tokens, \
+                         or --insecure to accept anyone on the network as an admin",
+                        args.listen
+                    );
+                    return ExitCode::FAILURE;
+                }
+                tracing::warn!(address = %args.listen, "INSECURE: serving without authentication on a non-loopback address; anyone who can reach it is an admin");
+            }
+            AuthMode::Disabled {
+                identity: args.identity,
+            }
+        }
+    };
     let config = Config {
-        identity: args.identity,
+        auth,
         max_message_bytes: args.max_message_bytes,
         request_timeout: Duration::from_secs(args.request_timeout_secs),
         pages: PageLimits {

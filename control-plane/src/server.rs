@@ -15,19 +15,23 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
+use crate::auth::{AuthLayer, AuthMode};
 use crate::metrics::Metrics;
 use crate::service::audit::Audit;
 use crate::service::discovery::{Discovery, StreamConfig};
 use crate::service::fleet::{Fleet, FleetApi};
 use crate::service::policy::Policies;
+use crate::service::token::Tokens;
 use crate::service::{PageLimits, Shared};
 use crate::store::{Store, StoreError};
+use corsair_proto::v1::token_service_server::TokenServiceServer;
 
 /// How the server behaves; the binary fills it from flags.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The principal recorded as actor of every call.
-    pub identity: String,
+    /// How callers are authenticated. The default, [`AuthMode::Disabled`], is for
+    /// in-process use; the binary authenticates with tokens unless told otherwise.
+    pub auth: AuthMode,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
     /// Deadline for every unary call.
@@ -54,7 +58,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            identity: "local".into(),
+            auth: AuthMode::Disabled {
+                identity: "local".into(),
+            },
             max_message_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             pages: PageLimits::default(),
@@ -136,7 +142,10 @@ pub async fn serve_with_metrics(
     );
     let shared = Shared {
         store,
-        identity: config.identity.clone(),
+        identity: match &config.auth {
+            AuthMode::Disabled { identity } => identity.clone(),
+            AuthMode::Tokens => "anonymous".into(),
+        },
         audit_head,
         revisions,
         shutdown: stopped.clone(),
@@ -151,6 +160,7 @@ pub async fn serve_with_metrics(
         .set_serving::<DiscoveryServiceServer<Discovery>>()
         .await;
     health.set_serving::<FleetServiceServer<FleetApi>>().await;
+    health.set_serving::<TokenServiceServer<Tokens>>().await;
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(corsair_proto::FILE_DESCRIPTOR_SET)
@@ -164,14 +174,20 @@ pub async fn serve_with_metrics(
         .max_encoding_message_size(usize::MAX);
     let audit =
         AuditServiceServer::new(Audit::new(shared.clone())).max_decoding_message_size(limit);
-    let discovery = DiscoveryServiceServer::new(Discovery::new(
-        snapshots,
-        fleet.clone(),
-        metrics,
-        config.streams.clone(),
-        stopped,
-        tasks.clone(),
-    ))
+    let (revoked, revocations) = watch::channel(0u64);
+    let tokens = TokenServiceServer::new(Tokens::new(shared.clone(), revoked))
+        .max_decoding_message_size(limit);
+    let discovery = DiscoveryServiceServer::new(
+        Discovery::new(
+            snapshots,
+            fleet.clone(),
+            metrics,
+            config.streams.clone(),
+            stopped,
+            tasks.clone(),
+        )
+        .guarded(shared.clone(), revocations, config.anti_entropy),
+    )
     .max_decoding_message_size(limit);
     let fleet_api = FleetServiceServer::new(FleetApi::new(fleet, config.pages))
         .max_decoding_message_size(limit);
@@ -201,12 +217,14 @@ pub async fn serve_with_metrics(
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+        .layer(AuthLayer::new(shared.clone(), config.auth.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(policies)
         .add_service(audit)
         .add_service(discovery)
         .add_service(fleet_api)
+        .add_service(tokens)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     // Graceful shutdown waits for every connection to close; a client that never closes its
     // connection must not keep the process alive past the drain deadline.

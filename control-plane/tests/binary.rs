@@ -7,9 +7,144 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use corsair_proto::v1;
-use support::{Backend, TestServer, fresh_db};
+use support::{Backend, TestServer, bearer, fresh_db};
 
 const BIN: &str = env!("CARGO_BIN_EXE_corsair-control-plane");
+
+/// The admin token the binary starts with, through `CORSAIR_BOOTSTRAP_TOKEN`.
+const ADMIN: &str = "corsair_binary-test-admin-token-0123456789abcdef";
+
+/// Starts the binary on `url`; its address, once it listens.
+fn start(url: &str, env: &[(&str, &str)], args: &[&str]) -> (std::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            url,
+            "--log-format",
+            "json",
+        ])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("CORSAIR_BOOTSTRAP_TOKEN")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the control plane logs its address")
+            .unwrap();
+        let log: serde_json::Value = serde_json::from_str(&line).expect("json logs");
+        if log["fields"]["message"] == "control plane listening" {
+            break log["fields"]["address"].as_str().unwrap().to_owned();
+        }
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}
+
+/// SIGTERM, then what it wrote to stderr.
+fn stop(child: std::process::Child) -> String {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_start_creates_one_admin_token_and_shows_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("cp.db").display());
+    let (child, addr) = start(&url, &[], &[]);
+    let mut client =
+        v1::policy_service_client::PolicyServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+    let refused = client
+        .list_policies(v1::ListPoliciesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    drop(client);
+    let stderr = stop(child);
+    let token = stderr
+        .lines()
+        .find(|l| l.starts_with("corsair_"))
+        .unwrap_or_else(|| panic!("no token shown: {stderr}"))
+        .to_owned();
+
+    // The token works; a second start creates and shows nothing.
+    let (child, addr) = start(&url, &[], &[]);
+    let mut client =
+        v1::policy_service_client::PolicyServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+    client
+        .list_policies(bearer(&token, v1::ListPoliciesRequest::default()))
+        .await
+        .unwrap();
+    drop(client);
+    let stderr = stop(child);
+    assert!(!stderr.contains("corsair_"), "{stderr}");
+    // The audit log has the creation, never the token.
+    let store = corsair_control_plane::store::connect(&url).await.unwrap();
+    let events = store
+        .list_audit(&Default::default(), None, 100)
+        .await
+        .unwrap();
+    assert!(events.iter().any(|e| e.method.ends_with("/CreateToken")));
+    assert!(!format!("{events:?}").contains(&token));
+}
+
+#[test]
+fn without_authentication_only_loopback_unless_insecure() {
+    let out = Command::new(BIN)
+        .args(["--listen", "0.0.0.0:0", "--auth", "none"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("without authentication") && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("cp.db").display());
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "0.0.0.0:0",
+            "--auth",
+            "none",
+            "--insecure",
+            "--log-format",
+            "json",
+        ])
+        .args(["--database-url", &url])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines: Vec<String> = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|l| !l.contains("control plane listening"))
+        .collect();
+    assert!(lines.iter().any(|l| l.contains("INSECURE")), "{lines:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
 
 #[test]
 fn a_bad_flag_is_one_clear_line() {
@@ -65,6 +200,7 @@ async fn serves_and_exits_cleanly_on_sigterm() {
             "json",
         ])
         .env("RUST_LOG", "info")
+        .env("CORSAIR_BOOTSTRAP_TOKEN", ADMIN)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -84,14 +220,17 @@ async fn serves_and_exits_cleanly_on_sigterm() {
             .await
             .unwrap();
     client
-        .create_policy(v1::CreatePolicyRequest {
-            policy: Some(v1::Policy {
-                service: "shop".into(),
-                allowed_origins: vec!["https://a.com".into()],
+        .create_policy(bearer(
+            ADMIN,
+            v1::CreatePolicyRequest {
+                policy: Some(v1::Policy {
+                    service: "shop".into(),
+                    allowed_origins: vec!["https://a.com".into()],
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        })
+            },
+        ))
         .await
         .unwrap();
     // The client goes first: a graceful shutdown waits for open connections to close.

@@ -19,6 +19,8 @@
 //! - `corsair/v1/discovery.proto`: the bidirectional stream that keeps
 //!   sidecars in sync,
 //!   [`v1::discovery_service_server::DiscoveryService`].
+//! - `corsair/v1/token.proto`: access tokens,
+//!   [`v1::token_service_server::TokenService`].
 //! - `corsair/v1/fleet.proto`: the connected [`v1::Sidecar`]s and
 //!   [`v1::fleet_service_server::FleetService`].
 //!
@@ -73,6 +75,7 @@ mod tests {
             "corsair.v1.AuditService",
             "corsair.v1.DiscoveryService",
             "corsair.v1.FleetService",
+            "corsair.v1.TokenService",
         ] {
             assert!(
                 services.iter().any(|name| name == expected),

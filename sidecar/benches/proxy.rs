@@ -401,7 +401,7 @@ fn main() {
     let cp_addr = format!("127.0.0.1:{cp_port}");
     let cp = Proc {
         child: Command::new(control_plane_bin())
-            .args(["--listen", &cp_addr, "--database-url"])
+            .args(["--listen", &cp_addr, "--auth", "none", "--database-url"])
             .arg(format!("sqlite://{}", dir.path().join("cp.db").display()))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

@@ -62,9 +62,30 @@ struct Args {
     /// Log format.
     #[arg(long, env = "CORSAIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Token presented to the control plane (a `sidecar` token for --service); prefer the
+    /// environment variable, which `ps` does not show.
+    #[arg(long, env = "CORSAIR_TOKEN", hide_env_values = true, value_parser = parse_secret)]
+    token: Option<Secret>,
     /// Stable id shown in fleet status (default: service and a random suffix).
     #[arg(long, env = "CORSAIR_SIDECAR_ID")]
     sidecar_id: Option<String>,
+}
+
+/// A credential: never printed, not even by `Debug`.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+fn parse_secret(text: &str) -> Result<Secret, String> {
+    if text.is_empty() {
+        return Err("empty".into());
+    }
+    Ok(Secret(text.to_owned()))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -211,6 +232,15 @@ async fn run() -> ExitCode {
             backoff: Default::default(),
         };
         let mut client = SyncClient::new(channel, config, policies.clone());
+        if let Some(Secret(token)) = &args.token {
+            client = match client.with_token(token) {
+                Ok(client) => client,
+                Err(e) => {
+                    eprintln!("corsair-sidecar: --token: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        }
         if let Some(path) = &args.cache_file {
             client = client.with_cache_file(path.clone());
         }

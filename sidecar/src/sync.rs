@@ -114,7 +114,14 @@ pub struct SyncClient {
     set: Arc<PolicySet>,
     state: watch::Sender<SyncState>,
     cache_file: Option<std::path::PathBuf>,
+    /// `Bearer <token>`, marked sensitive so that `Debug` never shows it.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
+
+/// A token that cannot be sent as a header value.
+#[derive(Debug, thiserror::Error)]
+#[error("the token has characters that cannot be sent in a header")]
+pub struct BadToken;
 
 impl SyncClient {
     /// A client that keeps `set` current over `channel` (which may be shared).
@@ -126,7 +133,17 @@ impl SyncClient {
             set,
             state,
             cache_file: None,
+            authorization: None,
         }
+    }
+
+    /// Presents `token` to the control plane on every stream.
+    pub fn with_token(mut self, token: &str) -> Result<Self, BadToken> {
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}").parse().map_err(|_| BadToken)?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
     }
 
     /// Writes every applied set to `path` (atomically) before acknowledging it.
@@ -185,10 +202,13 @@ impl SyncClient {
             .await
             .expect("the receiver is alive");
         let mut client = DiscoveryServiceClient::new(self.channel.clone());
-        let mut inbound = client
-            .stream_policies(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        let mut inbound = client.stream_policies(request).await?.into_inner();
         *attempt = 0;
         self.state.send_replace(SyncState::Connected {
             revision: self.set.load().revision,

@@ -76,15 +76,25 @@ impl Drop for Running {
     }
 }
 
+/// The admin token every test control plane starts with.
+pub const ADMIN_TOKEN: &str = "corsair_test-admin-token-0123456789abcdef0123456789";
+
 /// Starts a binary with JSON logs on stdout.
 pub fn spawn(bin: &Path, args: &[&str]) -> Running {
-    spawn_plain(bin, &[args, &["--log-format", "json"]].concat())
+    spawn_env(bin, &[args, &["--log-format", "json"]].concat(), &[])
 }
 
 /// Starts a binary with its standard output piped.
 pub fn spawn_plain(bin: &Path, args: &[&str]) -> Running {
+    spawn_env(bin, args, &[])
+}
+
+/// Starts a binary with its standard output piped and `env` set.
+pub fn spawn_env(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut child = Command::new(bin)
         .args(args)
+        .env_remove("CORSAIR_TOKEN")
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -105,23 +115,51 @@ impl ControlPlane {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("cp.db").display());
-        let mut process = spawn(
+        let mut process = spawn_env(
             &sibling("corsair-control-plane"),
-            &["--listen", "127.0.0.1:0", "--database-url", &url],
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                &url,
+                "--log-format",
+                "json",
+            ],
+            &[("CORSAIR_BOOTSTRAP_TOKEN", ADMIN_TOKEN)],
         );
         let fields = process.wait_for_log("control plane listening");
         let addr = format!("http://{}", fields["address"].as_str().unwrap());
         ControlPlane { process, addr, dir }
     }
 
-    /// Runs `corsairctl --addr <this> args…`.
+    /// Runs `corsairctl --addr <this> args…` as the admin.
     pub fn ctl(&self, args: &[&str]) -> Ctl {
-        ctl(&[&["--addr", &self.addr], args].concat(), None)
+        self.ctl_as(ADMIN_TOKEN, args)
     }
 
-    /// Runs `corsairctl --addr <this> args…` with `stdin` as standard input.
+    /// Runs `corsairctl --addr <this> args…` with `token`.
+    pub fn ctl_as(&self, token: &str, args: &[&str]) -> Ctl {
+        ctl_with(&[&["--addr", &self.addr], args].concat(), None, Some(token))
+    }
+
+    /// Runs `corsairctl --addr <this> args…` as the admin, with `stdin` as standard input.
     pub fn ctl_stdin(&self, args: &[&str], stdin: &str) -> Ctl {
-        ctl(&[&["--addr", &self.addr], args].concat(), Some(stdin))
+        ctl_with(
+            &[&["--addr", &self.addr], args].concat(),
+            Some(stdin),
+            Some(ADMIN_TOKEN),
+        )
+    }
+
+    /// A new token with `role` (and, for a sidecar, `services`), as the admin creates it.
+    pub fn token(&self, name: &str, role: &str, services: &[&str]) -> String {
+        let mut args = vec!["token", "create", "--name", name, "--role", role];
+        for s in services {
+            args.extend(["--service", s]);
+        }
+        let out = self.ctl(&args);
+        assert_eq!(out.code, 0, "{out:?}");
+        out.stdout.trim().to_owned()
     }
 
     /// Writes a file in this test's directory and returns its path.
@@ -139,6 +177,18 @@ impl ControlPlane {
     }
 }
 
+/// Polls `done` until it holds. Each poll is a full round trip to a process; the bound
+/// only turns a hang into a failure that says what was awaited.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..3000 {
+        if done() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("gave up waiting until {what}");
+}
+
 /// What a `corsairctl` run printed.
 #[derive(Debug)]
 pub struct Ctl {
@@ -147,9 +197,19 @@ pub struct Ctl {
     pub stderr: String,
 }
 
-/// Runs `corsairctl args…`.
+/// Runs `corsairctl args…` without a token.
 pub fn ctl(args: &[&str], stdin: Option<&str>) -> Ctl {
-    let mut child = Command::new(CTL)
+    ctl_with(args, stdin, None)
+}
+
+/// Runs `corsairctl args…`, with `CORSAIR_TOKEN` set to `token` if given.
+pub fn ctl_with(args: &[&str], stdin: Option<&str>, token: Option<&str>) -> Ctl {
+    let mut command = Command::new(CTL);
+    command.env_remove("CORSAIR_TOKEN");
+    if let Some(token) = token {
+        command.env("CORSAIR_TOKEN", token);
+    }
+    let mut child = command
         .args(args)
         .env_remove("CORSAIR_ADDR")
         .stdin(if stdin.is_some() {

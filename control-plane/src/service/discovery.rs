@@ -67,6 +67,17 @@ pub struct Discovery {
     shutdown: watch::Receiver<bool>,
     admission: Arc<Mutex<Bucket>>,
     tasks: tokio_util::task::TaskTracker,
+    guard: Option<Guard>,
+}
+
+/// What a stream needs to keep checking its caller's token: the store, and the signal that
+/// a token was revoked in this process (revocations by other replicas are found by the
+/// periodic re-check).
+#[derive(Debug, Clone)]
+struct Guard {
+    shared: super::Shared,
+    revoked: watch::Receiver<u64>,
+    recheck: Duration,
 }
 
 impl Discovery {
@@ -91,7 +102,24 @@ impl Discovery {
                 tokens: burst,
                 last: Instant::now(),
             })),
+            guard: None,
         }
+    }
+
+    /// Enforces sidecar scopes and ends a stream when its token is revoked (signalled by
+    /// `revoked`, or found every `recheck`) or expires. Refusals are audited through `shared`.
+    pub fn guarded(
+        mut self,
+        shared: super::Shared,
+        revoked: watch::Receiver<u64>,
+        recheck: Duration,
+    ) -> Self {
+        self.guard = Some(Guard {
+            shared,
+            revoked,
+            recheck,
+        });
+        self
     }
 
     fn admit(&self) -> bool {
@@ -132,11 +160,23 @@ impl DiscoveryService for Discovery {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        let principal = super::principal(&request).cloned();
+        let ctx = self.guard.as_ref().map(|g| {
+            g.shared.context(
+                &request,
+                "corsair.v1.DiscoveryService/StreamPolicies",
+                "",
+                "",
+            )
+        });
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let span = tracing::info_span!("discovery", %peer, sidecar = tracing::field::Empty);
-        self.tasks
-            .spawn(self.clone().session(inbound, tx).instrument(span));
+        self.tasks.spawn(
+            self.clone()
+                .session(inbound, tx, principal, ctx)
+                .instrument(span),
+        );
         Ok(Response::new(Box::pin(
             ReceiverStream::new(rx).map(|item| item.map(|r| *r).map_err(|s| *s)),
         )))
@@ -155,7 +195,28 @@ struct InFlight {
 }
 
 impl Discovery {
-    async fn session(self, mut inbound: Streaming<v1::DiscoveryRequest>, tx: Outbound) {
+    /// Why the stream's token no longer admits it (revoked, expired or gone), if it does not.
+    async fn token_refusal(&self, token_id: Option<&str>) -> Option<Status> {
+        let (guard, id) = (self.guard.as_ref()?, token_id?);
+        match guard.shared.store.get_token(id).await {
+            Ok(Some(record)) => crate::auth::valid(&record)
+                .err()
+                .map(|e| crate::convert::write_error_status(&e)),
+            Ok(None) => Some(Status::unauthenticated(
+                "the stream's token no longer exists",
+            )),
+            // The store being away is not the token's fault; check again later.
+            Err(_) => None,
+        }
+    }
+
+    async fn session(
+        self,
+        mut inbound: Streaming<v1::DiscoveryRequest>,
+        tx: Outbound,
+        principal: Option<crate::auth::Principal>,
+        ctx: Option<crate::store::WriteContext>,
+    ) {
         let hello = match inbound.message().await {
             Ok(Some(v1::DiscoveryRequest {
                 kind: Some(Kind::Hello(hello)),
@@ -179,6 +240,46 @@ impl Discovery {
             return;
         }
         tracing::Span::current().record("sidecar", hello.sidecar_id.as_str());
+        // A sidecar token streams only its own services, named explicitly.
+        if let (Some(guard), Some(p), Some(ctx)) = (&self.guard, &principal, ctx)
+            && p.role == crate::auth::Role::Sidecar
+        {
+            let outside: Vec<&String> = hello
+                .services
+                .iter()
+                .filter(|s| !p.services.contains(s))
+                .collect();
+            if hello.services.is_empty() || !outside.is_empty() {
+                let error = crate::store::WriteError::PermissionDenied(format!(
+                    "{} may stream only {}; asked for {}",
+                    p.name,
+                    p.services.join(", "),
+                    if hello.services.is_empty() {
+                        "every service".to_owned()
+                    } else {
+                        hello.services.join(", ")
+                    }
+                ));
+                let status = crate::convert::write_error_status(&error);
+                let ctx = crate::store::WriteContext {
+                    service: hello.services.first().cloned().unwrap_or_default(),
+                    ..ctx
+                };
+                if let Err(e) = crate::auth::audit_refusal(&guard.shared, ctx, error).await {
+                    tracing::warn!(error = %e, "refusal not audited");
+                }
+                let _ = tx.send(Err(Box::new(status))).await;
+                return;
+            }
+        }
+        let token_id = principal.as_ref().and_then(|p| p.token_id.clone());
+        let mut revoked = self.guard.as_ref().map(|g| g.revoked.clone());
+        let mut recheck = tokio::time::interval(
+            self.guard
+                .as_ref()
+                .map_or(Duration::from_secs(3600), |g| g.recheck),
+        );
+        recheck.tick().await;
         let scope: Option<HashSet<String>> =
             (!hello.services.is_empty()).then(|| hello.services.iter().cloned().collect());
         let in_scope = |s: &str| scope.as_ref().is_none_or(|set| set.contains(s));
@@ -286,6 +387,16 @@ impl Discovery {
             }
             let ack_deadline = in_flight.as_ref().map(|f| f.sent + self.config.ack_timeout);
             tokio::select! {
+                _ = async { revoked.as_mut().expect("guarded").changed().await }, if token_id.is_some() && revoked.is_some() => {
+                    if let Some(status) = self.token_refusal(token_id.as_deref()).await {
+                        break Some(status);
+                    }
+                }
+                _ = recheck.tick(), if token_id.is_some() => {
+                    if let Some(status) = self.token_refusal(token_id.as_deref()).await {
+                        break Some(status);
+                    }
+                }
                 changed = snapshots.changed(), if in_flight.is_none() => {
                     if changed.is_err() {
                         break Some(Status::unavailable("control plane shutting down"));

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod discovery;
 pub mod fleet;
 pub mod policy;
+pub mod token;
 
 use std::sync::Arc;
 
@@ -66,6 +67,20 @@ pub struct Shared {
     pub tasks: tokio_util::task::TaskTracker,
 }
 
+/// The caller's `x-request-id`, or a new one.
+pub(crate) fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+/// The principal the auth layer attached to a call.
+pub(crate) fn principal<T>(request: &Request<T>) -> Option<&crate::auth::Principal> {
+    request.extensions().get::<crate::auth::Principal>()
+}
+
 impl Shared {
     /// Publishes a write's audit event and revision to watchers in this process.
     pub(crate) fn published(&self, written: &Written) {
@@ -83,14 +98,9 @@ impl Shared {
         service: &str,
         reason: &str,
     ) -> WriteContext {
-        let request_id = request
-            .metadata()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128)
-            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+        let request_id = request_id(request.metadata().as_ref());
         WriteContext {
-            actor: self.identity.clone(),
+            actor: principal(request).map_or_else(|| self.identity.clone(), |p| p.name.clone()),
             method: method.to_owned(),
             service: service.to_owned(),
             reason: reason.to_owned(),

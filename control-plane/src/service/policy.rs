@@ -67,6 +67,9 @@ impl Policies {
                 )),
                 Plan::Delete => Ok((None, 0)),
                 Plan::Refuse(e) => Err(write_error_status(&e)),
+                Plan::PutToken { .. } | Plan::RevokeToken(_) => {
+                    Err(Status::internal("not a policy write"))
+                }
             };
         }
         let ctx = self

@@ -195,6 +195,12 @@ pub enum WriteError {
     /// The request does not fit the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// No credential, or one that is not (or no longer) valid.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A known identity without the role the call needs.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A malformed request (bad name, bad mask, missing etag, …).
     #[error("{field}: {message}")]
     BadRequest {
@@ -215,6 +221,7 @@ impl WriteError {
             WriteError::Invalid(r) if r.only_risks() => Outcome::RiskNotAcknowledged,
             WriteError::Invalid(_) | WriteError::BadRequest { .. } => Outcome::Invalid,
             WriteError::FailedPrecondition(_) => Outcome::FailedPrecondition,
+            WriteError::Unauthenticated(_) | WriteError::PermissionDenied(_) => Outcome::Denied,
         }
     }
 }
@@ -228,6 +235,56 @@ pub enum Plan {
     Delete,
     /// Change nothing; record the refusal.
     Refuse(WriteError),
+    /// Store a new access token. With `only_if_first`, only if no token exists yet (the
+    /// bootstrap admin token), otherwise refused with `AlreadyExists`.
+    PutToken {
+        /// The token.
+        token: TokenRecord,
+        /// Whether this is the first-start token.
+        only_if_first: bool,
+    },
+    /// Revoke a token at the write's time; refused with `NotFound` if no live token has
+    /// this id.
+    RevokeToken(String),
+}
+
+/// An access token as stored: never the token itself, only its SHA-256.
+#[derive(Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TokenRecord {
+    /// The first 16 hex digits of the token's SHA-256: its public handle.
+    pub id: String,
+    /// A name for people (`ci-deploy`, `alice`); the actor of its calls.
+    pub name: String,
+    /// `viewer`, `editor`, `auditor`, `admin` or `sidecar`.
+    pub role: String,
+    /// For the `sidecar` role, the services it may stream, comma-separated.
+    pub services: String,
+    /// SHA-256 of the token.
+    pub secret_hash: Vec<u8>,
+    /// When it was created (Unix microseconds).
+    pub created_at: i64,
+    /// Who created it.
+    pub created_by: String,
+    /// When it stops working, if ever.
+    pub expires_at: Option<i64>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<i64>,
+}
+
+impl fmt::Debug for TokenRecord {
+    /// Everything but the hash.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("services", &self.services)
+            .field("created_at", &self.created_at)
+            .field("created_by", &self.created_by)
+            .field("expires_at", &self.expires_at)
+            .field("revoked_at", &self.revoked_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Decides a [`Plan`] from the current policy (`None`: the service has none).
@@ -379,6 +436,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Removes sidecars disconnected before `before` (Unix microseconds).
     async fn prune_sidecars(&self, before: i64) -> Result<u64, StoreError>;
+
+    /// One access token by id.
+    async fn get_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Every access token, revoked and expired ones included, by creation time.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
 }
 
 /// A sidecar's sync state, as fleet status shows it.
@@ -508,6 +571,10 @@ pub(crate) trait WriteTx: Send {
     async fn insert_revision(&mut self, row: &RevisionRow) -> Result<(), sqlx::Error>;
     async fn insert_audit(&mut self, row: &AuditRow) -> Result<(), sqlx::Error>;
     async fn set_head(&mut self, head: &Head) -> Result<(), sqlx::Error>;
+    async fn count_tokens(&mut self) -> Result<i64, sqlx::Error>;
+    async fn put_token(&mut self, token: &TokenRecord) -> Result<(), sqlx::Error>;
+    /// Sets `revoked_at` on a live token; whether one was revoked.
+    async fn revoke_token(&mut self, id: &str, at: i64) -> Result<bool, sqlx::Error>;
     /// Tells other processes that `revision` is committed (delivered at commit).
     async fn notify(&mut self, revision: i64) -> Result<(), sqlx::Error>;
     async fn commit(self: Box<Self>) -> Result<(), sqlx::Error>;
@@ -601,6 +668,36 @@ pub(crate) async fn write_in(
             event.outcome = error.outcome();
             event.error = error.to_string();
             (current, Err(error))
+        }
+        Plan::PutToken {
+            token,
+            only_if_first,
+        } => {
+            event.changed_fields = vec![format!("token:{}", token.id)];
+            if only_if_first && tx.count_tokens().await? > 0 {
+                let error = WriteError::AlreadyExists("a token exists already".into());
+                event.outcome = error.outcome();
+                event.error = error.to_string();
+                (current, Err(error))
+            } else {
+                tx.put_token(&TokenRecord {
+                    created_at: time,
+                    ..token
+                })
+                .await?;
+                (current, Ok(()))
+            }
+        }
+        Plan::RevokeToken(id) => {
+            event.changed_fields = vec![format!("token:{id}")];
+            if tx.revoke_token(&id, time).await? {
+                (current, Ok(()))
+            } else {
+                let error = WriteError::NotFound(format!("no live token has id {id}"));
+                event.outcome = error.outcome();
+                event.error = error.to_string();
+                (current, Err(error))
+            }
         }
     };
     event.hash = audit::event_hash(&event).to_vec();

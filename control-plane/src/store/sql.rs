@@ -111,6 +111,42 @@ macro_rules! sql_store {
                     .map(drop)
             }
 
+            async fn count_tokens(&mut self) -> Result<i64, sqlx::Error> {
+                let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tokens")
+                    .fetch_one(&mut *self.tx)
+                    .await?;
+                Ok(count)
+            }
+
+            async fn put_token(&mut self, t: &$crate::store::TokenRecord) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO tokens (id, name, role, services, secret_hash, created_at, created_by, expires_at, revoked_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(&t.id)
+                .bind(&t.name)
+                .bind(&t.role)
+                .bind(&t.services)
+                .bind(&t.secret_hash)
+                .bind(t.created_at)
+                .bind(&t.created_by)
+                .bind(t.expires_at)
+                .bind(t.revoked_at)
+                .execute(&mut *self.tx)
+                .await
+                .map(drop)
+            }
+
+            async fn revoke_token(&mut self, id: &str, at: i64) -> Result<bool, sqlx::Error> {
+                Ok(sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                    .bind(at)
+                    .bind(id)
+                    .execute(&mut *self.tx)
+                    .await?
+                    .rows_affected()
+                    == 1)
+            }
+
             async fn notify(&mut self, revision: i64) -> Result<(), sqlx::Error> {
                 if $notify.is_empty() {
                     return Ok(());
@@ -326,6 +362,19 @@ macro_rules! sql_store {
                 Ok(sqlx::query_as("SELECT * FROM sidecars WHERE sidecar_id = $1")
                     .bind(id)
                     .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn get_token(&self, id: &str) -> Result<Option<$crate::store::TokenRecord>, StoreError> {
+                Ok(sqlx::query_as("SELECT * FROM tokens WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn list_tokens(&self) -> Result<Vec<$crate::store::TokenRecord>, StoreError> {
+                Ok(sqlx::query_as("SELECT * FROM tokens ORDER BY created_at, id")
+                    .fetch_all(&self.pool)
                     .await?)
             }
 

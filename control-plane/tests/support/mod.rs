@@ -214,3 +214,12 @@ macro_rules! on_both_backends {
         )*
     };
 }
+
+/// `message` as a request presenting `token`.
+pub fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}

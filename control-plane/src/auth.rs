@@ -1,0 +1,442 @@
+//! Who may call what. Every RPC passes [`AuthLayer`]: it finds the method's [`Access`] rule
+//! (a method without one is refused: fail closed), authenticates the bearer token, checks the
+//! role, and hands the handler a [`Principal`] in the request's extensions. A refusal is
+//! `UNAUTHENTICATED` (no, bad, expired or revoked credential) or `PERMISSION_DENIED` (a known
+//! identity without the role), and is recorded in the audit log with the principal, never the
+//! credential.
+//!
+//! Tokens are `corsair_` followed by 64 hex digits of randomness. The store keeps their
+//! SHA-256 only; a token's id is the first 16 hex digits of that hash, and the full hash is
+//! compared in constant time.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::Status;
+
+use crate::convert::write_error_status;
+use crate::service::Shared;
+use crate::store::{Plan, StoreError, TokenRecord, WriteContext, WriteError, now_micros};
+
+/// A role a token carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Reads policies and fleet status.
+    Viewer,
+    /// Reads and writes policies.
+    Editor,
+    /// Reads and verifies the audit log.
+    Auditor,
+    /// Everything the others may, plus managing tokens.
+    Admin,
+    /// Streams the policies of its services, nothing else.
+    Sidecar,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 5] = [
+        Role::Viewer,
+        Role::Editor,
+        Role::Auditor,
+        Role::Admin,
+        Role::Sidecar,
+    ];
+
+    /// The name, as stored and as written on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Editor => "editor",
+            Role::Auditor => "auditor",
+            Role::Admin => "admin",
+            Role::Sidecar => "sidecar",
+        }
+    }
+
+    /// The role of a name.
+    pub fn parse(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
+    /// Whether this role passes `access`.
+    pub fn allows(self, access: Access) -> bool {
+        match access {
+            Access::Public | Access::Authenticated => true,
+            Access::Read => matches!(self, Role::Viewer | Role::Editor | Role::Admin),
+            Access::Write => matches!(self, Role::Editor | Role::Admin),
+            Access::Audit => matches!(self, Role::Auditor | Role::Admin),
+            Access::Admin => self == Role::Admin,
+            Access::Stream => self == Role::Sidecar,
+        }
+    }
+}
+
+/// What a method requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, without a credential (health checks).
+    Public,
+    /// Any valid credential (server reflection).
+    Authenticated,
+    /// Reading policies and fleet status.
+    Read,
+    /// Changing policies.
+    Write,
+    /// Reading the audit log.
+    Audit,
+    /// Managing tokens.
+    Admin,
+    /// Streaming policies, for the sidecar's own services.
+    Stream,
+}
+
+/// The rule for a full gRPC path (`/corsair.v1.PolicyService/GetPolicy`); `None` for a
+/// method without one, which is refused.
+pub fn rule(path: &str) -> Option<Access> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    Some(match (service, method) {
+        ("grpc.health.v1.Health", "Check" | "Watch") => Access::Public,
+        ("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo") => Access::Authenticated,
+        (
+            "corsair.v1.PolicyService",
+            "GetPolicy" | "ListPolicies" | "ListPolicyRevisions" | "ExplainRequest",
+        ) => Access::Read,
+        (
+            "corsair.v1.PolicyService",
+            "CreatePolicy" | "UpdatePolicy" | "DeletePolicy" | "RollbackPolicy",
+        ) => Access::Write,
+        (
+            "corsair.v1.AuditService",
+            "ListAuditEvents" | "GetAuditEvent" | "WatchAuditEvents" | "VerifyAuditChain",
+        ) => Access::Audit,
+        ("corsair.v1.FleetService", "ListSidecars" | "GetSidecar") => Access::Read,
+        ("corsair.v1.DiscoveryService", "StreamPolicies") => Access::Stream,
+        ("corsair.v1.TokenService", "CreateToken" | "ListTokens" | "RevokeToken") => Access::Admin,
+        _ => return None,
+    })
+}
+
+/// The authenticated caller of one RPC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Recorded as the actor: the token's name, or the configured identity without auth.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// The token's id (`None` without authentication).
+    pub token_id: Option<String>,
+    /// For a sidecar, the services it may stream.
+    pub services: Vec<String>,
+}
+
+/// How callers are authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Bearer tokens managed by the control plane.
+    Tokens,
+    /// Nobody is authenticated: every caller is this identity, with every role (for
+    /// loopback-only development and in-process tests).
+    Disabled {
+        /// The actor recorded for every call.
+        identity: String,
+    },
+}
+
+/// A new random token.
+pub fn generate_token() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    Ok(format!("corsair_{}", hex::encode(bytes)))
+}
+
+/// SHA-256 of a token.
+pub fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// A token's public id: the first 16 hex digits of its hash.
+pub fn token_id(hash: &[u8]) -> String {
+    hex::encode(&hash[..8])
+}
+
+/// Why a credential was not accepted, without repeating it.
+fn unauthenticated(why: &str) -> WriteError {
+    WriteError::Unauthenticated(format!(
+        "{why}; present a token as `authorization: Bearer <token>`"
+    ))
+}
+
+/// Checks a presented token against the store; the principal it names.
+pub async fn authenticate(shared: &Shared, token: &str) -> Result<Principal, WriteError> {
+    let hash = token_hash(token);
+    let id = token_id(&hash);
+    let record = match shared.store.get_token(&id).await {
+        Ok(record) => record,
+        Err(StoreError::Unavailable) => {
+            return Err(unauthenticated("credentials cannot be checked right now"));
+        }
+        Err(StoreError::Corrupt(_)) => return Err(unauthenticated("invalid token")),
+    };
+    let Some(record) = record else {
+        return Err(unauthenticated("invalid token"));
+    };
+    if !bool::from(record.secret_hash.as_slice().ct_eq(&hash)) {
+        return Err(unauthenticated("invalid token"));
+    }
+    valid(&record)?;
+    Ok(Principal {
+        name: record.name.clone(),
+        role: Role::parse(&record.role).ok_or_else(|| unauthenticated("invalid token"))?,
+        token_id: Some(record.id.clone()),
+        services: split_services(&record.services),
+    })
+}
+
+/// Whether a stored token is still usable.
+pub fn valid(record: &TokenRecord) -> Result<(), WriteError> {
+    if record.revoked_at.is_some() {
+        return Err(unauthenticated(&format!("token {} is revoked", record.id)));
+    }
+    if record.expires_at.is_some_and(|at| at <= now_micros()) {
+        return Err(unauthenticated(&format!("token {} has expired", record.id)));
+    }
+    Ok(())
+}
+
+/// A stored comma-separated service list.
+pub fn split_services(services: &str) -> Vec<String> {
+    services
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The bearer token of a request, if it carries one.
+fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, WriteError> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| Some(t.trim()))
+        .ok_or_else(|| unauthenticated("the authorization header is not a bearer token"))
+}
+
+/// Decides one call: the principal, or the refusal and who was refused.
+async fn check(
+    shared: &Shared,
+    mode: &AuthMode,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Result<Option<Principal>, (WriteError, String)> {
+    let anonymous = || "anonymous".to_owned();
+    let Some(access) = rule(path) else {
+        return Err((
+            WriteError::PermissionDenied(format!("{path} has no access rule")),
+            anonymous(),
+        ));
+    };
+    if access == Access::Public {
+        return Ok(None);
+    }
+    let principal = match mode {
+        AuthMode::Disabled { identity } => {
+            return Ok(Some(Principal {
+                name: identity.clone(),
+                role: Role::Admin,
+                token_id: None,
+                services: Vec::new(),
+            }));
+        }
+        AuthMode::Tokens => {
+            let token = bearer(headers)
+                .map_err(|e| (e, anonymous()))?
+                .ok_or_else(|| (unauthenticated("no credential"), anonymous()))?;
+            authenticate(shared, token)
+                .await
+                .map_err(|e| (e, anonymous()))?
+        }
+    };
+    if !principal.role.allows(access) {
+        let error = WriteError::PermissionDenied(format!(
+            "{} (role {}) may not call {path}",
+            principal.name,
+            principal.role.as_str()
+        ));
+        return Err((error, principal.name));
+    }
+    Ok(Some(principal))
+}
+
+/// Records a refused call in the audit log.
+pub(crate) async fn audit_refusal(
+    shared: &Shared,
+    ctx: WriteContext,
+    error: WriteError,
+) -> Result<(), StoreError> {
+    let written = shared
+        .store
+        .write(ctx, Box::new(move |_| Plan::Refuse(error)))
+        .await?;
+    shared.published(&written);
+    Ok(())
+}
+
+/// The tower layer that authenticates and authorizes every RPC.
+#[derive(Clone)]
+pub struct AuthLayer {
+    shared: Shared,
+    mode: Arc<AuthMode>,
+}
+
+impl fmt::Debug for AuthLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthLayer")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthLayer {
+    /// A layer checking calls against `shared`'s store.
+    pub fn new(shared: Shared, mode: AuthMode) -> Self {
+        AuthLayer {
+            shared,
+            mode: Arc::new(mode),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = Authorized<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authorized {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// A service behind [`AuthLayer`].
+#[derive(Clone)]
+pub struct Authorized<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
+impl<S> fmt::Debug for Authorized<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authorized").finish_non_exhaustive()
+    }
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for Authorized<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone that was made ready is the one called.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let path = request.uri().path().to_owned();
+            match check(&layer.shared, &layer.mode, &path, request.headers()).await {
+                Ok(principal) => {
+                    if let Some(principal) = principal {
+                        request.extensions_mut().insert(principal);
+                    }
+                    inner.call(request).await
+                }
+                Err((error, actor)) => {
+                    let status: Status = write_error_status(&error);
+                    tracing::info!(method = %path, actor, error = %error, "call refused");
+                    let ctx = WriteContext {
+                        actor,
+                        method: path.trim_start_matches('/').to_owned(),
+                        service: String::new(),
+                        reason: String::new(),
+                        request_id: crate::service::request_id(request.headers()),
+                        peer: request
+                            .extensions()
+                            .get::<tonic::transport::server::TcpConnectInfo>()
+                            .and_then(|i| i.remote_addr())
+                            .map(|a| a.to_string())
+                            .unwrap_or_default(),
+                    };
+                    if let Err(e) = audit_refusal(&layer.shared, ctx, error).await {
+                        // Not audited, not served.
+                        tracing::warn!(error = %e, "refusal not audited");
+                        return Ok(Status::unavailable("storage unavailable").into_http());
+                    }
+                    Ok(status.into_http())
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_pass_only_their_access() {
+        use Access::*;
+        let table = [
+            (Role::Viewer, [true, true, true, false, false, false, false]),
+            (Role::Editor, [true, true, true, true, false, false, false]),
+            (
+                Role::Auditor,
+                [true, true, false, false, true, false, false],
+            ),
+            (Role::Admin, [true, true, true, true, true, true, false]),
+            (
+                Role::Sidecar,
+                [true, true, false, false, false, false, true],
+            ),
+        ];
+        for (role, expected) in table {
+            let got =
+                [Public, Authenticated, Read, Write, Audit, Admin, Stream].map(|a| role.allows(a));
+            assert_eq!(got, expected, "{role:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_random_and_identified_by_their_hash() {
+        let a = generate_token().unwrap();
+        let b = generate_token().unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("corsair_") && a.len() == 8 + 64);
+        let hash = token_hash(&a);
+        assert_eq!(token_id(&hash).len(), 16);
+    }
+}

@@ -1,0 +1,252 @@
+//! `corsair.v1.TokenService`: creating, listing and revoking access tokens. Every create and
+//! revoke is one store write with its audit event; the token itself is returned once and
+//! never stored, logged or audited.
+
+use corsair_proto::v1;
+use corsair_proto::v1::token_service_server::TokenService;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Role, generate_token, split_services, token_hash, token_id};
+use crate::convert::{bad_request, store_status, timestamp, write_error_status};
+use crate::service::Shared;
+use crate::store::{Plan, TokenRecord, now_micros};
+
+const SERVICE: &str = "corsair.v1.TokenService";
+
+/// The token service.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    shared: Shared,
+    revoked: watch::Sender<u64>,
+}
+
+impl Tokens {
+    /// A token service over `shared`; `revoked` is raised after every revocation, so open
+    /// streams re-check their token at once.
+    pub fn new(shared: Shared, revoked: watch::Sender<u64>) -> Self {
+        Tokens { shared, revoked }
+    }
+}
+
+/// The wire form of a stored token.
+pub fn token_to_proto(t: &TokenRecord) -> v1::Token {
+    v1::Token {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        role: t.role.clone(),
+        services: split_services(&t.services),
+        create_time: Some(timestamp(t.created_at)),
+        created_by: t.created_by.clone(),
+        expire_time: t.expires_at.map(timestamp),
+        revoke_time: t.revoked_at.map(timestamp),
+    }
+}
+
+/// A new token record for `secret` (its time is set by the store write).
+pub fn new_record(
+    secret: &str,
+    name: &str,
+    role: Role,
+    services: &[String],
+    created_by: &str,
+    expires_at: Option<i64>,
+) -> TokenRecord {
+    let hash = token_hash(secret);
+    TokenRecord {
+        id: token_id(&hash),
+        name: name.to_owned(),
+        role: role.as_str().to_owned(),
+        services: services.join(","),
+        secret_hash: hash,
+        created_at: 0,
+        created_by: created_by.to_owned(),
+        expires_at,
+        revoked_at: None,
+    }
+}
+
+#[tonic::async_trait]
+impl TokenService for Tokens {
+    async fn create_token(
+        &self,
+        request: Request<v1::CreateTokenRequest>,
+    ) -> Result<Response<v1::CreateTokenResponse>, Status> {
+        let req = request.get_ref();
+        if req.name.is_empty() || req.name.chars().count() > 64 {
+            return Err(bad_request("name", "required, at most 64 characters"));
+        }
+        let role = Role::parse(&req.role).ok_or_else(|| {
+            bad_request(
+                "role",
+                format!(
+                    "{:?} is not a role: viewer, editor, auditor, admin or sidecar",
+                    req.role
+                ),
+            )
+        })?;
+        if role == Role::Sidecar && req.services.is_empty() {
+            return Err(bad_request(
+                "services",
+                "a sidecar token names the services it may stream",
+            ));
+        }
+        if role != Role::Sidecar && !req.services.is_empty() {
+            return Err(bad_request(
+                "services",
+                "only sidecar tokens are scoped to services",
+            ));
+        }
+        if let Some(bad) = req
+            .services
+            .iter()
+            .find(|s| s.is_empty() || s.contains(',') || s.len() > 63)
+        {
+            return Err(bad_request(
+                "services",
+                format!("{bad:?} is not a service name"),
+            ));
+        }
+        let expires_at =
+            match req.ttl_seconds {
+                0 => None,
+                secs => Some(now_micros().saturating_add(
+                    i64::try_from(secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
+                )),
+            };
+        let secret = generate_token().map_err(|_| Status::unavailable("no randomness"))?;
+        let ctx = self
+            .shared
+            .context(&request, &format!("{SERVICE}/CreateToken"), "", &req.reason);
+        let record = new_record(
+            &secret,
+            &req.name,
+            role,
+            &req.services,
+            &ctx.actor,
+            expires_at,
+        );
+        let id = record.id.clone();
+        let written = self
+            .shared
+            .store
+            .write(
+                ctx,
+                Box::new(move |_| Plan::PutToken {
+                    token: record,
+                    only_if_first: false,
+                }),
+            )
+            .await
+            .map_err(store_status)?;
+        self.shared.published(&written);
+        if let Err(e) = &written.result {
+            return Err(write_error_status(e));
+        }
+        let stored = self
+            .shared
+            .store
+            .get_token(&id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::internal("token not stored"))?;
+        tracing::info!(id, name = %stored.name, role = %stored.role, "token created");
+        Ok(Response::new(v1::CreateTokenResponse {
+            secret,
+            token: Some(token_to_proto(&stored)),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<v1::ListTokensRequest>,
+    ) -> Result<Response<v1::ListTokensResponse>, Status> {
+        let tokens = self
+            .shared
+            .store
+            .list_tokens()
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(v1::ListTokensResponse {
+            tokens: tokens.iter().map(token_to_proto).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<v1::RevokeTokenRequest>,
+    ) -> Result<Response<v1::Token>, Status> {
+        let req = request.get_ref();
+        if req.id.is_empty() {
+            return Err(bad_request("id", "required"));
+        }
+        let ctx = self
+            .shared
+            .context(&request, &format!("{SERVICE}/RevokeToken"), "", &req.reason);
+        let id = req.id.clone();
+        let written = self
+            .shared
+            .store
+            .write(ctx, Box::new(move |_| Plan::RevokeToken(id)))
+            .await
+            .map_err(store_status)?;
+        self.shared.published(&written);
+        if let Err(e) = &written.result {
+            return Err(write_error_status(e));
+        }
+        self.revoked.send_modify(|n| *n += 1);
+        let stored = self
+            .shared
+            .store
+            .get_token(&req.id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::internal("token vanished"))?;
+        tracing::info!(id = %stored.id, "token revoked");
+        Ok(Response::new(token_to_proto(&stored)))
+    }
+}
+
+/// On first start (no token stored yet), creates the admin token: `given` (for example from
+/// `CORSAIR_BOOTSTRAP_TOKEN`) or a new random one. Returns the new random token, which the
+/// caller shows once; `None` when tokens existed already or `given` was used.
+pub async fn bootstrap(
+    store: &std::sync::Arc<dyn crate::store::Store>,
+    given: Option<&str>,
+) -> Result<Option<String>, crate::store::StoreError> {
+    if !store.list_tokens().await?.is_empty() {
+        return Ok(None);
+    }
+    let generated = match given {
+        Some(_) => None,
+        None => Some(generate_token().map_err(|_| crate::store::StoreError::Unavailable)?),
+    };
+    let secret = given.or(generated.as_deref()).unwrap_or_default();
+    let record = new_record(
+        secret,
+        "bootstrap-admin",
+        Role::Admin,
+        &[],
+        "corsair-control-plane",
+        None,
+    );
+    let ctx = crate::store::WriteContext {
+        actor: "corsair-control-plane".into(),
+        method: format!("{SERVICE}/CreateToken"),
+        service: String::new(),
+        reason: "first start: the initial admin token".into(),
+        request_id: uuid::Uuid::new_v4().to_string(),
+        peer: String::new(),
+    };
+    let written = store
+        .write(
+            ctx,
+            Box::new(move |_| Plan::PutToken {
+                token: record,
+                only_if_first: true,
+            }),
+        )
+        .await?;
+    // Another replica may have created the first token meanwhile.
+    Ok(written.result.is_ok().then_some(generated).flatten())
+}

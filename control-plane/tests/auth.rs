@@ -1,0 +1,429 @@
+//! Authentication and roles, on both backends: every RPC against every kind of credential,
+//! sidecar scopes, refusals in the audit log, and revocation closing an open stream.
+
+mod support;
+
+use std::sync::Arc;
+
+use corsair_control_plane::auth::{AuthMode, Role, rule};
+use corsair_control_plane::server::Config;
+use corsair_control_plane::service::token::{bootstrap, new_record};
+use corsair_control_plane::store::{AuditFilter, Outcome, Plan, Store, WriteContext, now_micros};
+use corsair_proto::v1;
+use prost::Message;
+use support::{Backend, TestServer, bearer, fresh_db};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const ADMIN: &str = "corsair_auth-test-admin-0123456789abcdef0123456789";
+
+/// Every method the server exposes: the `corsair.v1` services, health and reflection.
+fn every_method() -> Vec<(String, bool, bool)> {
+    let mut methods = Vec::new();
+    for set in [
+        corsair_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    ] {
+        let set = prost_types::FileDescriptorSet::decode(set).unwrap();
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    methods.push((
+                        format!("/{}.{}/{}", file.package(), service.name(), method.name()),
+                        method.client_streaming(),
+                        method.server_streaming(),
+                    ));
+                }
+            }
+        }
+    }
+    methods.sort();
+    methods.dedup();
+    methods
+}
+
+/// Calls `path` with one empty message (valid for every request type) as a stream, which
+/// every kind of method accepts on the wire; the code the call ended with, `Ok` when it was
+/// let through (it may still fail later for other reasons).
+async fn call(channel: &Channel, path: &str, token: Option<&str>) -> Code {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let body = tokio_stream::iter([()]);
+    let mut request = tonic::Request::new(body);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let path: http::uri::PathAndQuery = path.parse().unwrap();
+    match grpc.streaming(request, path, codec).await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// Stores a token directly (as the token service would), for states the API cannot make
+/// quickly, such as one that has already expired.
+async fn put_token(
+    store: &Arc<dyn Store>,
+    name: &str,
+    secret: &str,
+    role: Role,
+    services: &[&str],
+    expires_at: Option<i64>,
+) -> String {
+    let services: Vec<String> = services.iter().map(|s| (*s).to_owned()).collect();
+    let record = new_record(secret, name, role, &services, "test", expires_at);
+    let id = record.id.clone();
+    let written = store
+        .write(
+            WriteContext {
+                actor: "test".into(),
+                method: "corsair.v1.TokenService/CreateToken".into(),
+                service: String::new(),
+                reason: String::new(),
+                request_id: "test".into(),
+                peer: String::new(),
+            },
+            Box::new(move |_| Plan::PutToken {
+                token: record,
+                only_if_first: false,
+            }),
+        )
+        .await
+        .unwrap();
+    written.result.unwrap();
+    id
+}
+
+async fn start(backend: Backend) -> Option<(TestServer, support::TestDb)> {
+    let db = fresh_db(backend).await?;
+    let store = corsair_control_plane::store::connect(&db.url)
+        .await
+        .unwrap();
+    bootstrap(&store, Some(ADMIN)).await.unwrap();
+    let config = Config {
+        auth: AuthMode::Tokens,
+        ..Config::default()
+    };
+    Some((TestServer::with_store(store, config).await, db))
+}
+
+#[test]
+fn every_method_has_an_access_rule() {
+    let methods = every_method();
+    assert!(methods.len() > 20, "{methods:?}");
+    for (path, _, _) in methods {
+        assert!(rule(&path).is_some(), "{path} has no access rule");
+    }
+    assert_eq!(rule("/corsair.v1.PolicyService/NoSuchMethod"), None);
+}
+
+async fn every_rpc_against_every_credential(backend: Backend) {
+    let Some((server, _db)) = start(backend).await else {
+        return;
+    };
+    let store = server.store.clone();
+    let viewer = "corsair_viewer-token-0123456789abcdef0123456789";
+    let editor = "corsair_editor-token-0123456789abcdef0123456789";
+    let auditor = "corsair_auditor-token-0123456789abcdef012345678";
+    let sidecar = "corsair_sidecar-token-0123456789abcdef012345678";
+    let expired = "corsair_expired-token-0123456789abcdef012345678";
+    let revoked = "corsair_revoked-token-0123456789abcdef012345678";
+    put_token(&store, "viewer", viewer, Role::Viewer, &[], None).await;
+    put_token(&store, "editor", editor, Role::Editor, &[], None).await;
+    put_token(&store, "auditor", auditor, Role::Auditor, &[], None).await;
+    put_token(&store, "sidecar", sidecar, Role::Sidecar, &["shop"], None).await;
+    put_token(
+        &store,
+        "expired",
+        expired,
+        Role::Admin,
+        &[],
+        Some(now_micros() - 1),
+    )
+    .await;
+    let revoked_id = put_token(&store, "revoked", revoked, Role::Admin, &[], None).await;
+    let channel = server.channel().await;
+    let mut tokens = v1::token_service_client::TokenServiceClient::new(channel.clone());
+    tokens
+        .revoke_token(bearer(
+            ADMIN,
+            v1::RevokeTokenRequest {
+                id: revoked_id,
+                reason: "test".into(),
+            },
+        ))
+        .await
+        .unwrap();
+
+    let roles = [
+        (ADMIN, Role::Admin),
+        (viewer, Role::Viewer),
+        (editor, Role::Editor),
+        (auditor, Role::Auditor),
+        (sidecar, Role::Sidecar),
+    ];
+    for (path, _, _) in every_method() {
+        let access = rule(&path).unwrap();
+        let public = access == corsair_control_plane::auth::Access::Public;
+        let anonymous = [
+            None,
+            Some("corsair_not-a-real-token"),
+            Some(expired),
+            Some(revoked),
+        ];
+        for token in anonymous {
+            let code = call(&channel, &path, token).await;
+            if public {
+                assert_ne!(code, Code::Unauthenticated, "{path} {token:?}");
+            } else {
+                assert_eq!(code, Code::Unauthenticated, "{path} with {token:?}");
+            }
+        }
+        for (token, role) in roles {
+            let code = call(&channel, &path, Some(token)).await;
+            if role.allows(access) {
+                assert!(
+                    !matches!(code, Code::Unauthenticated | Code::PermissionDenied),
+                    "{path} as {role:?}: {code:?}"
+                );
+            } else {
+                assert_eq!(code, Code::PermissionDenied, "{path} as {role:?}");
+            }
+        }
+    }
+
+    // Refusals are audited with the principal, never the credential.
+    let denied = store
+        .list_audit(
+            &AuditFilter {
+                outcome: Some(Outcome::Denied),
+                ..AuditFilter::default()
+            },
+            None,
+            1000,
+        )
+        .await
+        .unwrap();
+    assert!(denied.iter().any(|e| e.actor == "anonymous"));
+    assert!(
+        denied
+            .iter()
+            .any(|e| e.actor == "viewer" && e.method == "corsair.v1.PolicyService/CreatePolicy")
+    );
+    let log = format!(
+        "{:?}{:?}",
+        store
+            .list_audit(&AuditFilter::default(), None, 10_000)
+            .await
+            .unwrap(),
+        store.list_tokens().await.unwrap()
+    );
+    for secret in [ADMIN, viewer, editor, auditor, sidecar, expired, revoked] {
+        assert!(
+            !log.contains(secret),
+            "the audit log or token list shows a token"
+        );
+    }
+    server.stop().await;
+}
+
+async fn a_sidecar_streams_only_its_services_and_revocation_ends_its_stream(backend: Backend) {
+    let Some((server, _db)) = start(backend).await else {
+        return;
+    };
+    let channel = server.channel().await;
+    let mut policies = v1::policy_service_client::PolicyServiceClient::new(channel.clone());
+    for service in ["shop", "bank"] {
+        policies
+            .create_policy(bearer(
+                ADMIN,
+                v1::CreatePolicyRequest {
+                    policy: Some(v1::Policy {
+                        service: service.into(),
+                        allowed_origins: vec!["https://a.example.com".into()],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap();
+    }
+    let mut tokens = v1::token_service_client::TokenServiceClient::new(channel.clone());
+    let created = tokens
+        .create_token(bearer(
+            ADMIN,
+            v1::CreateTokenRequest {
+                name: "shop-sidecar".into(),
+                role: "sidecar".into(),
+                services: vec!["shop".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let secret = created.secret.clone();
+    assert!(!format!("{:?}", created.token).contains(&secret));
+
+    let hello = |services: &[&str]| v1::DiscoveryRequest {
+        kind: Some(v1::discovery_request::Kind::Hello(v1::Hello {
+            sidecar_id: "s1".into(),
+            services: services.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        })),
+    };
+    let mut discovery = v1::discovery_service_client::DiscoveryServiceClient::new(channel.clone());
+
+    // Another service's policies, or every service's: refused and audited.
+    for asked in [&["bank"][..], &["shop", "bank"], &[]] {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(hello(asked)).await.unwrap();
+        let mut stream = discovery
+            .stream_policies(bearer(
+                &secret,
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let refused = stream.message().await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{asked:?}");
+    }
+    let denied = server
+        .store
+        .list_audit(
+            &AuditFilter {
+                actor: "shop-sidecar".into(),
+                outcome: Some(Outcome::Denied),
+                ..AuditFilter::default()
+            },
+            None,
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(denied.len(), 3);
+
+    // Its own service: served. Then revoked: the open stream ends.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(hello(&["shop"])).await.unwrap();
+    let mut stream = discovery
+        .stream_policies(bearer(
+            &secret,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.upserts.len(), 1);
+    assert_eq!(first.upserts[0].service, "shop");
+    tokens
+        .revoke_token(bearer(
+            ADMIN,
+            v1::RevokeTokenRequest {
+                id: created.token.unwrap().id,
+                reason: "compromised".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let ended = stream.message().await.unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("revoked"), "{ended:?}");
+    drop(tx);
+    server.stop().await;
+}
+
+async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend: Backend) {
+    let Some((server, _db)) = start(backend).await else {
+        return;
+    };
+    let mut tokens = v1::token_service_client::TokenServiceClient::new(server.channel().await);
+    for (request, field) in [
+        (
+            v1::CreateTokenRequest {
+                name: "x".into(),
+                role: "root".into(),
+                ..Default::default()
+            },
+            "role",
+        ),
+        (
+            v1::CreateTokenRequest {
+                name: "x".into(),
+                role: "sidecar".into(),
+                ..Default::default()
+            },
+            "services",
+        ),
+        (
+            v1::CreateTokenRequest {
+                name: "x".into(),
+                role: "viewer".into(),
+                services: vec!["shop".into()],
+                ..Default::default()
+            },
+            "services",
+        ),
+        (
+            v1::CreateTokenRequest {
+                role: "viewer".into(),
+                ..Default::default()
+            },
+            "name",
+        ),
+    ] {
+        let err = tokens
+            .create_token(bearer(ADMIN, request))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(field), "{err:?}");
+    }
+    let created = tokens
+        .create_token(bearer(
+            ADMIN,
+            v1::CreateTokenRequest {
+                name: "ci".into(),
+                role: "editor".into(),
+                ttl_seconds: 3600,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = tokens
+        .list_tokens(bearer(ADMIN, v1::ListTokensRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.tokens.len(), 2);
+    assert_eq!(listed.tokens[1].name, "ci");
+    assert!(listed.tokens[1].expire_time.is_some());
+    assert!(!format!("{listed:?}").contains(&created.secret));
+    let err = tokens
+        .revoke_token(bearer(
+            ADMIN,
+            v1::RevokeTokenRequest {
+                id: "0000000000000000".into(),
+                reason: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
+
+on_both_backends!(
+    every_rpc_against_every_credential,
+    a_sidecar_streams_only_its_services_and_revocation_ends_its_stream,
+    tokens_are_listed_without_secrets_and_bad_requests_are_refused,
+);
