@@ -424,7 +424,16 @@ pub async fn apply(
     let docs = doc::load(inputs)?;
     let mut results = Vec::new();
     for sourced in &docs {
-        let result = apply_one(client, sourced, opts).await;
+        // Over the server's per-identity write rate: wait and re-plan (apply is idempotent).
+        let mut result = apply_one(client, sourced, opts).await;
+        let mut attempt = 0u32;
+        while attempt < 8
+            && matches!(&result, Err(e) if e.code() == Some(Code::ResourceExhausted))
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(250 << attempt.min(3))).await;
+            attempt += 1;
+            result = apply_one(client, sourced, opts).await;
+        }
         let applied = match result {
             Ok(applied) => applied,
             Err(e) => Applied {

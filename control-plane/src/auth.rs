@@ -208,6 +208,18 @@ pub fn valid(record: &TokenRecord) -> Result<(), WriteError> {
     Ok(())
 }
 
+/// Why a stream opened with token `id` may no longer continue (revoked, expired or gone);
+/// `None` while it may, or when the store cannot tell right now (checked again later).
+pub async fn stream_refusal(store: &dyn crate::store::Store, id: &str) -> Option<Status> {
+    match store.get_token(id).await {
+        Ok(Some(record)) => valid(&record).err().map(|e| write_error_status(&e)),
+        Ok(None) => Some(Status::unauthenticated(
+            "the stream's token no longer exists",
+        )),
+        Err(_) => None,
+    }
+}
+
 /// A stored comma-separated service list.
 pub fn split_services(services: &str) -> Vec<String> {
     services
@@ -293,11 +305,54 @@ pub(crate) async fn audit_refusal(
     Ok(())
 }
 
+/// How fast one identity may write (policy and token changes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WriteRate {
+    /// Sustained writes per second.
+    pub per_sec: f64,
+    /// Writes allowed at once after a quiet period.
+    pub burst: u32,
+}
+
+/// One token bucket per identity.
+#[derive(Debug, Default)]
+struct Buckets {
+    by_identity: std::collections::HashMap<String, (f64, std::time::Instant)>,
+}
+
+impl Buckets {
+    /// Takes one write from `identity`'s bucket; whether there was one.
+    fn take(&mut self, identity: &str, rate: WriteRate) -> bool {
+        let now = std::time::Instant::now();
+        let burst = f64::from(rate.burst.max(1));
+        if self.by_identity.len() > 10_000 {
+            // Full buckets are indistinguishable from absent ones.
+            self.by_identity.retain(|_, (tokens, last)| {
+                *tokens + now.duration_since(*last).as_secs_f64() * rate.per_sec < burst
+            });
+        }
+        let (tokens, last) = self
+            .by_identity
+            .entry(identity.to_owned())
+            .or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate.per_sec).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The tower layer that authenticates and authorizes every RPC.
 #[derive(Clone)]
 pub struct AuthLayer {
     shared: Shared,
     mode: Arc<AuthMode>,
+    write_rate: Option<WriteRate>,
+    buckets: Arc<std::sync::Mutex<Buckets>>,
 }
 
 impl fmt::Debug for AuthLayer {
@@ -309,12 +364,29 @@ impl fmt::Debug for AuthLayer {
 }
 
 impl AuthLayer {
-    /// A layer checking calls against `shared`'s store.
-    pub fn new(shared: Shared, mode: AuthMode) -> Self {
+    /// A layer checking calls against `shared`'s store, limiting each identity's writes to
+    /// `write_rate` when set.
+    pub fn new(shared: Shared, mode: AuthMode, write_rate: Option<WriteRate>) -> Self {
         AuthLayer {
             shared,
             mode: Arc::new(mode),
+            write_rate,
+            buckets: Arc::default(),
         }
+    }
+
+    /// Whether `principal` may make one more write now.
+    fn admit_write(&self, path: &str, principal: &Principal) -> bool {
+        let Some(rate) = self.write_rate else {
+            return true;
+        };
+        if !matches!(rule(path), Some(Access::Write | Access::Admin)) {
+            return true;
+        }
+        self.buckets
+            .lock()
+            .expect("buckets lock")
+            .take(&principal.name, rate)
     }
 }
 
@@ -371,6 +443,14 @@ where
             match check(&layer.shared, &layer.mode, &path, request.headers()).await {
                 Ok(principal) => {
                     if let Some(principal) = principal {
+                        if !layer.admit_write(&path, &principal) {
+                            let rate = layer.write_rate.map_or(0.0, |r| r.per_sec);
+                            return Ok(Status::resource_exhausted(format!(
+                                "{} is writing faster than {rate} changes a second; retry later",
+                                principal.name
+                            ))
+                            .into_http());
+                        }
                         request.extensions_mut().insert(principal);
                     }
                     inner.call(request).await

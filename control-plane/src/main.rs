@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use corsair_control_plane::auth::AuthMode;
+use corsair_control_plane::auth::{AuthMode, WriteRate};
 use corsair_control_plane::server::{self, Config};
 use corsair_control_plane::service::PageLimits;
 use corsair_control_plane::service::discovery::StreamConfig;
@@ -35,6 +35,10 @@ struct Args {
     /// With --auth none: the actor recorded for every change.
     #[arg(long, env = "CORSAIR_IDENTITY", default_value = "local")]
     identity: String,
+    /// Writes (policy and token changes) one identity may make per second, with bursts of
+    /// twice as many; beyond, RESOURCE_EXHAUSTED. 0 turns the limit off.
+    #[arg(long, env = "CORSAIR_MAX_WRITES_PER_SEC", default_value_t = 20)]
+    max_writes_per_sec: u32,
     /// Allow --auth none on a non-loopback address (logged as a warning at start).
     #[arg(long, env = "CORSAIR_INSECURE")]
     insecure: bool,
@@ -182,6 +186,10 @@ async fn main() -> ExitCode {
     };
     let config = Config {
         auth,
+        write_rate: (args.max_writes_per_sec > 0).then(|| WriteRate {
+            per_sec: f64::from(args.max_writes_per_sec),
+            burst: args.max_writes_per_sec.saturating_mul(2),
+        }),
         max_message_bytes: args.max_message_bytes,
         request_timeout: Duration::from_secs(args.request_timeout_secs),
         pages: PageLimits {

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-use crate::auth::{AuthLayer, AuthMode};
+use crate::auth::{AuthLayer, AuthMode, WriteRate};
 use crate::metrics::Metrics;
 use crate::service::audit::Audit;
 use crate::service::discovery::{Discovery, StreamConfig};
@@ -32,6 +32,8 @@ pub struct Config {
     /// How callers are authenticated. The default, [`AuthMode::Disabled`], is for
     /// in-process use; the binary authenticates with tokens unless told otherwise.
     pub auth: AuthMode,
+    /// How fast each identity may write; unlimited when `None`.
+    pub write_rate: Option<WriteRate>,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
     /// Deadline for every unary call.
@@ -61,6 +63,7 @@ impl Default for Config {
             auth: AuthMode::Disabled {
                 identity: "local".into(),
             },
+            write_rate: None,
             max_message_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             pages: PageLimits::default(),
@@ -217,7 +220,11 @@ pub async fn serve_with_metrics(
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
-        .layer(AuthLayer::new(shared.clone(), config.auth.clone()))
+        .layer(AuthLayer::new(
+            shared.clone(),
+            config.auth.clone(),
+            config.write_rate,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(policies)

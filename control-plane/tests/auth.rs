@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::Arc;
 
-use corsair_control_plane::auth::{AuthMode, Role, rule};
+use corsair_control_plane::auth::{AuthMode, Role, WriteRate, rule};
 use corsair_control_plane::server::Config;
 use corsair_control_plane::service::token::{bootstrap, new_record};
 use corsair_control_plane::store::{AuditFilter, Outcome, Plan, Store, WriteContext, now_micros};
@@ -99,6 +99,13 @@ async fn put_token(
 }
 
 async fn start(backend: Backend) -> Option<(TestServer, support::TestDb)> {
+    start_with(backend, None).await
+}
+
+async fn start_with(
+    backend: Backend,
+    write_rate: Option<WriteRate>,
+) -> Option<(TestServer, support::TestDb)> {
     let db = fresh_db(backend).await?;
     let store = corsair_control_plane::store::connect(&db.url)
         .await
@@ -106,9 +113,91 @@ async fn start(backend: Backend) -> Option<(TestServer, support::TestDb)> {
     bootstrap(&store, Some(ADMIN)).await.unwrap();
     let config = Config {
         auth: AuthMode::Tokens,
+        write_rate,
         ..Config::default()
     };
     Some((TestServer::with_store(store, config).await, db))
+}
+
+fn policy(service: &str) -> v1::CreatePolicyRequest {
+    v1::CreatePolicyRequest {
+        policy: Some(v1::Policy {
+            service: service.into(),
+            allowed_origins: vec!["https://a.example.com".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn writes_are_rate_limited_per_identity(backend: Backend) {
+    // A bucket of two that refills once every few hours: the third write is refused.
+    let rate = WriteRate {
+        per_sec: 0.0001,
+        burst: 2,
+    };
+    let Some((server, _db)) = start_with(backend, Some(rate)).await else {
+        return;
+    };
+    let editor = "corsair_rate-editor-0123456789abcdef0123456789ab";
+    put_token(&server.store, "ci", editor, Role::Editor, &[], None).await;
+    let mut policies = v1::policy_service_client::PolicyServiceClient::new(server.channel().await);
+    for service in ["a", "b"] {
+        policies
+            .create_policy(bearer(editor, policy(service)))
+            .await
+            .unwrap();
+    }
+    let refused = policies
+        .create_policy(bearer(editor, policy("c")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("ci is writing faster"),
+        "{refused:?}"
+    );
+    // Reads are not limited, and another identity has its own bucket.
+    policies
+        .list_policies(bearer(editor, v1::ListPoliciesRequest::default()))
+        .await
+        .unwrap();
+    policies
+        .create_policy(bearer(ADMIN, policy("c")))
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+async fn revoking_an_auditor_ends_its_audit_tail(backend: Backend) {
+    let Some((server, _db)) = start(backend).await else {
+        return;
+    };
+    let auditor = "corsair_tail-auditor-0123456789abcdef0123456789";
+    let id = put_token(&server.store, "auditor", auditor, Role::Auditor, &[], None).await;
+    let channel = server.channel().await;
+    let mut audit = v1::audit_service_client::AuditServiceClient::new(channel.clone());
+    let mut tail = audit
+        .watch_audit_events(bearer(auditor, v1::WatchAuditEventsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    // The first start's token and the auditor's own.
+    assert_eq!(tail.message().await.unwrap().unwrap().sequence, 1);
+    assert_eq!(tail.message().await.unwrap().unwrap().sequence, 2);
+    v1::token_service_client::TokenServiceClient::new(channel)
+        .revoke_token(bearer(
+            ADMIN,
+            v1::RevokeTokenRequest {
+                id,
+                reason: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    let ended = tail.message().await.unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    server.stop().await;
 }
 
 #[test]
@@ -423,6 +512,8 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
 }
 
 on_both_backends!(
+    writes_are_rate_limited_per_identity,
+    revoking_an_auditor_ends_its_audit_tail,
     every_rpc_against_every_credential,
     a_sidecar_streams_only_its_services_and_revocation_ends_its_stream,
     tokens_are_listed_without_secrets_and_bad_requests_are_refused,

@@ -110,6 +110,7 @@ impl AuditService for Audit {
         &self,
         request: Request<v1::WatchAuditEventsRequest>,
     ) -> Result<Response<Self::WatchAuditEventsStream>, Status> {
+        let token_id = crate::service::principal(&request).and_then(|p| p.token_id.clone());
         let req = request.into_inner();
         let filter = AuditFilter {
             service: req.service,
@@ -122,7 +123,7 @@ impl AuditService for Audit {
         let span = tracing::info_span!("audit_tail", after = req.after_sequence);
         self.shared
             .tasks
-            .spawn(tail(shared, filter, req.after_sequence, tx).instrument(span));
+            .spawn(tail(shared, filter, req.after_sequence, token_id, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -149,16 +150,24 @@ impl AuditService for Audit {
 }
 
 /// Sends every event after `after` that passes `filter`, then follows the log live until
-/// the client goes away or the server shuts down.
+/// the client goes away, the server shuts down, or the caller's token (`token_id`) is
+/// revoked or expires (checked on every wake-up: a revocation is itself an audit event).
 async fn tail(
     shared: Shared,
     filter: AuditFilter,
     mut after: u64,
+    token_id: Option<String>,
     tx: mpsc::Sender<Result<v1::AuditEvent, Status>>,
 ) {
     let mut woken = shared.audit_head.subscribe();
     let mut shutdown = shared.shutdown.clone();
     loop {
+        if let Some(id) = &token_id {
+            if let Some(status) = crate::auth::stream_refusal(shared.store.as_ref(), id).await {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
         // Seen before reading, so a write committed during the read wakes the next wait.
         woken.borrow_and_update();
         let batch = match shared.store.audit_after(after, TAIL_BATCH).await {

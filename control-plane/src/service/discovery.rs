@@ -198,16 +198,7 @@ impl Discovery {
     /// Why the stream's token no longer admits it (revoked, expired or gone), if it does not.
     async fn token_refusal(&self, token_id: Option<&str>) -> Option<Status> {
         let (guard, id) = (self.guard.as_ref()?, token_id?);
-        match guard.shared.store.get_token(id).await {
-            Ok(Some(record)) => crate::auth::valid(&record)
-                .err()
-                .map(|e| crate::convert::write_error_status(&e)),
-            Ok(None) => Some(Status::unauthenticated(
-                "the stream's token no longer exists",
-            )),
-            // The store being away is not the token's fault; check again later.
-            Err(_) => None,
-        }
+        crate::auth::stream_refusal(guard.shared.store.as_ref(), id).await
     }
 
     async fn session(
