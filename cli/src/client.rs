@@ -28,6 +28,7 @@ impl Client {
         addr: &str,
         deadline: Duration,
         token: Option<&str>,
+        tls: Option<tonic::transport::ClientTlsConfig>,
     ) -> Result<Self, CliError> {
         let authorization = match token {
             None => None,
@@ -53,6 +54,10 @@ impl Client {
             .map_err(|e| fail(chain(&e)))?
             .connect_timeout(deadline)
             .tcp_nodelay(true);
+        let endpoint = match tls {
+            None => endpoint,
+            Some(tls) => endpoint.tls_config(tls).map_err(|e| fail(chain(&e)))?,
+        };
         let channel = match tokio::time::timeout(deadline, endpoint.connect()).await {
             Ok(Ok(channel)) => channel,
             Ok(Err(e)) => return Err(fail(chain(&e))),

@@ -32,6 +32,20 @@ struct Cli {
     /// prefer the environment variable, which `ps` does not show.
     #[arg(long, global = true, env = "CORSAIR_TOKEN", hide_env_values = true, value_parser = parse_secret)]
     token: Option<Secret>,
+    /// PEM CA bundle to verify the control plane against (TLS; use an https:// --addr).
+    #[arg(long, global = true, env = "CORSAIR_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate (mTLS; with --client-key and --ca-cert).
+    #[arg(long, global = true, env = "CORSAIR_CLIENT_CERT", requires_all = ["client_key", "ca_cert"])]
+    client_cert: Option<PathBuf>,
+    /// PEM key of --client-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "CORSAIR_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -321,7 +335,14 @@ async fn run(cli: Cli) -> ExitCode {
 async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     let format = cli.output;
     let token = cli.token.as_ref().map(|Secret(t)| t.as_str());
-    let connect = || Client::connect(&cli.addr, cli.timeout, token);
+    let tls = match &cli.ca_cert {
+        None => None,
+        Some(ca) => {
+            let identity = cli.client_cert.as_deref().zip(cli.client_key.as_deref());
+            Some(corsair_proto::client_tls(ca, identity).map_err(CliError::Input)?)
+        }
+    };
+    let connect = || Client::connect(&cli.addr, cli.timeout, token, tls.clone());
     let ok = |success: bool| {
         if success {
             ExitCode::SUCCESS

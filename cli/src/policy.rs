@@ -427,8 +427,7 @@ pub async fn apply(
         // Over the server's per-identity write rate: wait and re-plan (apply is idempotent).
         let mut result = apply_one(client, sourced, opts).await;
         let mut attempt = 0u32;
-        while attempt < 8
-            && matches!(&result, Err(e) if e.code() == Some(Code::ResourceExhausted))
+        while attempt < 8 && matches!(&result, Err(e) if e.code() == Some(Code::ResourceExhausted))
         {
             tokio::time::sleep(std::time::Duration::from_millis(250 << attempt.min(3))).await;
             attempt += 1;

@@ -215,7 +215,7 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
         .map_err(|e| CliError::Local(e.to_string()))?;
     let demo = tokio::spawn(serve_demo(upstream));
 
-    let client = Client::connect(&grpc, deadline, Some(&admin_token)).await?;
+    let client = Client::connect(&grpc, deadline, Some(&admin_token), None).await?;
     let created = ensure_demo_policy(&client).await?;
     let sidecar_token = sidecar_token(&client, &dir.join("sidecar.token")).await?;
 

@@ -245,13 +245,52 @@ fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, WriteError> {
         .ok_or_else(|| unauthenticated("the authorization header is not a bearer token"))
 }
 
-/// Decides one call: the principal, or the refusal and who was refused.
+type TlsInfo = tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>;
+
+/// The caller's address, over plain TCP or TLS.
+fn peer(extensions: &http::Extensions) -> String {
+    extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .or_else(|| extensions.get::<TlsInfo>().map(|i| i.get_ref()))
+        .and_then(|i| i.remote_addr())
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
+/// The sidecar a verified client certificate names (mTLS), if the caller presented one.
+fn certificate_principal(
+    extensions: &http::Extensions,
+    trust_domain: Option<&str>,
+) -> Option<Result<Principal, WriteError>> {
+    let certs = extensions.get::<TlsInfo>()?.peer_certs()?;
+    let leaf = certs.first()?;
+    let Some(trust_domain) = trust_domain else {
+        return Some(Err(unauthenticated(
+            "client certificates are not mapped to identities here (no trust domain is set)",
+        )));
+    };
+    Some(
+        crate::tls::sidecar_service(leaf, trust_domain)
+            .map(|service| Principal {
+                name: format!("spiffe://{trust_domain}/corsair/sidecar/{service}"),
+                role: Role::Sidecar,
+                token_id: None,
+                services: vec![service],
+            })
+            .map_err(|why| unauthenticated(&why)),
+    )
+}
+
+/// Decides one call: the principal, or the refusal and who was refused. A bearer token
+/// wins over a client certificate.
 async fn check(
     shared: &Shared,
-    mode: &AuthMode,
+    layer: &AuthLayer,
     path: &str,
     headers: &http::HeaderMap,
+    extensions: &http::Extensions,
 ) -> Result<Option<Principal>, (WriteError, String)> {
+    let mode: &AuthMode = &layer.mode;
     let anonymous = || "anonymous".to_owned();
     let Some(access) = rule(path) else {
         return Err((
@@ -271,14 +310,15 @@ async fn check(
                 services: Vec::new(),
             }));
         }
-        AuthMode::Tokens => {
-            let token = bearer(headers)
-                .map_err(|e| (e, anonymous()))?
-                .ok_or_else(|| (unauthenticated("no credential"), anonymous()))?;
-            authenticate(shared, token)
+        AuthMode::Tokens => match bearer(headers).map_err(|e| (e, anonymous()))? {
+            Some(token) => authenticate(shared, token)
                 .await
-                .map_err(|e| (e, anonymous()))?
-        }
+                .map_err(|e| (e, anonymous()))?,
+            None => match certificate_principal(extensions, layer.trust_domain.as_deref()) {
+                Some(principal) => principal.map_err(|e| (e, anonymous()))?,
+                None => return Err((unauthenticated("no credential"), anonymous())),
+            },
+        },
     };
     if !principal.role.allows(access) {
         let error = WriteError::PermissionDenied(format!(
@@ -351,6 +391,7 @@ impl Buckets {
 pub struct AuthLayer {
     shared: Shared,
     mode: Arc<AuthMode>,
+    trust_domain: Option<String>,
     write_rate: Option<WriteRate>,
     buckets: Arc<std::sync::Mutex<Buckets>>,
 }
@@ -370,9 +411,17 @@ impl AuthLayer {
         AuthLayer {
             shared,
             mode: Arc::new(mode),
+            trust_domain: None,
             write_rate,
             buckets: Arc::default(),
         }
+    }
+
+    /// Maps verified client certificates with a URI SAN
+    /// `spiffe://<trust_domain>/corsair/sidecar/<service>` to sidecars of that service.
+    pub fn with_trust_domain(mut self, trust_domain: Option<String>) -> Self {
+        self.trust_domain = trust_domain;
+        self
     }
 
     /// Whether `principal` may make one more write now.
@@ -440,7 +489,15 @@ where
         let layer = self.layer.clone();
         Box::pin(async move {
             let path = request.uri().path().to_owned();
-            match check(&layer.shared, &layer.mode, &path, request.headers()).await {
+            match check(
+                &layer.shared,
+                &layer,
+                &path,
+                request.headers(),
+                request.extensions(),
+            )
+            .await
+            {
                 Ok(principal) => {
                     if let Some(principal) = principal {
                         if !layer.admit_write(&path, &principal) {
@@ -464,12 +521,7 @@ where
                         service: String::new(),
                         reason: String::new(),
                         request_id: crate::service::request_id(request.headers()),
-                        peer: request
-                            .extensions()
-                            .get::<tonic::transport::server::TcpConnectInfo>()
-                            .and_then(|i| i.remote_addr())
-                            .map(|a| a.to_string())
-                            .unwrap_or_default(),
+                        peer: peer(request.extensions()),
                     };
                     if let Err(e) = audit_refusal(&layer.shared, ctx, error).await {
                         // Not audited, not served.

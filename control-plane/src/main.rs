@@ -10,6 +10,7 @@ use corsair_control_plane::server::{self, Config};
 use corsair_control_plane::service::PageLimits;
 use corsair_control_plane::service::discovery::StreamConfig;
 use corsair_control_plane::store;
+use corsair_control_plane::tls::TlsFiles;
 
 /// Corsair control plane: stores CORS policies and serves the corsair.v1 gRPC API.
 #[derive(Debug, Parser)]
@@ -39,6 +40,21 @@ struct Args {
     /// twice as many; beyond, RESOURCE_EXHAUSTED. 0 turns the limit off.
     #[arg(long, env = "CORSAIR_MAX_WRITES_PER_SEC", default_value_t = 20)]
     max_writes_per_sec: u32,
+    /// PEM certificate chain for TLS on the gRPC listener (with --tls-key); reloaded when the
+    /// file changes.
+    #[arg(long, env = "CORSAIR_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert; reloaded when the file changes.
+    #[arg(long, env = "CORSAIR_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// PEM CA bundle to verify client certificates against (mTLS); clients without one may
+    /// still present a token.
+    #[arg(long, env = "CORSAIR_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
+    /// SPIFFE trust domain: a verified client certificate whose only URI SAN is
+    /// spiffe://<domain>/corsair/sidecar/<service> is a sidecar of that service.
+    #[arg(long, env = "CORSAIR_TRUST_DOMAIN", requires = "tls_client_ca")]
+    trust_domain: Option<String>,
     /// Allow --auth none on a non-loopback address (logged as a warning at start).
     #[arg(long, env = "CORSAIR_INSECURE")]
     insecure: bool,
@@ -184,7 +200,17 @@ async fn main() -> ExitCode {
             }
         }
     };
+    if !args.listen.ip().is_loopback() && args.tls_cert.is_none() {
+        tracing::warn!(address = %args.listen, "serving without TLS on a non-loopback address: credentials travel in clear text");
+    }
     let config = Config {
+        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+            reload_interval: Duration::from_secs(2),
+        }),
+        trust_domain: args.trust_domain,
         auth,
         write_rate: (args.max_writes_per_sec > 0).then(|| WriteRate {
             per_sec: f64::from(args.max_writes_per_sec),

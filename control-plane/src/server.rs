@@ -24,6 +24,7 @@ use crate::service::policy::Policies;
 use crate::service::token::Tokens;
 use crate::service::{PageLimits, Shared};
 use crate::store::{Store, StoreError};
+use crate::tls::TlsFiles;
 use corsair_proto::v1::token_service_server::TokenServiceServer;
 
 /// How the server behaves; the binary fills it from flags.
@@ -32,6 +33,11 @@ pub struct Config {
     /// How callers are authenticated. The default, [`AuthMode::Disabled`], is for
     /// in-process use; the binary authenticates with tokens unless told otherwise.
     pub auth: AuthMode,
+    /// TLS for the listener; plaintext when `None`.
+    pub tls: Option<TlsFiles>,
+    /// With client certificates: the SPIFFE trust domain whose
+    /// `spiffe://<domain>/corsair/sidecar/<service>` URI SANs identify sidecars.
+    pub trust_domain: Option<String>,
     /// How fast each identity may write; unlimited when `None`.
     pub write_rate: Option<WriteRate>,
     /// Largest request message accepted, in bytes.
@@ -64,6 +70,8 @@ impl Default for Config {
                 identity: "local".into(),
             },
             write_rate: None,
+            tls: None,
+            trust_domain: None,
             max_message_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             pages: PageLimits::default(),
@@ -87,9 +95,22 @@ pub enum ServeError {
     /// The transport failed.
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
+    /// TLS could not be set up.
+    #[error("{0}")]
+    Tls(String),
     /// Reflection could not be built.
     #[error("server reflection: {0}")]
     Reflection(String),
+}
+
+/// Accepted connections, plain or TLS.
+enum Incoming {
+    Plain(TcpListener),
+    Tls(
+        tokio_stream::wrappers::ReceiverStream<
+            std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+        >,
+    ),
 }
 
 /// Serves the control plane on `listener` until `shutdown` resolves.
@@ -115,6 +136,7 @@ pub async fn serve_with_metrics(
     let (revisions, local_revisions) = watch::channel(head.revision);
     let (stop, stopped) = watch::channel(false);
     let mut draining = stopped.clone();
+    let stopped_tls = stopped.clone();
     let tasks = tokio_util::task::TaskTracker::new();
     let snapshots = crate::cache::start(
         store.clone(),
@@ -214,25 +236,46 @@ pub async fn serve_with_metrics(
         let _ = stop.send(true);
     };
 
-    tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "control plane listening");
-    let server = Server::builder()
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let incoming = match &config.tls {
+        None => Incoming::Plain(listener),
+        Some(files) => Incoming::Tls(
+            crate::tls::incoming(listener, files, stopped_tls)
+                .map_err(|e| ServeError::Tls(e.to_string()))?,
+        ),
+    };
+    tracing::info!(
+        address,
+        tls = config.tls.is_some(),
+        "control plane listening"
+    );
+    let router = Server::builder()
         .timeout(config.request_timeout)
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
-        .layer(AuthLayer::new(
-            shared.clone(),
-            config.auth.clone(),
-            config.write_rate,
-        ))
+        .layer(
+            AuthLayer::new(shared.clone(), config.auth.clone(), config.write_rate)
+                .with_trust_domain(config.trust_domain.clone()),
+        )
         .add_service(health_service)
         .add_service(reflection)
         .add_service(policies)
         .add_service(audit)
         .add_service(discovery)
         .add_service(fleet_api)
-        .add_service(tokens)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .add_service(tokens);
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match incoming {
+        Incoming::Plain(listener) => {
+            Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal))
+        }
+        Incoming::Tls(stream) => Box::pin(router.serve_with_incoming_shutdown(stream, signal)),
+    };
     // Graceful shutdown waits for every connection to close; a client that never closes its
     // connection must not keep the process alive past the drain deadline.
     let deadline = async {

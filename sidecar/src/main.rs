@@ -62,6 +62,17 @@ struct Args {
     /// Log format.
     #[arg(long, env = "CORSAIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// PEM CA bundle to verify the control plane's certificate against (TLS; use an
+    /// https:// --control-plane address).
+    #[arg(long, env = "CORSAIR_CONTROL_PLANE_CA", requires = "control_plane")]
+    control_plane_ca: Option<PathBuf>,
+    /// PEM client certificate presented to the control plane (mTLS; with --client-key and
+    /// --control-plane-ca). Its URI SAN names the sidecar's service.
+    #[arg(long, env = "CORSAIR_CLIENT_CERT", requires_all = ["client_key", "control_plane_ca"])]
+    client_cert: Option<PathBuf>,
+    /// PEM key of --client-cert.
+    #[arg(long, env = "CORSAIR_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Token presented to the control plane (a `sidecar` token for --service); prefer the
     /// environment variable, which `ps` does not show.
     #[arg(long, env = "CORSAIR_TOKEN", hide_env_values = true, value_parser = parse_secret)]
@@ -208,16 +219,31 @@ async fn run() -> ExitCode {
     let observer = Observer::default();
     let mut sync = None;
     if let Some(url) = &args.control_plane {
-        let channel = match tonic::transport::Endpoint::from_shared(url.clone()) {
+        let endpoint = match tonic::transport::Endpoint::from_shared(url.clone()) {
             Ok(e) => e
                 .http2_keep_alive_interval(std::time::Duration::from_secs(20))
-                .keep_alive_while_idle(true)
-                .connect_lazy(),
+                .keep_alive_while_idle(true),
             Err(e) => {
                 eprintln!("corsair-sidecar: --control-plane {url:?}: {e}");
                 return ExitCode::from(2);
             }
         };
+        let endpoint = match &args.control_plane_ca {
+            None => endpoint,
+            Some(ca) => {
+                let identity = args.client_cert.as_deref().zip(args.client_key.as_deref());
+                match corsair_proto::client_tls(ca, identity)
+                    .and_then(|tls| endpoint.tls_config(tls).map_err(|e| e.to_string()))
+                {
+                    Ok(endpoint) => endpoint,
+                    Err(e) => {
+                        eprintln!("corsair-sidecar: TLS: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+        };
+        let channel = endpoint.connect_lazy();
         let config = SyncConfig {
             sidecar_id: args.sidecar_id.clone().unwrap_or_else(|| {
                 format!(

@@ -162,11 +162,11 @@ async fn tail(
     let mut woken = shared.audit_head.subscribe();
     let mut shutdown = shared.shutdown.clone();
     loop {
-        if let Some(id) = &token_id {
-            if let Some(status) = crate::auth::stream_refusal(shared.store.as_ref(), id).await {
-                let _ = tx.send(Err(status)).await;
-                return;
-            }
+        if let Some(id) = &token_id
+            && let Some(status) = crate::auth::stream_refusal(shared.store.as_ref(), id).await
+        {
+            let _ = tx.send(Err(status)).await;
+            return;
         }
         // Seen before reading, so a write committed during the read wakes the next wait.
         woken.borrow_and_update();
