@@ -464,3 +464,83 @@ fn completions_are_printed_for_each_shell() {
     let out = ctl(&["completion", "tcsh"], None);
     assert_eq!(out.code, 2, "{out:?}");
 }
+
+#[test]
+fn tokens_never_appear_in_logs_output_or_the_audit_log() {
+    let cp = ControlPlane::start();
+    let shop = cp.file("shop.yaml", SHOP_AND_WEB.split("---").next().unwrap());
+    let editor = cp.token("ci", "editor", &[]);
+    let sidecar_token = cp.token("shop-1", "sidecar", &["shop"]);
+    let mut printed = Vec::new();
+    let mut run = |token: &str, args: &[&str]| {
+        let out = cp.ctl_as(token, args);
+        printed.push(format!("{}{}", out.stdout, out.stderr));
+        out.code
+    };
+    assert_eq!(run(&editor, &["policy", "apply", "-f", &shop]), 0);
+    // Refused: a bad token, a valid one without the role, a revoked one.
+    let bogus = "corsair_0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab";
+    assert_eq!(run(bogus, &["policy", "list"]), 1);
+    assert_eq!(run(&sidecar_token, &["policy", "list"]), 1);
+    let id = cp
+        .json(&["token", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ci")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(run(support::ADMIN_TOKEN, &["token", "revoke", &id]), 0);
+    assert_eq!(run(&editor, &["policy", "list"]), 1);
+    let listed = cp.ctl(&["token", "list", "-o", "yaml"]).stdout;
+    let audit = cp
+        .ctl(&["audit", "list", "-o", "json", "--limit", "1000"])
+        .stdout;
+    assert!(audit.contains("DENIED"), "{audit}");
+
+    let mut sidecar = spawn_env(
+        &sibling("corsair-sidecar"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+            "--service",
+            "shop",
+            "--control-plane",
+            &cp.addr,
+            "--log-format",
+            "json",
+        ],
+        &[("CORSAIR_TOKEN", &sidecar_token), ("RUST_LOG", "debug")],
+    );
+    sidecar.wait_for_log("sidecar listening");
+    wait_until("the sidecar is SYNCED", || {
+        cp.json(&["fleet", "status"])[0]["state"] == "SYNCED"
+    });
+    assert!(sidecar.terminate().success());
+    let sidecar_log: Vec<String> = sidecar.lines.by_ref().map_while(Result::ok).collect();
+
+    let mut cp = cp;
+    assert!(cp.process.terminate().success());
+    let cp_log: Vec<String> = cp.process.lines.by_ref().map_while(Result::ok).collect();
+    assert!(
+        cp_log.iter().any(|l| l.contains("call refused")),
+        "the refusals are logged: {cp_log:?}"
+    );
+    let everything = [
+        printed.join("\n"),
+        listed,
+        audit,
+        cp_log.join("\n"),
+        sidecar_log.join("\n"),
+    ]
+    .join("\n");
+    for token in [support::ADMIN_TOKEN, &editor, &sidecar_token, bogus] {
+        assert!(!everything.contains(token), "a token leaked");
+    }
+}
