@@ -241,10 +241,12 @@ pub async fn list(
         .await
         .map_err(|s| CliError::status("following the audit log", s))?
         .into_inner();
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
         let next = tokio::select! {
             next = stream.next() => next,
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut interrupted => return Ok(()),
         };
         match next {
             None => {

@@ -216,7 +216,7 @@ pub fn parse(name: &str, text: &str, json: Option<bool>) -> Result<Vec<Sourced>,
             .map(|(i, item)| {
                 serde_json::from_value(item).map_err(|e| {
                     let at = if many {
-                        format!("{name}[{i}]")
+                        format!("{name}#{}", i + 1)
                     } else {
                         name.to_owned()
                     };
@@ -224,6 +224,10 @@ pub fn parse(name: &str, text: &str, json: Option<bool>) -> Result<Vec<Sourced>,
                 })
             })
             .collect::<Result<_, _>>()?
+    } else if top_level_list(text) {
+        // What `policy list -o yaml` prints: one document holding a list of policies.
+        serde_saphyr::from_str::<Vec<PolicyDoc>>(text)
+            .map_err(|e| CliError::Input(format!("{name}: not a list of policies: {e}")))?
     } else {
         serde_saphyr::from_multiple(text)
             .map_err(|e| CliError::Input(format!("{name}: not a policy: {e}")))?
@@ -243,6 +247,14 @@ pub fn parse(name: &str, text: &str, json: Option<bool>) -> Result<Vec<Sourced>,
         .collect())
 }
 
+/// Whether a YAML text is a single document whose root is a sequence (`- service: …`).
+fn top_level_list(text: &str) -> bool {
+    text.lines()
+        .map(str::trim_end)
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#') && *l != "---")
+        .is_some_and(|l| l.starts_with("- ") || l == "-")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +268,15 @@ mod tests {
         assert_eq!(docs[0].doc.allowed_origins, ["https://a.example"]);
         assert_eq!(docs[1].doc.mode, Mode::Enforce);
         assert_eq!(docs[1].doc.max_age, Some(60));
+    }
+
+    #[test]
+    fn a_yaml_list_of_policies() {
+        let text = "# from policy list -o yaml\n- service: a\n  allowed_origins: [https://a.example]\n- service: b\n";
+        let docs = parse("l.yaml", text, None).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[1].doc.service, "b");
+        assert_eq!(docs[1].source, "l.yaml#2");
     }
 
     #[test]
@@ -279,7 +300,7 @@ mod tests {
         let err = parse("p.json", r#"[{"service": "a"}, {"servce": "b"}]"#, None)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("p.json[1]") && err.contains("servce"), "{err}");
+        assert!(err.contains("p.json#2") && err.contains("servce"), "{err}");
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub enum CliError {
     /// A local resource (a process, a port, a terminal) failed.
     #[error("{0}")]
     Local(String),
+    /// Whoever read the output stopped reading (`| head`): not a failure.
+    #[error("output closed")]
+    OutputClosed,
 }
 
 impl CliError {
@@ -52,6 +55,12 @@ impl CliError {
             context: context.into(),
             status: Box::new(status),
         }
+    }
+
+    /// Whether the server refused only for risks that were not acknowledged.
+    pub fn is_unacknowledged_risk(&self) -> bool {
+        matches!(self, CliError::Status { status, .. }
+            if status.get_details_error_info().is_some_and(|i| i.reason == "RISK_NOT_ACKNOWLEDGED"))
     }
 
     /// The gRPC code, for a server error.
@@ -84,8 +93,8 @@ impl fmt::Display for Refusal<'_> {
             }
             Code::InvalidArgument if !violations.is_empty() => "refused: invalid".to_owned(),
             Code::Aborted => format!(
-                "not changed: it was changed by someone else since it was read ({}); \
-                 read it again, or re-run to compare against the new version",
+                "not changed: it was changed by someone else since it was read: {} \
+                 (read it again with `corsairctl policy get`, or drop the file's etag to apply over it)",
                 status.message()
             ),
             Code::Unavailable => format!("the control plane is unavailable: {}", status.message()),

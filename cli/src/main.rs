@@ -148,7 +148,8 @@ enum PolicyCommand {
         #[command(flatten)]
         write: Write,
     },
-    /// Show what `apply` would change. Exit status: 0 no change, 1 changes, 2 errors.
+    /// Show what `apply` would change, as a unified diff (whatever -o says). Exit status: 0 no
+    /// change, 1 changes, 2 errors.
     Diff {
         /// As for apply.
         #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
@@ -219,7 +220,7 @@ enum PolicyCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Audit events, newest first; --follow tails new ones live.
+    /// Audit events, newest first; with --follow, oldest first and then new ones live.
     List {
         /// Only events about this service.
         #[arg(long, default_value = "")]
@@ -325,6 +326,7 @@ async fn run(cli: Cli) -> ExitCode {
     };
     match dispatch(cli).await {
         Ok(code) => code,
+        Err(CliError::OutputClosed) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(error_code)
@@ -379,7 +381,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                     service,
                     etag,
                     write,
-                } => policy::delete(&client, service, etag.clone(), &write.options()).await,
+                } => policy::delete(&client, service, etag.clone(), &write.options(), format).await,
                 PolicyCommand::History { service, limit } => {
                     policy::history(&client, service, *limit, format).await
                 }
@@ -389,8 +391,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                     etag,
                     write,
                 } => {
-                    policy::rollback(&client, service, *revision, etag.clone(), &write.options())
-                        .await
+                    policy::rollback(
+                        &client,
+                        service,
+                        *revision,
+                        etag.clone(),
+                        &write.options(),
+                        format,
+                    )
+                    .await
                 }
                 PolicyCommand::Explain {
                     service,
@@ -467,7 +476,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                     token::create(&client, &args, format).await
                 }
                 TokenCommand::List => token::list(&client, format).await,
-                TokenCommand::Revoke { id, reason } => token::revoke(&client, id, reason).await,
+                TokenCommand::Revoke { id, reason } => {
+                    token::revoke(&client, id, reason, format).await
+                }
             }
             .map(|()| ExitCode::SUCCESS)
         }

@@ -44,14 +44,14 @@ pub fn yaml<T: Serialize>(value: &T) -> Result<String, CliError> {
     serde_saphyr::to_string(value).map_err(|e| CliError::Local(format!("cannot print: {e}")))
 }
 
-/// Writes `text` to standard output; a closed pipe (`| head`) is not an error.
+/// Writes `text` to standard output. A closed pipe (`| head`) is
+/// [`CliError::OutputClosed`], which ends the command quietly and successfully.
 pub fn print(text: &str) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(CliError::Local(format!("cannot write output: {e}")))
-        }
-        _ => Ok(()),
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(CliError::OutputClosed),
+        Err(e) => Err(CliError::Local(format!("cannot write output: {e}"))),
     }
 }
 

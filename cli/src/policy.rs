@@ -94,12 +94,25 @@ pub struct WriteOptions {
     pub dry_run: bool,
 }
 
+/// What `delete` and `rollback` print with `-o json|yaml`.
+#[derive(Debug, Serialize)]
+struct Written {
+    service: String,
+    action: &'static str,
+    dry_run: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revision: Option<i64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    findings: Vec<String>,
+}
+
 /// `policy delete SERVICE`.
 pub async fn delete(
     client: &Client,
     service: &str,
     etag: Option<String>,
     opts: &WriteOptions,
+    format: Format,
 ) -> Result<(), CliError> {
     let name = policy_name(service);
     let resp = client
@@ -115,6 +128,16 @@ pub async fn delete(
                 })),
         )
         .await?;
+    let result = Written {
+        service: service.to_owned(),
+        action: "deleted",
+        dry_run: opts.dry_run,
+        revision: (!opts.dry_run).then_some(resp.revision),
+        findings: Vec::new(),
+    };
+    if format != Format::Table {
+        return output::emit(format, &result, Table::default);
+    }
     if opts.dry_run {
         output::print(&format!("{name} would be deleted (dry run)\n"))
     } else {
@@ -129,6 +152,7 @@ pub async fn rollback(
     revision: i64,
     etag: Option<String>,
     opts: &WriteOptions,
+    format: Format,
 ) -> Result<(), CliError> {
     let name = policy_name(service);
     let resp = client
@@ -146,6 +170,16 @@ pub async fn rollback(
                 })),
         )
         .await?;
+    let result = Written {
+        service: service.to_owned(),
+        action: "rolled back",
+        dry_run: opts.dry_run,
+        revision: (!opts.dry_run).then_some(resp.revision),
+        findings: resp.findings.iter().map(finding_line).collect(),
+    };
+    if format != Format::Table {
+        return output::emit(format, &result, Table::default);
+    }
     print_findings(&name, &resp.findings);
     if opts.dry_run {
         output::print(&format!(
@@ -323,6 +357,11 @@ async fn plan(
         Err(e) => return Err(e),
     };
     let mut wire = v1::Policy::from(&doc.spec());
+    let current_spec = current
+        .as_ref()
+        .map(PolicySpec::try_from)
+        .transpose()
+        .map_err(|e| CliError::Protocol(format!("{context}: {e}")))?;
     let response = match &current {
         None => {
             if let Some(etag) = &doc.etag {
@@ -347,7 +386,7 @@ async fn plan(
         }
         Some(stored) => {
             wire.etag = doc.etag.clone().unwrap_or_else(|| stored.etag.clone());
-            client
+            let checked = client
                 .call(
                     &context,
                     client
@@ -359,7 +398,27 @@ async fn plan(
                             ..Default::default()
                         })),
                 )
-                .await?
+                .await;
+            match checked {
+                // A risk acknowledged when the policy was stored need not be acknowledged
+                // again to find that nothing changes.
+                Err(e)
+                    if e.is_unacknowledged_risk()
+                        && unchanged(&doc.spec(), current_spec.as_ref()) =>
+                {
+                    let stored = current.expect("a stored policy");
+                    return Ok(Planned {
+                        name,
+                        wire,
+                        proposed: current_spec.clone().expect("a stored spec"),
+                        current: current_spec,
+                        current_revision: stored.revision,
+                        findings: Vec::new(),
+                        change: Change::Unchanged,
+                    });
+                }
+                checked => checked?,
+            }
         }
     };
     let proposed = response
@@ -367,11 +426,6 @@ async fn plan(
         .as_ref()
         .ok_or_else(|| CliError::Protocol(format!("{context}: validation returned no policy")))?;
     let proposed = PolicySpec::try_from(proposed)
-        .map_err(|e| CliError::Protocol(format!("{context}: {e}")))?;
-    let current_spec = current
-        .as_ref()
-        .map(PolicySpec::try_from)
-        .transpose()
         .map_err(|e| CliError::Protocol(format!("{context}: {e}")))?;
     let change = match &current_spec {
         None => Change::Create,
@@ -393,6 +447,14 @@ async fn plan(
         findings: response.findings,
         change,
     })
+}
+
+/// Whether `desired`, canonicalized as the server would store it, equals `stored`.
+fn unchanged(desired: &PolicySpec, stored: Option<&PolicySpec>) -> bool {
+    let (Some(stored), (Some(policy), _)) = (stored, corsair_policy::lint(desired)) else {
+        return false;
+    };
+    changed_fields(stored, &policy.into_spec()).is_empty()
 }
 
 /// One document's outcome, as `apply -o json|yaml` prints it.
@@ -647,6 +709,18 @@ pub struct ExplainArgs {
     pub private_network: bool,
 }
 
+/// A method as a browser sends it: the six methods fetch normalizes are uppercased, any other
+/// is kept as written (methods are case-sensitive, and `patch` is not `PATCH`).
+pub fn normalize_method(method: &str) -> String {
+    const NORMALIZED: [&str; 6] = ["DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT"];
+    let upper = method.to_ascii_uppercase();
+    if NORMALIZED.contains(&upper.as_str()) {
+        upper
+    } else {
+        method.to_owned()
+    }
+}
+
 /// Whether a browser would send a preflight before this request: a method other than GET,
 /// HEAD and POST, or a header outside the CORS-safelisted ones.
 pub fn needs_preflight(method: &str, headers: &[String]) -> bool {
@@ -698,8 +772,9 @@ pub async fn explain(client: &Client, args: &ExplainArgs, format: Format) -> Res
             ));
         }
     };
-    let method = args.method.to_ascii_uppercase();
-    let preflight = args.preflight || needs_preflight(&method, &args.headers);
+    let method = normalize_method(&args.method);
+    let preflight =
+        args.preflight || args.private_network || needs_preflight(&method, &args.headers);
     let resp = client
         .call(
             &context,
@@ -790,6 +865,13 @@ mod tests {
         assert!(needs_preflight("PUT", &[]));
         assert!(needs_preflight("GET", &["X-Token".into()]));
         assert!(needs_preflight("POST", &["content-type".into()]));
+    }
+
+    #[test]
+    fn methods_are_normalized_as_fetch_does() {
+        assert_eq!(normalize_method("delete"), "DELETE");
+        assert_eq!(normalize_method("patch"), "patch");
+        assert_eq!(normalize_method("PATCH"), "PATCH");
     }
 
     #[test]

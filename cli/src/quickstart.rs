@@ -62,11 +62,19 @@ struct Process {
     name: &'static str,
     child: Child,
     log: PathBuf,
+    /// The tasks copying its standard output and error into `log`, awaited when it stops so
+    /// that no last line is lost.
+    copying: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// How long a process may take to say it listens.
+const START_LIMIT: Duration = Duration::from_secs(60);
+
 impl Process {
-    /// Starts `bin` with `args`, copies its output to `log`, and waits for the log line whose
-    /// message is `ready`; returns that line's fields.
+    /// Starts `bin` with `args` in its own process group (so a terminal's Ctrl-C reaches only
+    /// the quickstart, which stops the processes in order), copies its standard output and
+    /// error to `log`, and waits for the log line whose message is `ready`; returns that
+    /// line's fields.
     async fn start(
         name: &'static str,
         bin: &Path,
@@ -84,22 +92,24 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| CliError::Local(format!("cannot start {}: {e}", bin.display())))?;
         let file = tokio::fs::File::create(&log)
             .await
             .map_err(|e| CliError::Local(format!("cannot create {}: {e}", log.display())))?;
+        let file = std::sync::Arc::new(tokio::sync::Mutex::new(file));
         let stdout = child.stdout.take().expect("stdout is piped");
-        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
         let (found, listening) = oneshot::channel();
-        tokio::spawn(async move {
+        let out_file = file.clone();
+        let stdout_copy = tokio::spawn(async move {
             let mut found = Some(found);
-            let mut file = file;
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let _ = file.write_all(line.as_bytes()).await;
-                let _ = file.write_all(b"\n").await;
+                let mut file = out_file.lock().await;
+                let _ = file.write_all(format!("{line}\n").as_bytes()).await;
                 if found.is_some()
                     && let Ok(log) = serde_json::from_str::<serde_json::Value>(&line)
                     && log["fields"]["message"] == ready
@@ -108,21 +118,47 @@ impl Process {
                     let _ = found.send(log["fields"].clone());
                 }
             }
-            let _ = file.flush().await;
+            let _ = out_file.lock().await.flush().await;
         });
-        match listening.await {
-            Ok(fields) => Ok((Process { name, child, log }, fields)),
-            Err(_) => {
-                // It exited before listening: its one-line error is on stderr.
-                let mut why = String::new();
-                let _ = stderr.read_to_string(&mut why).await;
+        // Standard error carries the one-line reason a process could not start or stopped.
+        let errors = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let seen = errors.clone();
+        let stderr_copy = tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.lock()
+                    .expect("stderr lock")
+                    .push_str(&format!("{line}\n"));
+                let mut file = file.lock().await;
+                let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+            }
+            let _ = file.lock().await.flush().await;
+        });
+        match tokio::time::timeout(START_LIMIT, listening).await {
+            Ok(Ok(fields)) => Ok((
+                Process {
+                    name,
+                    child,
+                    log,
+                    copying: vec![stdout_copy, stderr_copy],
+                },
+                fields,
+            )),
+            Ok(Err(_)) => {
+                // It exited before listening.
                 let status = child.wait().await.ok();
+                let _ = stderr_copy.await;
+                let why = errors.lock().expect("stderr lock").trim().to_owned();
                 Err(CliError::Local(format!(
-                    "{name} did not start ({}): {}",
+                    "{name} did not start ({}): {why}",
                     status.map_or_else(|| "unknown status".into(), |s| s.to_string()),
-                    why.trim()
                 )))
             }
+            Err(_) => Err(CliError::Local(format!(
+                "{name} did not start listening within {}s; see {}",
+                START_LIMIT.as_secs(),
+                log.display()
+            ))),
         }
     }
 
@@ -131,7 +167,11 @@ impl Process {
         if let Some(pid) = self.child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
-        match tokio::time::timeout(STOP_GRACE, self.child.wait()).await {
+        let stopped = tokio::time::timeout(STOP_GRACE, self.child.wait()).await;
+        for task in self.copying.drain(..) {
+            let _ = task.await;
+        }
+        match stopped {
             Ok(Ok(status)) if status.success() => Ok(()),
             Ok(Ok(status)) => Err(CliError::Local(format!(
                 "{} exited with {status}; see {}",
@@ -185,8 +225,14 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
     write_new(&demo_file, DEMO_POLICY)?;
     write_new(&add_origin_file, &add_origin_example())?;
 
-    // The admin token the control plane starts with on its first run, kept for later runs.
+    // The admin token the control plane starts with on its first run, kept for later runs;
+    // a new database starts with new tokens.
     let admin_token_file = dir.join("admin.token");
+    if !dir.join("corsair.db").exists() {
+        for stale in [admin_token_file.clone(), dir.join("sidecar.token")] {
+            let _ = std::fs::remove_file(stale);
+        }
+    }
     let admin_token = read_or_create_token(&admin_token_file)?;
     let (control_plane, fields) = Process::start(
         "the control plane",
@@ -540,8 +586,13 @@ fn ctl_command(grpc: &str, default_addr: bool) -> String {
     } else {
         let exe = exe.unwrap_or_else(|| PathBuf::from("corsairctl"));
         let cwd = std::env::current_dir().unwrap_or_default();
-        exe.strip_prefix(&cwd)
-            .map_or_else(|_| exe.display().to_string(), |p| p.display().to_string())
+        match exe.strip_prefix(&cwd) {
+            Ok(relative) if relative.components().count() == 1 => {
+                format!("./{}", relative.display())
+            }
+            Ok(relative) => relative.display().to_string(),
+            Err(_) => exe.display().to_string(),
+        }
     };
     if !default_addr {
         command.push_str(&format!(" --addr {grpc}"));

@@ -134,7 +134,12 @@ pub async fn list(client: &Client, format: Format) -> Result<(), CliError> {
 }
 
 /// `token revoke ID`.
-pub async fn revoke(client: &Client, id: &str, reason: &str) -> Result<(), CliError> {
+pub async fn revoke(
+    client: &Client,
+    id: &str,
+    reason: &str,
+    format: Format,
+) -> Result<(), CliError> {
     let token = client
         .call(
             &format!("token {id}"),
@@ -146,6 +151,9 @@ pub async fn revoke(client: &Client, id: &str, reason: &str) -> Result<(), CliEr
                 })),
         )
         .await?;
+    if format != Format::Table {
+        return output::emit(format, &view(&token), Table::default);
+    }
     output::print(&format!(
         "token {} ({}) revoked; calls and streams using it are refused from now on\n",
         token.id, token.name

@@ -171,6 +171,11 @@ fn errors_name_the_field_and_exit_non_zero() {
     ]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("acknowledged risk"), "{out:?}");
+    // Once stored, the same policy is unchanged without acknowledging its risk again.
+    let out = cp.ctl(&["policy", "apply", "-f", &risky]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("unchanged"), "{out:?}");
+    assert_eq!(cp.ctl(&["policy", "diff", "-f", &risky]).code, 0);
 
     // A service defined twice is refused before anything is sent.
     let twice = cp.file("twice.yaml", "service: a\n---\nservice: a\n");
@@ -364,7 +369,7 @@ fn audit_list_filters_and_follows() {
     assert!(out.stdout.contains("5 events"), "{out:?}");
 
     // --follow: the listing, oldest first, then each new matching event as it happens.
-    let mut follow = spawn_plain(
+    let follow = spawn_plain(
         std::path::Path::new(support::CTL),
         &[
             "--addr",
@@ -380,9 +385,8 @@ fn audit_list_filters_and_follows() {
             "json",
         ],
     );
-    let mut next = || -> serde_json::Value {
-        serde_json::from_str(&follow.lines.next().unwrap().unwrap()).unwrap()
-    };
+    let next =
+        || -> serde_json::Value { serde_json::from_str(&follow.next_line().unwrap()).unwrap() };
     assert_eq!(next()["sequence"], 3);
     assert_eq!(next()["sequence"], 5);
     let web_v2 = cp.file(
@@ -523,11 +527,11 @@ fn tokens_never_appear_in_logs_output_or_the_audit_log() {
         cp.json(&["fleet", "status"])[0]["state"] == "SYNCED"
     });
     assert!(sidecar.terminate().success());
-    let sidecar_log: Vec<String> = sidecar.lines.by_ref().map_while(Result::ok).collect();
+    let sidecar_log = sidecar.rest();
 
     let mut cp = cp;
     assert!(cp.process.terminate().success());
-    let cp_log: Vec<String> = cp.process.lines.by_ref().map_while(Result::ok).collect();
+    let cp_log = cp.process.rest();
     assert!(
         cp_log.iter().any(|l| l.contains("call refused")),
         "the refusals are logged: {cp_log:?}"

@@ -3,16 +3,19 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{BufRead, BufReader, Lines};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 /// The `corsairctl` under test.
 pub const CTL: &str = env!("CARGO_BIN_EXE_corsairctl");
 
-/// A sibling binary of `corsairctl`, built on first use when this package's tests run alone
-/// (`cargo test --workspace` has already built it).
+/// A sibling binary of `corsairctl`, in the same profile. `cargo test --workspace` (as
+/// `scripts/test.sh` runs it) has built it with everything else; when this package's tests
+/// run alone and it is missing, it is built here. (Building it here every time would build it
+/// with other features than the workspace build, and the two would keep rebuilding each
+/// other's binaries.)
 pub fn sibling(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let dir = Path::new(CTL).parent().expect("corsairctl has a directory");
@@ -20,17 +23,19 @@ pub fn sibling(name: &str) -> PathBuf {
     if !path.is_file() {
         BUILT.get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args([
-                    "build",
-                    "--bins",
-                    "-p",
-                    "corsair-control-plane",
-                    "-p",
-                    "corsair-sidecar",
-                ])
-                .status()
-                .expect("cargo runs");
+            let mut build = Command::new(cargo);
+            build.args([
+                "build",
+                "--bins",
+                "-p",
+                "corsair-control-plane",
+                "-p",
+                "corsair-sidecar",
+            ]);
+            if dir.ends_with("release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cargo runs");
             assert!(status.success(), "building the other binaries failed");
         });
     }
@@ -38,21 +43,31 @@ pub fn sibling(name: &str) -> PathBuf {
     path
 }
 
-/// Kills a child when dropped, so a failing test leaves no process behind.
+/// A child process whose standard output is read line by line on a thread (so a chatty
+/// child never blocks on a full pipe); killed when dropped, so a failing test leaves no
+/// process behind.
 pub struct Running {
     pub child: Child,
-    pub lines: Lines<BufReader<ChildStdout>>,
+    pub lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Running {
+    /// The next line it prints; `None` once it has closed its output.
+    pub fn next_line(&self) -> Option<String> {
+        self.lines.recv().ok()
+    }
+
+    /// Every line it printed from now until it closed its output.
+    pub fn rest(&self) -> Vec<String> {
+        self.lines.iter().collect()
+    }
+
     /// Reads JSON log lines until one whose message is `message`; returns its fields.
     pub fn wait_for_log(&mut self, message: &str) -> serde_json::Value {
         loop {
             let line = self
-                .lines
-                .next()
-                .unwrap_or_else(|| panic!("the process exited before logging {message:?}"))
-                .unwrap();
+                .next_line()
+                .unwrap_or_else(|| panic!("the process exited before logging {message:?}"));
             if let Ok(log) = serde_json::from_str::<serde_json::Value>(&line)
                 && log["fields"]["message"] == message
             {
@@ -100,7 +115,15 @@ pub fn spawn_env(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Running {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     Running { child, lines }
 }
 
