@@ -1,0 +1,258 @@
+//! Faults under steady traffic, with the real binaries as separate processes. Each scenario
+//! asserts that no request the upstream would have served failed, that every response's CORS
+//! headers come from one revision that had been written, that no sidecar goes back to an
+//! older revision, and that after healing every sidecar reaches the latest revision; it
+//! prints how long that took.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use corsair_proto::v1;
+use support::{
+    ControlPlane, Load, ORIGIN, SERVICE, Sidecar, Upstream, bearer, channel, converged, free_port,
+    policy, request, revision_of, sidecar_token, write_policy,
+};
+
+fn sqlite(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("cp.db").display())
+}
+
+fn assert_clean(served: u64, failures: &[String]) {
+    assert!(served > 0, "no traffic was served");
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_killed_and_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cp = ControlPlane::start(&sqlite(&dir), port, &[]);
+    let grpc = channel(&cp.url);
+    let upstream = Upstream::start().await;
+    let revision = write_policy(&grpc, 1).await;
+    let token = sidecar_token(&grpc).await;
+    let sidecars: Vec<Sidecar> = (0..3)
+        .map(|i| {
+            Sidecar::start(
+                port,
+                upstream.addr,
+                &dir.path().join(format!("cache-{i}.json")),
+                &token,
+                &format!("s{i}"),
+                &[],
+            )
+        })
+        .collect();
+    converged(&grpc, 3, revision).await;
+    let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 2, 1);
+    load.wait_for(200);
+
+    // SIGKILL: traffic goes on under the last policy.
+    cp.process.kill();
+    load.wait_for(500);
+
+    // Back on the same port and database: the sidecars reconnect and take a new revision.
+    let cp = ControlPlane::start(&sqlite(&dir), port, &[]);
+    load.written.store(2, Ordering::SeqCst);
+    let healed = Instant::now();
+    let revision = write_policy(&grpc, 2).await;
+    let took = converged(&grpc, 3, revision).await;
+    eprintln!(
+        "control plane restarted: fleet SYNCED on the new revision {:?} after the write ({:?} after restart)",
+        took,
+        healed.elapsed()
+    );
+    load.wait_for(200);
+    let (served, failures) = load.stop();
+    assert_clean(served, &failures);
+    drop(cp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cp = ControlPlane::start(&sqlite(&dir), port, &[]);
+    let grpc = channel(&cp.url);
+    let upstream = Upstream::start().await;
+    write_policy(&grpc, 1).await;
+    let revision = write_policy(&grpc, 2).await;
+    let token = sidecar_token(&grpc).await;
+    let cache = dir.path().join("cache.json");
+    let sidecar = Sidecar::start(port, upstream.addr, &cache, &token, "s0", &[]);
+    converged(&grpc, 1, revision).await;
+    cp.process.kill();
+    assert!(sidecar.process.terminate());
+
+    // No control plane: the new process serves revision 2 from its cache as soon as it listens.
+    let sidecar = Sidecar::start(port, upstream.addr, &cache, &token, "s0", &[]);
+    assert!(sidecar.process.logged("serving from the cache file"));
+    assert_eq!(sidecar.admin_status("/readyz"), 200);
+    let (status, head) = request(sidecar.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(revision_of(&head), Ok(2));
+    let load = Load::start(&[sidecar.addr], 2, 2);
+    load.wait_for(300);
+    let (served, failures) = load.stop();
+    assert_clean(served, &failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_cache_file_is_ignored_until_the_control_plane_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let upstream = Upstream::start().await;
+    for (name, contents) in [
+        ("garbage", &b"\x00\xffnot json at all"[..]),
+        (
+            "truncated",
+            &br#"{"version": 1, "revision": 3, "policies": [{"service": "sh"#[..],
+        ),
+    ] {
+        let cache = dir.path().join(format!("{name}.json"));
+        std::fs::write(&cache, contents).unwrap();
+        // Nothing listens on the control plane's port yet.
+        let sidecar = Sidecar::start(port, upstream.addr, &cache, "unused", name, &[]);
+        assert!(sidecar.process.logged("ignoring the cache file"), "{name}");
+        // The no-policy setting (deny) applies, and readiness says so.
+        assert_eq!(sidecar.admin_status("/readyz"), 503, "{name}");
+        let (status, _) = request(sidecar.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
+        assert_eq!(status, 403, "{name}");
+    }
+
+    // Once a control plane answers, a sidecar with a corrupt cache converges and serves.
+    let cache = dir.path().join("garbage.json");
+    std::fs::write(&cache, b"{{{{").unwrap();
+    let cp = ControlPlane::start(&sqlite(&dir), port, &[]);
+    let grpc = channel(&cp.url);
+    let revision = write_policy(&grpc, 1).await;
+    let token = sidecar_token(&grpc).await;
+    let sidecar = Sidecar::start(port, upstream.addr, &cache, &token, "healed", &[]);
+    let took = converged(&grpc, 1, revision).await;
+    eprintln!("corrupt cache: SYNCED {took:?} after start");
+    let (status, head) = request(sidecar.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(revision_of(&head), Ok(1));
+    // The good policy replaced the corrupt file.
+    let saved = std::fs::read(&cache).unwrap();
+    assert!(saved.windows(7).any(|w| w == b"x-rev-1"), "{saved:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_down_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cp = ControlPlane::start(&sqlite(&dir), port, &[]);
+    let grpc = channel(&cp.url);
+    let mut upstream = Upstream::start().await;
+    let revision = write_policy(&grpc, 1).await;
+    let token = sidecar_token(&grpc).await;
+    let cache = dir.path().join("cache.json");
+    let sidecar = Sidecar::start(port, upstream.addr, &cache, &token, "s0", &[]);
+    converged(&grpc, 1, revision).await;
+    let load = Load::start(&[sidecar.addr], 2, 1);
+    load.wait_for(200);
+
+    load.upstream_down.store(true, Ordering::SeqCst);
+    upstream.stop().await;
+    let (status, _) = request(sidecar.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
+    assert_eq!(
+        status, 502,
+        "the sidecar answers 502 while the upstream is down"
+    );
+    while load.bad_gateway.load(Ordering::Relaxed) < 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // Back, without restarting the sidecar.
+    upstream.resume().await;
+    let back = Instant::now();
+    loop {
+        let (status, _) = request(sidecar.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("upstream back: served again after {:?}", back.elapsed());
+    load.upstream_down.store(false, Ordering::SeqCst);
+    let settle = load.served.load(Ordering::Relaxed);
+    load.wait_for(300);
+    let (served, failures) = load.stop();
+    assert!(served > settle);
+    assert_clean(served, &failures);
+    drop(cp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_updates_while_sidecars_serve() {
+    const SIDECARS: usize = 20;
+    const UPDATES: u64 = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cp = ControlPlane::start(&sqlite(&dir), port, &["--max-writes-per-sec", "0"]);
+    let grpc = channel(&cp.url);
+    let upstream = Upstream::start().await;
+    let first = write_policy(&grpc, 1).await;
+    let token = sidecar_token(&grpc).await;
+    let sidecars: Vec<Sidecar> = (0..SIDECARS)
+        .map(|i| {
+            Sidecar::start(
+                port,
+                upstream.addr,
+                &dir.path().join(format!("cache-{i}.json")),
+                &token,
+                &format!("s{i:02}"),
+                &[],
+            )
+        })
+        .collect();
+    converged(&grpc, SIDECARS, first).await;
+    let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 1, 1);
+    load.wait_for(100);
+    let started = Instant::now();
+    let mut policies = v1::policy_service_client::PolicyServiceClient::new(grpc.clone());
+    let mut etag = policies
+        .get_policy(bearer(v1::GetPolicyRequest {
+            name: format!("services/{SERVICE}/policy"),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .etag;
+    let mut last = first;
+    for n in 2..=UPDATES {
+        load.written.store(n as i64, Ordering::SeqCst);
+        let written = policies
+            .update_policy(bearer(v1::UpdatePolicyRequest {
+                policy: Some(v1::Policy { etag, ..policy(n) }),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        last = written.revision;
+        etag = written.policy.unwrap().etag;
+    }
+    let wrote = started.elapsed();
+    let took = converged(&grpc, SIDECARS, last).await;
+    eprintln!(
+        "{UPDATES} updates written in {wrote:?}; all {SIDECARS} sidecars SYNCED on the last {took:?} after it"
+    );
+    load.wait_for(100);
+    let (served, failures) = load.stop();
+    // Every sidecar now serves the last revision.
+    for s in &sidecars {
+        let (_, head) = request(s.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
+        assert_eq!(revision_of(&head), Ok(UPDATES));
+    }
+    assert_clean(served, &failures);
+    drop(cp);
+}

@@ -1,0 +1,605 @@
+//! The pieces of an end-to-end run: the real `corsair-control-plane` and `corsair-sidecar`
+//! binaries as processes (found in the target directory beside this test), a real upstream,
+//! policies whose every revision is recognisable in response headers, and steady client
+//! traffic that checks every response.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use corsair_proto::v1;
+use tonic::transport::Channel;
+
+/// The admin token every control plane here starts with.
+pub const ADMIN: &str = "corsair_e2e-admin-token-0123456789abcdef0123456789";
+/// The origin every policy here allows.
+pub const ORIGIN: &str = "https://app.example.com";
+/// The service every sidecar here serves.
+pub const SERVICE: &str = "shop";
+
+/// A binary of the workspace, from the target directory this test runs from; built when
+/// missing (when this package's tests run alone).
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>
+    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let path = dir.join(name);
+    if !path.is_file() {
+        BUILT.get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args([
+                "build",
+                "--bins",
+                "-p",
+                "corsair-control-plane",
+                "-p",
+                "corsair-sidecar",
+            ]);
+            if dir.ends_with("release") {
+                build.arg("--release");
+            }
+            assert!(
+                build.status().unwrap().success(),
+                "building the binaries failed"
+            );
+        });
+    }
+    assert!(path.is_file(), "{} is missing", path.display());
+    path
+}
+
+/// A free port on loopback (for a process that must come back on the same address).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A process whose JSON log lines are read on a thread; killed when dropped.
+pub struct Process {
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    pub fn spawn(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut child = Command::new(bin)
+            .args(args)
+            .args(["--log-format", "json"])
+            .env_remove("CORSAIR_TOKEN")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                kept.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Process { child, lines, log }
+    }
+
+    /// Waits for the log line whose message is `message`; its fields.
+    pub fn wait_for_log(&self, message: &str) -> serde_json::Value {
+        loop {
+            let line = self
+                .lines
+                .recv()
+                .unwrap_or_else(|_| panic!("exited before logging {message:?}"));
+            if let Ok(log) = serde_json::from_str::<serde_json::Value>(&line)
+                && log["fields"]["message"] == message
+            {
+                return log["fields"].clone();
+            }
+        }
+    }
+
+    /// Whether any log line so far contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// SIGKILL, and reaped.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM; whether it then exited cleanly.
+    pub fn terminate(mut self) -> bool {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().unwrap().success()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A control plane on a fixed port (so it can come back on it) and a database.
+pub struct ControlPlane {
+    pub process: Process,
+    pub port: u16,
+    pub url: String,
+}
+
+impl ControlPlane {
+    pub fn start(database_url: &str, port: u16, extra: &[&str]) -> ControlPlane {
+        let listen = format!("127.0.0.1:{port}");
+        let process = Process::spawn(
+            &binary("corsair-control-plane"),
+            &[
+                &["--listen", &listen, "--database-url", database_url],
+                extra,
+            ]
+            .concat(),
+            &[("CORSAIR_BOOTSTRAP_TOKEN", ADMIN)],
+        );
+        process.wait_for_log("control plane listening");
+        ControlPlane {
+            process,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+/// A gRPC channel to `url`, connected lazily (so it survives the server coming and going).
+pub fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned()).unwrap().connect_lazy()
+}
+
+pub fn bearer<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+    request
+}
+
+/// Revision `n` of the policy: it allows [`ORIGIN`] and exposes `x-rev-n` and `x-check-n`,
+/// so a response tells which revision produced it, and a response mixing two revisions shows.
+pub fn policy(n: u64) -> v1::Policy {
+    v1::Policy {
+        service: SERVICE.into(),
+        allowed_origins: vec![ORIGIN.into()],
+        exposed_headers: vec![format!("x-rev-{n}"), format!("x-check-{n}")],
+        ..Default::default()
+    }
+}
+
+/// Writes revision `n` of the policy (creating it for `n == 1`), retrying while the control
+/// plane is unavailable; the global revision it got.
+pub async fn write_policy(channel: &Channel, n: u64) -> i64 {
+    let mut client = v1::policy_service_client::PolicyServiceClient::new(channel.clone());
+    loop {
+        let result = if n == 1 {
+            client
+                .create_policy(bearer(v1::CreatePolicyRequest {
+                    policy: Some(policy(1)),
+                    ..Default::default()
+                }))
+                .await
+                .map(|r| r.into_inner().revision)
+        } else {
+            let current = client
+                .get_policy(bearer(v1::GetPolicyRequest {
+                    name: format!("services/{SERVICE}/policy"),
+                }))
+                .await;
+            match current {
+                Err(status) => Err(status),
+                Ok(current) => client
+                    .update_policy(bearer(v1::UpdatePolicyRequest {
+                        policy: Some(v1::Policy {
+                            etag: current.into_inner().etag,
+                            ..policy(n)
+                        }),
+                        ..Default::default()
+                    }))
+                    .await
+                    .map(|r| r.into_inner().revision),
+            }
+        };
+        match result {
+            Ok(revision) => return revision,
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("writing revision {n}: {status:?}"),
+        }
+    }
+}
+
+/// A sidecar token for [`SERVICE`].
+pub async fn sidecar_token(channel: &Channel) -> String {
+    v1::token_service_client::TokenServiceClient::new(channel.clone())
+        .create_token(bearer(v1::CreateTokenRequest {
+            name: "e2e-sidecar".into(),
+            role: "sidecar".into(),
+            services: vec![SERVICE.into()],
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret
+}
+
+/// Waits until every sidecar in fleet status is `SYNCED` at `revision` or later (retrying
+/// while the control plane is away); how long that took.
+pub async fn converged(channel: &Channel, sidecars: usize, revision: i64) -> Duration {
+    let started = Instant::now();
+    let mut fleet = v1::fleet_service_client::FleetServiceClient::new(channel.clone());
+    for _ in 0..6000 {
+        if let Ok(list) = fleet
+            .list_sidecars(bearer(v1::ListSidecarsRequest {
+                page_size: 1000,
+                state: v1::SidecarState::Synced as i32,
+                ..Default::default()
+            }))
+            .await
+        {
+            let synced = list
+                .into_inner()
+                .sidecars
+                .iter()
+                .filter(|s| s.last_acked_revision >= revision)
+                .count();
+            if synced >= sidecars {
+                return started.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the fleet never converged on revision {revision}");
+}
+
+/// A sidecar process in front of `upstream`, following the control plane at `port`.
+pub struct Sidecar {
+    pub process: Process,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Sidecar {
+    pub fn start(
+        control_plane_port: u16,
+        upstream: SocketAddr,
+        cache: &Path,
+        token: &str,
+        id: &str,
+        extra: &[&str],
+    ) -> Sidecar {
+        let cp = format!("http://127.0.0.1:{control_plane_port}");
+        let upstream = upstream.to_string();
+        let cache = cache.display().to_string();
+        let process = Process::spawn(
+            &binary("corsair-sidecar"),
+            &[
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                    "--upstream",
+                    &upstream,
+                    "--service",
+                    SERVICE,
+                    "--control-plane",
+                    &cp,
+                    "--cache-file",
+                    &cache,
+                    "--sidecar-id",
+                    id,
+                ],
+                extra,
+            ]
+            .concat(),
+            &[("CORSAIR_TOKEN", token)],
+        );
+        let fields = process.wait_for_log("sidecar listening");
+        Sidecar {
+            process,
+            addr: fields["address"].as_str().unwrap().parse().unwrap(),
+            admin: fields["admin"].as_str().unwrap().parse().unwrap(),
+        }
+    }
+
+    /// The status of an admin path.
+    pub fn admin_status(&self, path: &str) -> u16 {
+        let (status, _) = request(self.admin, "GET", path, &[]).unwrap();
+        status
+    }
+}
+
+/// One HTTP/1.1 request on a new connection: (status, lowercase head).
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    let mut text = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("\r\n");
+    stream.write_all(text.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {response:?}")))?;
+    Ok((status, response.to_ascii_lowercase()))
+}
+
+/// The revision a response's CORS headers show (`x-rev-n` and `x-check-n` must agree);
+/// `Err` for a response without them or with two revisions mixed.
+pub fn revision_of(head: &str) -> Result<u64, String> {
+    let value = head
+        .lines()
+        .find_map(|l| l.strip_prefix("access-control-expose-headers:"))
+        .ok_or_else(|| format!("no expose-headers: {head}"))?;
+    let mut rev = None;
+    let mut check = None;
+    for name in value.split(',').map(str::trim) {
+        if let Some(n) = name.strip_prefix("x-rev-") {
+            rev = n.parse::<u64>().ok();
+        } else if let Some(n) = name.strip_prefix("x-check-") {
+            check = n.parse::<u64>().ok();
+        }
+    }
+    match (rev, check) {
+        (Some(r), Some(c))
+            if r == c && head.contains(&format!("access-control-allow-origin: {ORIGIN}")) =>
+        {
+            Ok(r)
+        }
+        _ => Err(format!(
+            "a response mixing revisions or missing headers: {head}"
+        )),
+    }
+}
+
+/// Steady client traffic: one keep-alive connection per sidecar per worker, sequential
+/// cross-origin GETs, each response checked.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub served: Arc<AtomicU64>,
+    pub failures: Arc<Mutex<Vec<String>>>,
+    /// The newest policy revision number written so far (`policy(n)`'s n).
+    pub written: Arc<AtomicI64>,
+    /// Whether upstream errors (502) are expected right now, and so not failures.
+    pub upstream_down: Arc<AtomicBool>,
+    pub bad_gateway: Arc<AtomicU64>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(sidecars: &[SocketAddr], per_sidecar: usize, written: i64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let written = Arc::new(AtomicI64::new(written));
+        let upstream_down = Arc::new(AtomicBool::new(false));
+        let bad_gateway = Arc::new(AtomicU64::new(0));
+        let mut workers = Vec::new();
+        for &addr in sidecars {
+            for _ in 0..per_sidecar {
+                let (stop, served, failures, written, upstream_down, bad_gateway) = (
+                    stop.clone(),
+                    served.clone(),
+                    failures.clone(),
+                    written.clone(),
+                    upstream_down.clone(),
+                    bad_gateway.clone(),
+                );
+                workers.push(std::thread::spawn(move || {
+                    let mut connection: Option<BufReader<TcpStream>> = None;
+                    let mut last = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let conn = match &mut connection {
+                            Some(c) => c,
+                            None => match TcpStream::connect(addr) {
+                                Ok(s) => {
+                                    let _ = s.set_nodelay(true);
+                                    connection.insert(BufReader::new(s))
+                                }
+                                Err(e) => {
+                                    failures
+                                        .lock()
+                                        .unwrap()
+                                        .push(format!("connect {addr}: {e}"));
+                                    std::thread::sleep(Duration::from_millis(10));
+                                    continue;
+                                }
+                            },
+                        };
+                        match exchange(conn, addr) {
+                            Ok((200, head)) => match revision_of(&head) {
+                                Ok(n) if n as i64 > written.load(Ordering::SeqCst) => failures
+                                    .lock()
+                                    .unwrap()
+                                    .push(format!("revision {n} before it was written")),
+                                Ok(n) if n < last => failures
+                                    .lock()
+                                    .unwrap()
+                                    .push(format!("{addr} went back from revision {last} to {n}")),
+                                Ok(n) => {
+                                    last = n;
+                                    served.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => failures.lock().unwrap().push(e),
+                            },
+                            Ok((502, _)) if upstream_down.load(Ordering::SeqCst) => {
+                                bad_gateway.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok((status, head)) => {
+                                failures
+                                    .lock()
+                                    .unwrap()
+                                    .push(format!("status {status}: {head}"));
+                                connection = None;
+                            }
+                            Err(e) => {
+                                if !upstream_down.load(Ordering::SeqCst) {
+                                    failures.lock().unwrap().push(format!("{addr}: {e}"));
+                                }
+                                connection = None;
+                            }
+                        }
+                    }
+                }));
+            }
+        }
+        Load {
+            stop,
+            served,
+            failures,
+            written,
+            upstream_down,
+            bad_gateway,
+            workers,
+        }
+    }
+
+    /// Waits until `more` further requests have been served.
+    pub fn wait_for(&self, more: u64) {
+        let target = self.served.load(Ordering::Relaxed) + more;
+        while self.served.load(Ordering::Relaxed) < target {
+            assert!(
+                self.failures.lock().unwrap().len() < 1000,
+                "{:?}",
+                &self.failures.lock().unwrap()[..5]
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops the traffic; (requests served, failures).
+    pub fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            w.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.served.load(Ordering::Relaxed), failures)
+    }
+}
+
+/// One request on a keep-alive connection: (status, lowercase head).
+fn exchange(conn: &mut BufReader<TcpStream>, addr: SocketAddr) -> std::io::Result<(u16, String)> {
+    conn.get_mut().write_all(
+        format!("GET /item HTTP/1.1\r\nHost: {addr}\r\nOrigin: {ORIGIN}\r\n\r\n").as_bytes(),
+    )?;
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if conn.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("connection closed mid-response"));
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line.to_ascii_lowercase());
+    }
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {head:?}")))?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    conn.read_exact(&mut body)?;
+    Ok((status, head))
+}
+
+/// A small real upstream on a fixed address, which can be stopped (every connection closed)
+/// and started again.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    running: Option<(tokio::task::JoinHandle<()>, Arc<tokio::sync::Notify>)>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut upstream = Upstream {
+            addr,
+            running: None,
+        };
+        upstream.resume().await;
+        upstream
+    }
+
+    /// Serves again on the same address.
+    pub async fn resume(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        connections.spawn(async move {
+                            let service = hyper::service::service_fn(|_req| async {
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"upstream\n")),
+                                ))
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                    () = stopped.notified() => {
+                        connections.abort_all();
+                        return;
+                    }
+                }
+            }
+        });
+        self.running = Some((task, stop));
+    }
+
+    /// Stops listening and closes every connection.
+    pub async fn stop(&mut self) {
+        if let Some((task, stop)) = self.running.take() {
+            stop.notify_one();
+            let _ = task.await;
+        }
+    }
+}
