@@ -55,6 +55,10 @@ struct Args {
     /// spiffe://<domain>/corsair/sidecar/<service> is a sidecar of that service.
     #[arg(long, env = "CORSAIR_TRUST_DOMAIN", requires = "tls_client_ca")]
     trust_domain: Option<String>,
+    /// Seconds between HTTP/2 keepalive pings to clients; a client silent for as long again
+    /// is dropped (its sidecar row turns DISCONNECTED).
+    #[arg(long, env = "CORSAIR_KEEPALIVE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    keepalive_secs: u64,
     /// Allow --auth none on a non-loopback address (logged as a warning at start).
     #[arg(long, env = "CORSAIR_INSECURE")]
     insecure: bool,
@@ -211,6 +215,7 @@ async fn main() -> ExitCode {
             reload_interval: Duration::from_secs(2),
         }),
         trust_domain: args.trust_domain,
+        keepalive: Duration::from_secs(args.keepalive_secs),
         auth,
         write_rate: (args.max_writes_per_sec > 0).then(|| WriteRate {
             per_sec: f64::from(args.max_writes_per_sec),

@@ -73,6 +73,10 @@ struct Args {
     /// PEM key of --client-cert.
     #[arg(long, env = "CORSAIR_CLIENT_KEY", requires = "client_cert")]
     client_key: Option<PathBuf>,
+    /// Seconds between HTTP/2 keepalive pings to the control plane; a control plane silent for
+    /// as long again is taken as gone, and the sidecar reconnects.
+    #[arg(long, env = "CORSAIR_KEEPALIVE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    keepalive_secs: u64,
     /// Token presented to the control plane (a `sidecar` token for --service); prefer the
     /// environment variable, which `ps` does not show.
     #[arg(long, env = "CORSAIR_TOKEN", hide_env_values = true, value_parser = parse_secret)]
@@ -221,7 +225,8 @@ async fn run() -> ExitCode {
     if let Some(url) = &args.control_plane {
         let endpoint = match tonic::transport::Endpoint::from_shared(url.clone()) {
             Ok(e) => e
-                .http2_keep_alive_interval(std::time::Duration::from_secs(20))
+                .http2_keep_alive_interval(std::time::Duration::from_secs(args.keepalive_secs))
+                .keep_alive_timeout(std::time::Duration::from_secs(args.keepalive_secs))
                 .keep_alive_while_idle(true),
             Err(e) => {
                 eprintln!("corsair-sidecar: --control-plane {url:?}: {e}");

@@ -256,3 +256,131 @@ async fn a_burst_of_updates_while_sidecars_serve() {
     assert_clean(served, &failures);
     drop(cp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_paused_beyond_the_keepalive_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cp = ControlPlane::start(&sqlite(&dir), port, &["--keepalive-secs", "1"]);
+    let grpc = channel(&cp.url);
+    let upstream = Upstream::start().await;
+    let revision = write_policy(&grpc, 1).await;
+    let token = sidecar_token(&grpc).await;
+    let sidecars: Vec<Sidecar> = (0..2)
+        .map(|i| {
+            Sidecar::start(
+                port,
+                upstream.addr,
+                &dir.path().join(format!("cache-{i}.json")),
+                &token,
+                &format!("s{i}"),
+                &["--keepalive-secs", "1"],
+            )
+        })
+        .collect();
+    converged(&grpc, 2, revision).await;
+    let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 2, 1);
+    load.wait_for(100);
+
+    // SIGSTOP: the process holds its sockets but answers nothing. The sidecars' keepalive
+    // notices, they leave the dead stream, and traffic goes on meanwhile.
+    cp.process.signal(nix::sys::signal::Signal::SIGSTOP);
+    let paused = Instant::now();
+    for s in &sidecars {
+        while support::sync_connected(s) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!(
+        "control plane paused: sidecars left the stream after {:?}",
+        paused.elapsed()
+    );
+    load.wait_for(300);
+
+    cp.process.signal(nix::sys::signal::Signal::SIGCONT);
+    load.written.store(2, Ordering::SeqCst);
+    let resumed = Instant::now();
+    let revision = write_policy(&grpc, 2).await;
+    converged(&grpc, 2, revision).await;
+    eprintln!(
+        "control plane resumed: fleet SYNCED on a new revision {:?} after SIGCONT",
+        resumed.elapsed()
+    );
+    load.wait_for(100);
+    let (served, failures) = load.stop();
+    assert_clean(served, &failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_postgres_replicas_killed_its_sidecars_move() {
+    let Some(url) = support::postgres_database().await else {
+        return;
+    };
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = ControlPlane::start(&url, port_a, &["--replica-id", "a"]);
+    let b = ControlPlane::start(&url, port_b, &["--replica-id", "b"]);
+    let front = support::Front::start(vec![port_a, port_b]).await;
+    let grpc_b = channel(&b.url);
+    let upstream = Upstream::start().await;
+    let revision = write_policy(&grpc_b, 1).await;
+    let token = sidecar_token(&grpc_b).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars: Vec<Sidecar> = (0..3)
+        .map(|i| {
+            Sidecar::start(
+                front.port,
+                upstream.addr,
+                &dir.path().join(format!("cache-{i}.json")),
+                &token,
+                &format!("s{i}"),
+                &[],
+            )
+        })
+        .collect();
+    converged(&grpc_b, 3, revision).await;
+    let mut fleet = v1::fleet_service_client::FleetServiceClient::new(grpc_b.clone());
+    let on = |fleet: v1::ListSidecarsResponse, replica: &str| {
+        fleet
+            .sidecars
+            .iter()
+            .filter(|s| s.control_plane == replica && s.state == v1::SidecarState::Synced as i32)
+            .count()
+    };
+    let listed = fleet
+        .list_sidecars(bearer(v1::ListSidecarsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(on(listed, "a"), 3, "the front sends everyone to a first");
+    let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 1, 1);
+    load.wait_for(200);
+
+    a.process.kill();
+    let killed = Instant::now();
+    load.written.store(2, Ordering::SeqCst);
+    let revision = write_policy(&grpc_b, 2).await;
+    loop {
+        let listed = fleet
+            .list_sidecars(bearer(v1::ListSidecarsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        let moved = listed
+            .sidecars
+            .iter()
+            .filter(|s| s.control_plane == "b" && s.last_acked_revision >= revision)
+            .count();
+        if moved == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "replica a killed: all sidecars SYNCED on b {:?} later",
+        killed.elapsed()
+    );
+    load.wait_for(200);
+    let (served, failures) = load.stop();
+    assert_clean(served, &failures);
+    drop(b);
+}

@@ -603,3 +603,73 @@ impl Upstream {
         }
     }
 }
+
+/// A TCP front for several control planes, as a load balancer would be: each new connection
+/// goes to the first backend that accepts it.
+pub struct Front {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Front {
+    pub async fn start(backends: Vec<u16>) -> Front {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let backends = backends.clone();
+                tokio::spawn(async move {
+                    for backend in backends {
+                        if let Ok(mut server) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Front { port, task }
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A new, empty PostgreSQL database; `None` (after a loud message) when PostgreSQL is not
+/// reachable outside CI. Under `CI=true` it must be.
+pub async fn postgres_database() -> Option<String> {
+    let admin = std::env::var("CORSAIR_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let pool = match sqlx::PgPool::connect(&admin).await {
+        Ok(pool) => pool,
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("PostgreSQL is required under CI=true but {admin} is unreachable: {e}");
+            }
+            eprintln!("\n!!! SKIPPING PostgreSQL scenario: {admin} is unreachable ({e}) !!!\n");
+            return None;
+        }
+    };
+    let name = format!("corsair_e2e_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    Some(format!("{base}/{name}"))
+}
+
+/// Whether a sidecar's metrics say it is connected to a control plane.
+pub fn sync_connected(sidecar: &Sidecar) -> bool {
+    request(sidecar.admin, "GET", "/metrics", &[])
+        .map(|(_, text)| text.contains("corsair_sidecar_sync_state{state=\"connected\"} 1"))
+        .unwrap_or(false)
+}
