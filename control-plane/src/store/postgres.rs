@@ -36,9 +36,11 @@ impl PgStore {
             .close()
             .await
             .map_err(ConnectError::Open)?;
+        // A connection is normally free at once; while the database is away, calls fail with
+        // UNAVAILABLE within a few seconds rather than waiting out the caller's deadline.
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(3))
             .connect_with(options)
             .await
             .map_err(ConnectError::Open)?;
