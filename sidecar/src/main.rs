@@ -59,6 +59,10 @@ struct Args {
     /// Seconds to wait for the upstream's response headers before answering 504.
     #[arg(long, env = "CORSAIR_RESPONSE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     response_timeout_secs: u64,
+    /// Seconds a client has to send a request's headers before its connection is closed
+    /// (against slow-header attacks).
+    #[arg(long, env = "CORSAIR_CLIENT_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    client_header_timeout_secs: u64,
     /// Log format.
     #[arg(long, env = "CORSAIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -325,6 +329,7 @@ async fn run() -> ExitCode {
         timeouts: proxy::Timeouts {
             connect: std::time::Duration::from_secs(args.connect_timeout_secs),
             response: std::time::Duration::from_secs(args.response_timeout_secs),
+            client_headers: std::time::Duration::from_secs(args.client_header_timeout_secs),
             ..proxy::Timeouts::default()
         },
         observer,

@@ -549,6 +549,8 @@ fn exchange(conn: &mut BufReader<TcpStream>, addr: SocketAddr) -> std::io::Resul
 /// and started again.
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// "METHOD path" of every request it received.
+    pub seen: Arc<Mutex<Vec<String>>>,
     running: Option<(tokio::task::JoinHandle<()>, Arc<tokio::sync::Notify>)>,
 }
 
@@ -557,6 +559,7 @@ impl Upstream {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut upstream = Upstream {
             addr,
+            seen: Arc::default(),
             running: None,
         };
         upstream.resume().await;
@@ -568,17 +571,22 @@ impl Upstream {
         let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
         let stop = Arc::new(tokio::sync::Notify::new());
         let stopped = stop.clone();
+        let seen = self.seen.clone();
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
+                        let seen = seen.clone();
                         connections.spawn(async move {
-                            let service = hyper::service::service_fn(|_req| async {
-                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                    http_body_util::Full::new(bytes::Bytes::from_static(b"upstream\n")),
-                                ))
+                            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                                seen.lock().unwrap().push(format!("{} {}", req.method(), req.uri().path()));
+                                async {
+                                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                        http_body_util::Full::new(bytes::Bytes::from_static(b"upstream\n")),
+                                    ))
+                                }
                             });
                             let _ = hyper::server::conn::http1::Builder::new()
                                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
