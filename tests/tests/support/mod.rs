@@ -400,6 +400,8 @@ pub struct Load {
     /// Whether upstream errors (502) are expected right now, and so not failures.
     pub upstream_down: Arc<AtomicBool>,
     pub bad_gateway: Arc<AtomicU64>,
+    /// Latency of every served request since the last [`Load::take_latencies`], µs.
+    pub latencies: Arc<Mutex<Vec<u32>>>,
     workers: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -411,16 +413,18 @@ impl Load {
         let written = Arc::new(AtomicI64::new(written));
         let upstream_down = Arc::new(AtomicBool::new(false));
         let bad_gateway = Arc::new(AtomicU64::new(0));
+        let latencies = Arc::new(Mutex::new(Vec::new()));
         let mut workers = Vec::new();
         for &addr in sidecars {
             for _ in 0..per_sidecar {
-                let (stop, served, failures, written, upstream_down, bad_gateway) = (
+                let (stop, served, failures, written, upstream_down, bad_gateway, latencies) = (
                     stop.clone(),
                     served.clone(),
                     failures.clone(),
                     written.clone(),
                     upstream_down.clone(),
                     bad_gateway.clone(),
+                    latencies.clone(),
                 );
                 workers.push(std::thread::spawn(move || {
                     let mut connection: Option<BufReader<TcpStream>> = None;
@@ -443,7 +447,10 @@ impl Load {
                                 }
                             },
                         };
-                        match exchange(conn, addr) {
+                        let sent = Instant::now();
+                        let answer = exchange(conn, addr);
+                        let took = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
+                        match answer {
                             Ok((200, head)) => match revision_of(&head) {
                                 Ok(n) if n as i64 > written.load(Ordering::SeqCst) => failures
                                     .lock()
@@ -456,6 +463,7 @@ impl Load {
                                 Ok(n) => {
                                     last = n;
                                     served.fetch_add(1, Ordering::Relaxed);
+                                    latencies.lock().unwrap().push(took);
                                 }
                                 Err(e) => failures.lock().unwrap().push(e),
                             },
@@ -487,6 +495,7 @@ impl Load {
             written,
             upstream_down,
             bad_gateway,
+            latencies,
             workers,
         }
     }
@@ -502,6 +511,11 @@ impl Load {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// The latencies recorded since the last call, µs.
+    pub fn take_latencies(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.latencies.lock().unwrap())
     }
 
     /// Stops the traffic; (requests served, failures).
@@ -680,4 +694,18 @@ pub fn sync_connected(sidecar: &Sidecar) -> bool {
     request(sidecar.admin, "GET", "/metrics", &[])
         .map(|(_, text)| text.contains("corsair_sidecar_sync_state{state=\"connected\"} 1"))
         .unwrap_or(false)
+}
+
+/// A process's resident memory (KiB) and open file descriptors, from /proc.
+pub fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    (rss, fds)
 }

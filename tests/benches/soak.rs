@@ -1,0 +1,141 @@
+//! Soak: the real control plane (SQLite) and two sidecars under steady client traffic, with a
+//! policy change every second, for `CORSAIR_SOAK_SECONDS` (default 600). Every
+//! `CORSAIR_SOAK_REPORT_SECONDS` (default 60) it prints requests, errors, p99 latency and each
+//! process's RSS and open file descriptors; at the end, totals and RSS growth.
+//!
+//! Run: `cargo bench -p corsair-e2e --bench soak` (builds the release binaries if missing).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use support::{
+    ControlPlane, Load, Sidecar, Upstream, channel, converged, free_port, rss_and_fds,
+    sidecar_token, write_policy,
+};
+
+fn env_secs(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn p99(mut latencies: Vec<u32>) -> u32 {
+    if latencies.is_empty() {
+        return 0;
+    }
+    latencies.sort_unstable();
+    latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is taken.
+    let seconds = env_secs("CORSAIR_SOAK_SECONDS", 600);
+    let every = env_secs("CORSAIR_SOAK_REPORT_SECONDS", 60).max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cp = ControlPlane::start(
+            &format!("sqlite://{}", dir.path().join("cp.db").display()),
+            port,
+            &[],
+        );
+        let grpc = channel(&cp.url);
+        let upstream = Upstream::start().await;
+        let first = write_policy(&grpc, 1).await;
+        let token = sidecar_token(&grpc).await;
+        let sidecars: Vec<Sidecar> = (0..2)
+            .map(|i| {
+                Sidecar::start(
+                    port,
+                    upstream.addr,
+                    &dir.path().join(format!("cache-{i}.json")),
+                    &token,
+                    &format!("soak-{i}"),
+                    &[],
+                )
+            })
+            .collect();
+        converged(&grpc, 2, first).await;
+        let mut pids = vec![("control plane".to_owned(), cp.process.child.id())];
+        pids.extend(
+            sidecars
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("sidecar {i}"), s.process.child.id())),
+        );
+        let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 2, 1);
+        load.wait_for(1000);
+        load.take_latencies();
+        let start_rss: Vec<(u64, usize)> = pids.iter().map(|(_, pid)| rss_and_fds(*pid)).collect();
+        println!(
+            "soak: {seconds} s, a policy change every second; at start: {}",
+            pids.iter()
+                .zip(&start_rss)
+                .map(|((name, _), (rss, fds))| format!("{name} {rss} KiB RSS, {fds} fds"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        println!(
+            "{:>6}  {:>10}  {:>6}  {:>8}  {}",
+            "t (s)", "requests", "errors", "p99 (µs)", "RSS KiB / fds"
+        );
+        let started = Instant::now();
+        let mut n = 1;
+        let mut next_report = every;
+        let mut served_before = load.served.load(Ordering::Relaxed);
+        let mut all_p99 = Vec::new();
+        while started.elapsed() < Duration::from_secs(seconds) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            n += 1;
+            load.written.store(n as i64, Ordering::SeqCst);
+            write_policy(&grpc, n).await;
+            let elapsed = started.elapsed().as_secs();
+            if elapsed >= next_report {
+                next_report += every;
+                let served = load.served.load(Ordering::Relaxed);
+                let errors = load.failures.lock().unwrap().len();
+                let p = p99(load.take_latencies());
+                all_p99.push(p);
+                let procs = pids
+                    .iter()
+                    .map(|(_, pid)| {
+                        let (rss, fds) = rss_and_fds(*pid);
+                        format!("{rss}/{fds}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                println!(
+                    "{elapsed:>6}  {:>10}  {errors:>6}  {p:>8}  {procs}",
+                    served - served_before
+                );
+                served_before = served;
+            }
+        }
+        let end_rss: Vec<(u64, usize)> = pids.iter().map(|(_, pid)| rss_and_fds(*pid)).collect();
+        let (served, failures) = load.stop();
+        println!(
+            "soak done: {served} requests, {} errors, {} policy changes; p99 per interval {:?} µs",
+            failures.len(),
+            n - 1,
+            all_p99
+        );
+        for (((name, _), (rss0, fds0)), (rss1, fds1)) in pids.iter().zip(&start_rss).zip(&end_rss) {
+            let growth = (*rss1 as f64 - *rss0 as f64) / (*rss0).max(1) as f64 * 100.0;
+            println!("{name}: RSS {rss0} → {rss1} KiB ({growth:+.1}%), fds {fds0} → {fds1}");
+        }
+        if let Some(first) = failures.first() {
+            println!("first error: {first}");
+        }
+        drop(sidecars);
+        drop(cp);
+    });
+}
