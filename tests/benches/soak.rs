@@ -85,8 +85,8 @@ fn main() {
                 .join("; ")
         );
         println!(
-            "{:>6}  {:>10}  {:>6}  {:>8}  {}",
-            "t (s)", "requests", "errors", "p99 (µs)", "RSS KiB / fds"
+            "{:>6}  {:>10}  {:>6}  {:>8}  RSS KiB / fds",
+            "t (s)", "requests", "errors", "p99 (µs)"
         );
         let started = Instant::now();
         let mut n = 1;
