@@ -192,20 +192,42 @@ async fn the_upstream_down_and_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_updates_while_sidecars_serve() {
+async fn a_burst_of_updates_while_sidecars_serve_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    burst(&sqlite(&dir), 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_updates_while_sidecars_serve_on_two_postgres_replicas() {
+    if let Some(url) = support::postgres_database().await {
+        burst(&url, 2).await;
+    }
+}
+
+/// 1,000 updates written to the first of `replicas` control planes on `database_url`, while
+/// 20 sidecars, spread over the replicas, serve traffic.
+async fn burst(database_url: &str, replicas: usize) {
     const SIDECARS: usize = 20;
     const UPDATES: u64 = 1000;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cp = ControlPlane::start(&sqlite(&dir), port, &["--max-writes-per-sec", "0"]);
-    let grpc = channel(&cp.url);
+    let planes: Vec<ControlPlane> = (0..replicas)
+        .map(|i| {
+            let id = format!("r{i}");
+            ControlPlane::start(
+                database_url,
+                free_port(),
+                &["--max-writes-per-sec", "0", "--replica-id", &id],
+            )
+        })
+        .collect();
+    let grpc = channel(&planes[0].url);
     let upstream = Upstream::start().await;
     let first = write_policy(&grpc, 1).await;
     let token = sidecar_token(&grpc).await;
     let sidecars: Vec<Sidecar> = (0..SIDECARS)
         .map(|i| {
             Sidecar::start(
-                port,
+                planes[i % replicas].port,
                 upstream.addr,
                 &dir.path().join(format!("cache-{i}.json")),
                 &token,
@@ -215,7 +237,12 @@ async fn a_burst_of_updates_while_sidecars_serve() {
         })
         .collect();
     converged(&grpc, SIDECARS, first).await;
-    let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 1, 1);
+    let load = Load::start_paced(
+        &sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(),
+        1,
+        1,
+        Some(Duration::from_millis(2)),
+    );
     load.wait_for(100);
     let started = Instant::now();
     let mut policies = v1::policy_service_client::PolicyServiceClient::new(grpc.clone());
@@ -244,7 +271,7 @@ async fn a_burst_of_updates_while_sidecars_serve() {
     let wrote = started.elapsed();
     let took = converged(&grpc, SIDECARS, last).await;
     eprintln!(
-        "{UPDATES} updates written in {wrote:?}; all {SIDECARS} sidecars SYNCED on the last {took:?} after it"
+        "{UPDATES} updates written in {wrote:?}; all {SIDECARS} sidecars on {replicas} replica(s) SYNCED on the last {took:?} after it"
     );
     load.wait_for(100);
     let (served, failures) = load.stop();
@@ -254,7 +281,7 @@ async fn a_burst_of_updates_while_sidecars_serve() {
         assert_eq!(revision_of(&head), Ok(UPDATES));
     }
     assert_clean(served, &failures);
-    drop(cp);
+    drop(planes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

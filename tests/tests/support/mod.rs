@@ -407,6 +407,17 @@ pub struct Load {
 
 impl Load {
     pub fn start(sidecars: &[SocketAddr], per_sidecar: usize, written: i64) -> Load {
+        Load::start_paced(sidecars, per_sidecar, written, None)
+    }
+
+    /// [`Load::start`], each worker pausing `pace` between requests (to leave the machine's
+    /// cores to what is under test when there are many workers).
+    pub fn start_paced(
+        sidecars: &[SocketAddr],
+        per_sidecar: usize,
+        written: i64,
+        pace: Option<Duration>,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
@@ -430,6 +441,9 @@ impl Load {
                     let mut connection: Option<BufReader<TcpStream>> = None;
                     let mut last = 0u64;
                     while !stop.load(Ordering::Relaxed) {
+                        if let Some(pace) = pace {
+                            std::thread::sleep(pace);
+                        }
                         let conn = match &mut connection {
                             Some(c) => c,
                             None => match TcpStream::connect(addr) {
