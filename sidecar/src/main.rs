@@ -231,6 +231,9 @@ async fn run() -> ExitCode {
             Ok(e) => e
                 .http2_keep_alive_interval(std::time::Duration::from_secs(args.keepalive_secs))
                 .keep_alive_timeout(std::time::Duration::from_secs(args.keepalive_secs))
+                // A control plane that accepts connections but answers nothing (frozen)
+                // must not hold a reconnect forever.
+                .connect_timeout(std::time::Duration::from_secs(args.keepalive_secs))
                 .keep_alive_while_idle(true),
             Err(e) => {
                 eprintln!("corsair-sidecar: --control-plane {url:?}: {e}");

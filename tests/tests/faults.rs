@@ -339,7 +339,7 @@ async fn control_plane_paused_beyond_the_keepalive_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_of_two_postgres_replicas_killed_its_sidecars_move() {
+async fn one_of_two_postgres_replicas_killed_and_restarted_its_sidecars_move() {
     let Some(url) = support::postgres_database().await else {
         return;
     };
@@ -407,7 +407,15 @@ async fn one_of_two_postgres_replicas_killed_its_sidecars_move() {
         killed.elapsed()
     );
     load.wait_for(200);
+
+    // a comes back on its port and takes writes again; the fleet follows them from b.
+    let a = ControlPlane::start(&url, port_a, &["--replica-id", "a"]);
+    load.written.store(3, Ordering::SeqCst);
+    let revision = write_policy(&channel(&a.url), 3).await;
+    let took = converged(&grpc_b, 3, revision).await;
+    eprintln!("replica a restarted: a write through it reached every sidecar in {took:?}");
+    load.wait_for(200);
     let (served, failures) = load.stop();
     assert_clean(served, &failures);
-    drop(b);
+    drop((a, b));
 }
