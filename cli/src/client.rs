@@ -56,6 +56,13 @@ impl Client {
             .tcp_nodelay(true);
         let endpoint = match tls {
             None => endpoint,
+            // Without https the channel would not use TLS, and the token would travel in
+            // clear text.
+            Some(_) if !uri.starts_with("https://") => {
+                return Err(CliError::Input(format!(
+                    "--ca-cert needs an https:// address, not {uri}"
+                )));
+            }
             Some(tls) => endpoint.tls_config(tls).map_err(|e| fail(chain(&e)))?,
         };
         let channel = match tokio::time::timeout(deadline, endpoint.connect()).await {

@@ -121,6 +121,16 @@ fn a_sidecar_syncs_over_mtls_with_its_certificate_alone() {
     let out = ctl(&["fleet", "status"]);
     assert!(out.stdout.contains("shop-tls"), "{out:?}");
 
+    // A CA with a plain-text address is refused before any token is sent.
+    let plain = format!("http://localhost:{port}");
+    let out = ctl_with(
+        &["--addr", &plain, "--ca-cert", &ca_file, "policy", "list"],
+        None,
+        Some(ADMIN_TOKEN),
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("needs an https:// address"), "{out:?}");
+
     // Without the CA, corsairctl refuses the control plane's certificate.
     let out = ctl_with(
         &["--addr", &addr, "policy", "list"],

@@ -331,12 +331,90 @@ async fn check(
     Ok(Some(principal))
 }
 
-/// Records a refused call in the audit log.
+/// How many refused calls a second are written to the audit log: refusals take the same
+/// write lock as changes, so an anonymous flood must not be able to stall policy writes or
+/// grow the log without bound. Beyond the budget they are counted and logged.
+#[derive(Debug)]
+pub struct RefusalBudget {
+    tokens: f64,
+    last: std::time::Instant,
+    unaudited: u64,
+    reported: std::time::Instant,
+}
+
+impl RefusalBudget {
+    /// Refusals audited per second, sustained.
+    pub const PER_SEC: f64 = 50.0;
+    /// Refusals audited at once after a quiet period.
+    pub const BURST: f64 = 200.0;
+
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * Self::PER_SEC)
+            .min(Self::BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        self.unaudited += 1;
+        if now.duration_since(self.reported) >= std::time::Duration::from_secs(1) {
+            tracing::warn!(
+                unaudited = self.unaudited,
+                "refused calls beyond the audit budget are not written to the audit log"
+            );
+            self.reported = now;
+        }
+        false
+    }
+}
+
+impl Default for RefusalBudget {
+    fn default() -> Self {
+        let now = std::time::Instant::now();
+        RefusalBudget {
+            tokens: Self::BURST,
+            last: now,
+            unaudited: 0,
+            reported: now - std::time::Duration::from_secs(1),
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn capped(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// Records a refused call in the audit log, within the refusal budget, with the request's
+/// fields cut to sane lengths.
 pub(crate) async fn audit_refusal(
     shared: &Shared,
     ctx: WriteContext,
     error: WriteError,
 ) -> Result<(), StoreError> {
+    if !shared.refusals.lock().expect("refusal budget").take() {
+        return Ok(());
+    }
+    let ctx = WriteContext {
+        actor: capped(ctx.actor, 256),
+        method: capped(ctx.method, 256),
+        service: capped(ctx.service, 64),
+        ..ctx
+    };
+    let error = match error {
+        WriteError::PermissionDenied(m) => WriteError::PermissionDenied(capped(m, 1024)),
+        WriteError::Unauthenticated(m) => WriteError::Unauthenticated(capped(m, 1024)),
+        other => other,
+    };
     let written = shared
         .store
         .write(ctx, Box::new(move |_| Plan::Refuse(error)))
@@ -432,10 +510,8 @@ impl AuthLayer {
         if !matches!(rule(path), Some(Access::Write | Access::Admin)) {
             return true;
         }
-        self.buckets
-            .lock()
-            .expect("buckets lock")
-            .take(&principal.name, rate)
+        let key = principal.token_id.as_deref().unwrap_or(&principal.name);
+        self.buckets.lock().expect("buckets lock").take(key, rate)
     }
 }
 
@@ -560,6 +636,21 @@ mod tests {
                 [Public, Authenticated, Read, Write, Audit, Admin, Stream].map(|a| role.allows(a));
             assert_eq!(got, expected, "{role:?}");
         }
+    }
+
+    #[test]
+    fn refusals_beyond_the_budget_are_not_audited() {
+        let mut budget = RefusalBudget::default();
+        let audited = (0..1000).filter(|_| budget.take()).count();
+        // The burst, plus what refilled while counting.
+        assert!((200..260).contains(&audited), "{audited}");
+        assert!(budget.unaudited >= 740);
+    }
+
+    #[test]
+    fn long_fields_are_cut_on_a_character_boundary() {
+        assert_eq!(capped("héllo".into(), 2), "h…");
+        assert_eq!(capped("short".into(), 10), "short");
     }
 
     #[test]

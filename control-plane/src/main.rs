@@ -161,12 +161,17 @@ async fn main() -> ExitCode {
     };
     let auth = match args.auth {
         AuthArg::Tokens => {
+            // Trimmed (a mounted secret often ends in a newline), as clients' tokens are.
             let given = std::env::var("CORSAIR_BOOTSTRAP_TOKEN")
                 .ok()
+                .map(|t| t.trim().to_owned())
                 .filter(|t| !t.is_empty());
-            if given.as_ref().is_some_and(|t| t.len() < 32) {
+            if given
+                .as_ref()
+                .is_some_and(|t| t.len() < 32 || !t.bytes().all(|b| b.is_ascii_graphic()))
+            {
                 eprintln!(
-                    "corsair-control-plane: CORSAIR_BOOTSTRAP_TOKEN must be at least 32 characters"
+                    "corsair-control-plane: CORSAIR_BOOTSTRAP_TOKEN must be at least 32 printable characters without spaces"
                 );
                 return ExitCode::FAILURE;
             }

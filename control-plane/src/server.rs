@@ -176,6 +176,7 @@ pub async fn serve_with_metrics(
         shutdown: stopped.clone(),
         pages: config.pages,
         tasks: tasks.clone(),
+        refusals: Arc::default(),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();

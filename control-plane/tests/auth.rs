@@ -467,6 +467,22 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
             },
             "name",
         ),
+        (
+            v1::CreateTokenRequest {
+                name: "two words".into(),
+                role: "viewer".into(),
+                ..Default::default()
+            },
+            "name",
+        ),
+        (
+            v1::CreateTokenRequest {
+                name: "bootstrap-admin".into(),
+                role: "viewer".into(),
+                ..Default::default()
+            },
+            "reserved",
+        ),
     ] {
         let err = tokens
             .create_token(bearer(ADMIN, request))
@@ -488,6 +504,19 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
         .await
         .unwrap()
         .into_inner();
+    // Names are actors: two live tokens never share one.
+    let twice = tokens
+        .create_token(bearer(
+            ADMIN,
+            v1::CreateTokenRequest {
+                name: "ci".into(),
+                role: "viewer".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::AlreadyExists);
     let listed = tokens
         .list_tokens(bearer(ADMIN, v1::ListTokensRequest {}))
         .await

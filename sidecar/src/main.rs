@@ -242,6 +242,12 @@ async fn run() -> ExitCode {
         };
         let endpoint = match &args.control_plane_ca {
             None => endpoint,
+            Some(_) if !url.starts_with("https://") => {
+                eprintln!(
+                    "corsair-sidecar: --control-plane-ca needs an https:// --control-plane, not {url:?}"
+                );
+                return ExitCode::from(2);
+            }
             Some(ca) => {
                 let identity = args.client_cert.as_deref().zip(args.client_key.as_deref());
                 match corsair_proto::client_tls(ca, identity)

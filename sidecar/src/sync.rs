@@ -174,6 +174,12 @@ impl SyncClient {
                 }
                 Err(status) => status,
             };
+            // Refused credentials do not fix themselves soon: wait as long as the backoff
+            // allows rather than knocking (and being audited) twice a second.
+            if matches!(error.code(), Code::PermissionDenied | Code::Unauthenticated) {
+                tracing::warn!(code = ?error.code(), message = error.message(), "the control plane refused this sidecar's credentials");
+                attempt = attempt.max(16);
+            }
             let delay = self.config.backoff.delay(attempt);
             attempt = attempt.saturating_add(1);
             tracing::info!(code = ?error.code(), message = error.message(), ?delay, "policy stream ended; reconnecting");

@@ -65,6 +65,8 @@ pub struct Shared {
     pub pages: PageLimits,
     /// Every task the server spawns; shutdown waits for them, so nothing outlives `serve`.
     pub tasks: tokio_util::task::TaskTracker,
+    /// How many refused calls are written to the audit log (beyond: logged as a count).
+    pub refusals: Arc<std::sync::Mutex<crate::auth::RefusalBudget>>,
 }
 
 /// The caller's `x-request-id`, or a new one.

@@ -14,6 +14,14 @@ use crate::store::{Plan, TokenRecord, now_micros};
 
 const SERVICE: &str = "corsair.v1.TokenService";
 
+/// Actors the control plane records itself; no token may be named like them.
+const RESERVED_NAMES: [&str; 4] = [
+    "anonymous",
+    "bootstrap-admin",
+    "corsair-control-plane",
+    "local",
+];
+
 /// The token service.
 #[derive(Debug, Clone)]
 pub struct Tokens {
@@ -73,8 +81,37 @@ impl TokenService for Tokens {
         request: Request<v1::CreateTokenRequest>,
     ) -> Result<Response<v1::CreateTokenResponse>, Status> {
         let req = request.get_ref();
-        if req.name.is_empty() || req.name.chars().count() > 64 {
-            return Err(bad_request("name", "required, at most 64 characters"));
+        // The name is the actor of the token's calls: a plain label, and never one that
+        // passes for another actor.
+        let plain = req.name.len() <= 64
+            && req.name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && req
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+        if !plain {
+            return Err(bad_request(
+                "name",
+                "required: 1 to 64 letters, digits, '.', '_', '-' or '@', starting with a letter or digit",
+            ));
+        }
+        if RESERVED_NAMES.contains(&req.name.as_str()) {
+            return Err(bad_request("name", format!("{:?} is reserved", req.name)));
+        }
+        let live = self
+            .shared
+            .store
+            .list_tokens()
+            .await
+            .map_err(store_status)?;
+        if live
+            .iter()
+            .any(|t| t.name == req.name && t.revoked_at.is_none())
+        {
+            return Err(Status::already_exists(format!(
+                "a live token is named {:?}; revoke it or choose another name",
+                req.name
+            )));
         }
         let role = Role::parse(&req.role).ok_or_else(|| {
             bad_request(
