@@ -52,18 +52,7 @@ fn main() {
         let upstream = Upstream::start().await;
         let first = write_policy(&grpc, 1).await;
         let token = sidecar_token(&grpc).await;
-        let sidecars: Vec<Sidecar> = (0..2)
-            .map(|i| {
-                Sidecar::start(
-                    port,
-                    upstream.addr,
-                    &dir.path().join(format!("cache-{i}.json")),
-                    &token,
-                    &format!("soak-{i}"),
-                    &[],
-                )
-            })
-            .collect();
+        let sidecars = Sidecar::fleet(2, |_| port, upstream.addr, dir.path(), &token, &[]);
         converged(&grpc, 2, first).await;
         let mut pids = vec![("control plane".to_owned(), cp.process.child.id())];
         pids.extend(
@@ -72,7 +61,7 @@ fn main() {
                 .enumerate()
                 .map(|(i, s)| (format!("sidecar {i}"), s.process.child.id())),
         );
-        let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 2, 1);
+        let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
         load.wait_for(1000);
         load.take_latencies();
         let start_rss: Vec<(u64, usize)> = pids.iter().map(|(_, pid)| rss_and_fds(*pid)).collect();

@@ -38,20 +38,9 @@ async fn control_plane_killed_and_restarted() {
     let upstream = Upstream::start().await;
     let revision = write_policy(&grpc, 1).await;
     let token = sidecar_token(&grpc).await;
-    let sidecars: Vec<Sidecar> = (0..3)
-        .map(|i| {
-            Sidecar::start(
-                port,
-                upstream.addr,
-                &dir.path().join(format!("cache-{i}.json")),
-                &token,
-                &format!("s{i}"),
-                &[],
-            )
-        })
-        .collect();
+    let sidecars = Sidecar::fleet(3, |_| port, upstream.addr, dir.path(), &token, &[]);
     converged(&grpc, 3, revision).await;
-    let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 2, 1);
+    let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
     load.wait_for(200);
 
     // SIGKILL: traffic goes on under the last policy.
@@ -224,21 +213,17 @@ async fn burst(database_url: &str, replicas: usize) {
     let upstream = Upstream::start().await;
     let first = write_policy(&grpc, 1).await;
     let token = sidecar_token(&grpc).await;
-    let sidecars: Vec<Sidecar> = (0..SIDECARS)
-        .map(|i| {
-            Sidecar::start(
-                planes[i % replicas].port,
-                upstream.addr,
-                &dir.path().join(format!("cache-{i}.json")),
-                &token,
-                &format!("s{i:02}"),
-                &[],
-            )
-        })
-        .collect();
+    let sidecars = Sidecar::fleet(
+        SIDECARS,
+        |i| planes[i % replicas].port,
+        upstream.addr,
+        dir.path(),
+        &token,
+        &[],
+    );
     converged(&grpc, SIDECARS, first).await;
     let load = Load::start_paced(
-        &sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(),
+        &Sidecar::addrs(&sidecars),
         1,
         1,
         Some(Duration::from_millis(2)),
@@ -293,20 +278,16 @@ async fn control_plane_paused_beyond_the_keepalive_timeout() {
     let upstream = Upstream::start().await;
     let revision = write_policy(&grpc, 1).await;
     let token = sidecar_token(&grpc).await;
-    let sidecars: Vec<Sidecar> = (0..2)
-        .map(|i| {
-            Sidecar::start(
-                port,
-                upstream.addr,
-                &dir.path().join(format!("cache-{i}.json")),
-                &token,
-                &format!("s{i}"),
-                &["--keepalive-secs", "1"],
-            )
-        })
-        .collect();
+    let sidecars = Sidecar::fleet(
+        2,
+        |_| port,
+        upstream.addr,
+        dir.path(),
+        &token,
+        &["--keepalive-secs", "1"],
+    );
     converged(&grpc, 2, revision).await;
-    let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 2, 1);
+    let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
     load.wait_for(100);
 
     // SIGSTOP: the process holds its sockets but answers nothing. The sidecars' keepalive
@@ -352,18 +333,7 @@ async fn one_of_two_postgres_replicas_killed_and_restarted_its_sidecars_move() {
     let revision = write_policy(&grpc_b, 1).await;
     let token = sidecar_token(&grpc_b).await;
     let dir = tempfile::tempdir().unwrap();
-    let sidecars: Vec<Sidecar> = (0..3)
-        .map(|i| {
-            Sidecar::start(
-                front.port,
-                upstream.addr,
-                &dir.path().join(format!("cache-{i}.json")),
-                &token,
-                &format!("s{i}"),
-                &[],
-            )
-        })
-        .collect();
+    let sidecars = Sidecar::fleet(3, |_| front.port, upstream.addr, dir.path(), &token, &[]);
     converged(&grpc_b, 3, revision).await;
     let mut fleet = v1::fleet_service_client::FleetServiceClient::new(grpc_b.clone());
     let on = |fleet: v1::ListSidecarsResponse, replica: &str| {
@@ -379,7 +349,7 @@ async fn one_of_two_postgres_replicas_killed_and_restarted_its_sidecars_move() {
         .unwrap()
         .into_inner();
     assert_eq!(on(listed, "a"), 3, "the front sends everyone to a first");
-    let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 1, 1);
+    let load = Load::start(&Sidecar::addrs(&sidecars), 1, 1);
     load.wait_for(200);
 
     a.process.kill();

@@ -67,20 +67,9 @@ async fn postgres_restarted_under_the_control_plane() {
     let revision = write_policy(&grpc, 1).await;
     let token = sidecar_token(&grpc).await;
     let dir = tempfile::tempdir().unwrap();
-    let sidecars: Vec<Sidecar> = (0..2)
-        .map(|i| {
-            Sidecar::start(
-                port,
-                upstream.addr,
-                &dir.path().join(format!("cache-{i}.json")),
-                &token,
-                &format!("s{i}"),
-                &[],
-            )
-        })
-        .collect();
+    let sidecars = Sidecar::fleet(2, |_| port, upstream.addr, dir.path(), &token, &[]);
     converged(&grpc, 2, revision).await;
-    let load = Load::start(&sidecars.iter().map(|s| s.addr).collect::<Vec<_>>(), 2, 1);
+    let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
     load.wait_for(200);
 
     let _restart = Restart;

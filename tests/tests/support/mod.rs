@@ -331,6 +331,35 @@ impl Sidecar {
         }
     }
 
+    /// `count` sidecars `s0`, `s1`, …, the i-th following the control plane on `port(i)`,
+    /// each with its own cache file in `dir`.
+    pub fn fleet(
+        count: usize,
+        port: impl Fn(usize) -> u16,
+        upstream: SocketAddr,
+        dir: &Path,
+        token: &str,
+        extra: &[&str],
+    ) -> Vec<Sidecar> {
+        (0..count)
+            .map(|i| {
+                Sidecar::start(
+                    port(i),
+                    upstream,
+                    &dir.join(format!("cache-{i}.json")),
+                    token,
+                    &format!("s{i}"),
+                    extra,
+                )
+            })
+            .collect()
+    }
+
+    /// The addresses clients reach `sidecars` on.
+    pub fn addrs(sidecars: &[Sidecar]) -> Vec<SocketAddr> {
+        sidecars.iter().map(|s| s.addr).collect()
+    }
+
     /// The status of an admin path.
     pub fn admin_status(&self, path: &str) -> u16 {
         let (status, _) = request(self.admin, "GET", path, &[]).unwrap();
