@@ -412,6 +412,40 @@ async fn a_sidecar_streams_only_its_services_and_revocation_ends_its_stream(back
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.upserts.len(), 1);
     assert_eq!(first.upserts[0].service, "shop");
+
+    // A sidecar of another service cannot take over this one's fleet row.
+    let bank = tokens
+        .create_token(bearer(
+            ADMIN,
+            v1::CreateTokenRequest {
+                name: "bank-sidecar".into(),
+                role: "sidecar".into(),
+                services: vec!["bank".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let (bank_tx, bank_rx) = tokio::sync::mpsc::channel(1);
+    bank_tx.send(hello(&["bank"])).await.unwrap();
+    let taken = discovery
+        .stream_policies(bearer(
+            &bank,
+            tokio_stream::wrappers::ReceiverStream::new(bank_rx),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Code::PermissionDenied, "{taken:?}");
+    assert!(
+        taken.message().contains("held by a live sidecar"),
+        "{taken:?}"
+    );
     tokens
         .revoke_token(bearer(
             ADMIN,

@@ -240,17 +240,35 @@ impl Discovery {
                 .iter()
                 .filter(|s| !p.services.contains(s))
                 .collect();
-            if hello.services.is_empty() || !outside.is_empty() {
-                let error = crate::store::WriteError::PermissionDenied(format!(
-                    "{} may stream only {}; asked for {}",
-                    p.name,
-                    p.services.join(", "),
-                    if hello.services.is_empty() {
-                        "every service".to_owned()
-                    } else {
-                        hello.services.join(", ")
-                    }
-                ));
+            // Nor may it take over the fleet row of a live sidecar of other services.
+            let held_elsewhere = match self.fleet.current(&hello.sidecar_id).await {
+                Ok(Some(row)) => {
+                    row.state != SidecarState::Disconnected.as_str()
+                        && row
+                            .services
+                            .split(',')
+                            .any(|s| !p.services.iter().any(|own| own == s))
+                }
+                _ => false,
+            };
+            if hello.services.is_empty() || !outside.is_empty() || held_elsewhere {
+                let error = crate::store::WriteError::PermissionDenied(if held_elsewhere {
+                    format!(
+                        "sidecar id {:?} is held by a live sidecar of other services",
+                        hello.sidecar_id
+                    )
+                } else {
+                    format!(
+                        "{} may stream only {}; asked for {}",
+                        p.name,
+                        p.services.join(", "),
+                        if hello.services.is_empty() {
+                            "every service".to_owned()
+                        } else {
+                            hello.services.join(", ")
+                        }
+                    )
+                });
                 let status = crate::convert::write_error_status(&error);
                 let ctx = crate::store::WriteContext {
                     service: hello.services.first().cloned().unwrap_or_default(),

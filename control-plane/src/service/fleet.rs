@@ -49,6 +49,15 @@ impl Fleet {
             .insert(record.sidecar_id.clone(), record);
     }
 
+    /// A sidecar's latest known status: not yet flushed, or as stored.
+    pub async fn current(&self, id: &str) -> Result<Option<SidecarRecord>, StoreError> {
+        let pending = self.dirty.lock().expect("fleet lock").get(id).cloned();
+        match pending {
+            Some(record) => Ok(Some(record)),
+            None => self.store.get_sidecar(id).await,
+        }
+    }
+
     /// Writes every pending status.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _order = self.flushing.lock().await;
