@@ -106,6 +106,19 @@ struct Written {
     findings: Vec<String>,
 }
 
+impl Written {
+    /// Prints the result: as JSON or YAML, or as `line` after the findings (on stderr).
+    fn report(&self, format: Format, line: impl FnOnce() -> String) -> Result<(), CliError> {
+        if format != Format::Table {
+            return output::emit(format, self, Table::default);
+        }
+        for finding in &self.findings {
+            eprintln!("{}: {finding}", policy_name(&self.service));
+        }
+        output::print(&format!("{}\n", line()))
+    }
+}
+
 /// `policy delete SERVICE`.
 pub async fn delete(
     client: &Client,
@@ -135,14 +148,13 @@ pub async fn delete(
         revision: (!opts.dry_run).then_some(resp.revision),
         findings: Vec::new(),
     };
-    if format != Format::Table {
-        return output::emit(format, &result, Table::default);
-    }
-    if opts.dry_run {
-        output::print(&format!("{name} would be deleted (dry run)\n"))
-    } else {
-        output::print(&format!("{name} deleted (revision {})\n", resp.revision))
-    }
+    result.report(format, || {
+        if opts.dry_run {
+            format!("{name} would be deleted (dry run)")
+        } else {
+            format!("{name} deleted (revision {})", resp.revision)
+        }
+    })
 }
 
 /// `policy rollback SERVICE --to REVISION`.
@@ -177,20 +189,16 @@ pub async fn rollback(
         revision: (!opts.dry_run).then_some(resp.revision),
         findings: resp.findings.iter().map(finding_line).collect(),
     };
-    if format != Format::Table {
-        return output::emit(format, &result, Table::default);
-    }
-    print_findings(&name, &resp.findings);
-    if opts.dry_run {
-        output::print(&format!(
-            "{name} would be rolled back to revision {revision} (dry run)\n"
-        ))
-    } else {
-        output::print(&format!(
-            "{name} rolled back to revision {revision} (new revision {})\n",
-            resp.revision
-        ))
-    }
+    result.report(format, || {
+        if opts.dry_run {
+            format!("{name} would be rolled back to revision {revision} (dry run)")
+        } else {
+            format!(
+                "{name} rolled back to revision {revision} (new revision {})",
+                resp.revision
+            )
+        }
+    })
 }
 
 /// One revision as `policy history` prints it.
@@ -621,12 +629,6 @@ fn finding_line(f: &v1::Finding) -> String {
         &f.field
     };
     format!("{severity}: {field}: {} [{}]", f.message, f.code)
-}
-
-fn print_findings(name: &str, findings: &[v1::Finding]) {
-    for f in findings {
-        eprintln!("{name}: {}", finding_line(f));
-    }
 }
 
 /// What `policy diff` found.

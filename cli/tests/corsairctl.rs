@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{ControlPlane, ctl, sibling, spawn_env, spawn_plain, wait_until};
+use support::{ControlPlane, ctl, spawn_plain, wait_until};
 
 const SHOP_AND_WEB: &str = "\
 service: shop
@@ -407,24 +407,9 @@ fn fleet_status_shows_a_live_sidecar() {
     assert_eq!(cp.ctl(&["policy", "apply", "-f", &shop]).code, 0);
 
     let token = cp.token("shop-1", "sidecar", &["shop"]);
-    let mut sidecar = spawn_env(
-        &sibling("corsair-sidecar"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-            "--service",
-            "shop",
-            "--control-plane",
-            &cp.addr,
-            "--sidecar-id",
-            "shop-1",
-            "--log-format",
-            "json",
-        ],
+    let mut sidecar = support::shop_sidecar(
+        &cp.addr,
+        &["--sidecar-id", "shop-1"],
         &[("CORSAIR_TOKEN", &token)],
     );
     sidecar.wait_for_log("sidecar listening");
@@ -504,22 +489,9 @@ fn tokens_never_appear_in_logs_output_or_the_audit_log() {
         .stdout;
     assert!(audit.contains("DENIED"), "{audit}");
 
-    let mut sidecar = spawn_env(
-        &sibling("corsair-sidecar"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-            "--service",
-            "shop",
-            "--control-plane",
-            &cp.addr,
-            "--log-format",
-            "json",
-        ],
+    let mut sidecar = support::shop_sidecar(
+        &cp.addr,
+        &[],
         &[("CORSAIR_TOKEN", &sidecar_token), ("RUST_LOG", "debug")],
     );
     sidecar.wait_for_log("sidecar listening");

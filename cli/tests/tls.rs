@@ -87,29 +87,19 @@ fn a_sidecar_syncs_over_mtls_with_its_certificate_alone() {
     let out = ctl(&["policy", "apply", "-f", &policy]);
     assert_eq!(out.code, 0, "{out:?}");
 
-    let mut sidecar = spawn_env(
-        &sibling("corsair-sidecar"),
+    let client_cert = write(dir.path(), "client.pem", &client_cert);
+    let client_key = write(dir.path(), "client.key", &client_key);
+    let mut sidecar = support::shop_sidecar(
+        &addr,
         &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-            "--service",
-            "shop",
             "--sidecar-id",
             "shop-tls",
-            "--control-plane",
-            &addr,
             "--control-plane-ca",
             &ca_file,
             "--client-cert",
-            &write(dir.path(), "client.pem", &client_cert),
+            &client_cert,
             "--client-key",
-            &write(dir.path(), "client.key", &client_key),
-            "--log-format",
-            "json",
+            &client_key,
         ],
         &[],
     );

@@ -14,8 +14,16 @@ const BIN: &str = env!("CARGO_BIN_EXE_corsair-control-plane");
 /// The admin token the binary starts with, through `CORSAIR_BOOTSTRAP_TOKEN`.
 const ADMIN: &str = "corsair_binary-test-admin-token-0123456789abcdef";
 
-/// Starts the binary on `url`; its address, once it listens.
-fn start(url: &str, env: &[(&str, &str)], args: &[&str]) -> (std::process::Child, String) {
+/// A control-plane process started by [`start`].
+struct Started {
+    child: std::process::Child,
+    addr: String,
+    /// Its log lines after the "listening" one, read until it exits.
+    log: std::thread::JoinHandle<Vec<String>>,
+}
+
+/// Starts the binary on `url`; returns once it listens.
+fn start(url: &str, env: &[(&str, &str)], args: &[&str]) -> Started {
     let mut child = Command::new(BIN)
         .args([
             "--listen",
@@ -44,30 +52,33 @@ fn start(url: &str, env: &[(&str, &str)], args: &[&str]) -> (std::process::Child
             break log["fields"]["address"].as_str().unwrap().to_owned();
         }
     };
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
+    // Keep reading its log so it never blocks on a full pipe.
+    let log = std::thread::spawn(move || lines.map_while(Result::ok).collect());
+    Started { child, addr, log }
 }
 
-/// SIGTERM, then what it wrote to stderr.
-fn stop(child: std::process::Child) -> String {
+/// SIGTERM; asserts a clean exit; what it wrote to stderr and its log lines.
+fn stop(started: Started) -> (String, Vec<String>) {
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &started.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    let out = started.child.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stderr).unwrap()
+    (
+        String::from_utf8(out.stderr).unwrap(),
+        started.log.join().unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_start_creates_one_admin_token_and_shows_it_once() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("cp.db").display());
-    let (child, addr) = start(&url, &[], &[]);
+    let started = start(&url, &[], &[]);
     let mut client =
-        v1::policy_service_client::PolicyServiceClient::connect(format!("http://{addr}"))
+        v1::policy_service_client::PolicyServiceClient::connect(format!("http://{}", started.addr))
             .await
             .unwrap();
     let refused = client
@@ -76,17 +87,22 @@ async fn the_first_start_creates_one_admin_token_and_shows_it_once() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     drop(client);
-    let stderr = stop(child);
+    let (stderr, log) = stop(started);
     let token = stderr
         .lines()
         .find(|l| l.starts_with("corsair_"))
         .unwrap_or_else(|| panic!("no token shown: {stderr}"))
         .to_owned();
+    // Shown on the terminal, never logged.
+    assert!(
+        !log.iter().any(|l| l.contains(&token)),
+        "the token was logged"
+    );
 
     // The token works; a second start creates and shows nothing.
-    let (child, addr) = start(&url, &[], &[]);
+    let started = start(&url, &[], &[]);
     let mut client =
-        v1::policy_service_client::PolicyServiceClient::connect(format!("http://{addr}"))
+        v1::policy_service_client::PolicyServiceClient::connect(format!("http://{}", started.addr))
             .await
             .unwrap();
     client
@@ -94,7 +110,7 @@ async fn the_first_start_creates_one_admin_token_and_shows_it_once() {
         .await
         .unwrap();
     drop(client);
-    let stderr = stop(child);
+    let (stderr, _) = stop(started);
     assert!(!stderr.contains("corsair_"), "{stderr}");
     // The audit log has the creation, never the token.
     let store = corsair_control_plane::store::connect(&url).await.unwrap();
@@ -190,33 +206,9 @@ fn an_unreachable_database_is_one_clear_line() {
 async fn serves_and_exits_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("cp.db").display());
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            &url,
-            "--log-format",
-            "json",
-        ])
-        .env("RUST_LOG", "info")
-        .env("CORSAIR_BOOTSTRAP_TOKEN", ADMIN)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the control plane logs its address")
-            .unwrap();
-        let log: serde_json::Value = serde_json::from_str(&line).expect("json logs");
-        if log["fields"]["message"] == "control plane listening" {
-            break log["fields"]["address"].as_str().unwrap().to_owned();
-        }
-    };
+    let started = start(&url, &[("CORSAIR_BOOTSTRAP_TOKEN", ADMIN)], &[]);
     let mut client =
-        v1::policy_service_client::PolicyServiceClient::connect(format!("http://{addr}"))
+        v1::policy_service_client::PolicyServiceClient::connect(format!("http://{}", started.addr))
             .await
             .unwrap();
     client
@@ -235,20 +227,10 @@ async fn serves_and_exits_cleanly_on_sigterm() {
         .unwrap();
     // The client goes first: a graceful shutdown waits for open connections to close.
     drop(client);
-
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
     // Wait off the runtime, so the client's connection can still answer the server's GOAWAY.
-    let (exit, rest) = tokio::task::spawn_blocking(move || {
-        let exit = child.wait().unwrap();
-        (exit, lines.map_while(Result::ok).collect::<Vec<String>>())
-    })
-    .await
-    .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    let (_, rest) = tokio::task::spawn_blocking(move || stop(started))
+        .await
+        .unwrap();
     assert!(rest.iter().any(|l| l.contains("shutting down")), "{rest:?}");
     assert!(
         !rest.iter().any(|l| l.contains("drain deadline")),

@@ -264,3 +264,30 @@ pub fn ctl_with(args: &[&str], stdin: Option<&str>, token: Option<&str>) -> Ctl 
         stderr: String::from_utf8(stderr).unwrap(),
     }
 }
+
+/// A `corsair-sidecar` for service `shop` (its upstream never dialled) following the control
+/// plane at `control_plane`, with JSON logs, `extra` flags and `env`.
+pub fn shop_sidecar(control_plane: &str, extra: &[&str], env: &[(&str, &str)]) -> Running {
+    spawn_env(
+        &sibling("corsair-sidecar"),
+        &[
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "127.0.0.1:9",
+                "--service",
+                "shop",
+                "--control-plane",
+                control_plane,
+                "--log-format",
+                "json",
+            ],
+            extra,
+        ]
+        .concat(),
+        env,
+    )
+}
