@@ -13,7 +13,7 @@ use corsair_proto::v1::{
     self, discovery_request::Kind, discovery_service_client::DiscoveryServiceClient,
 };
 use corsair_sidecar::policies::PolicySet;
-use corsair_sidecar::sync::{Backoff, SyncClient, SyncConfig, SyncState};
+use corsair_sidecar::sync::{Backoff, Replica, SyncClient, SyncConfig, SyncState, first_replica};
 use support::{Backend, TestServer, eventually, fresh_db};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -78,9 +78,25 @@ struct Sidecar {
 
 impl Sidecar {
     async fn start(url: &str, id: &str, services: &[&str], set: Arc<PolicySet>) -> Sidecar {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .unwrap()
-            .connect_lazy();
+        Sidecar::start_on(&[url.to_owned()], id, services, set).await
+    }
+
+    /// A sidecar given several control-plane replicas.
+    async fn start_on(
+        urls: &[String],
+        id: &str,
+        services: &[&str],
+        set: Arc<PolicySet>,
+    ) -> Sidecar {
+        let replicas = urls
+            .iter()
+            .map(|url| Replica {
+                address: url.clone(),
+                channel: tonic::transport::Endpoint::from_shared(url.clone())
+                    .unwrap()
+                    .connect_lazy(),
+            })
+            .collect();
         let config = SyncConfig {
             sidecar_id: id.into(),
             services: services.iter().map(|s| s.to_string()).collect(),
@@ -88,7 +104,7 @@ impl Sidecar {
             host: "localhost".into(),
             backoff: FAST,
         };
-        let client = SyncClient::new(channel, config, set.clone());
+        let client = SyncClient::with_replicas(replicas, config, set.clone());
         let state = client.state();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -544,4 +560,85 @@ async fn two_replicas_on_postgres() {
     sidecar.stop().await;
     one.stop().await;
     two.stop().await;
+}
+
+/// A sidecar given two replicas starts on the one its id picks; when that one goes away it
+/// moves to the other, and follows writes made there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_fails_over_between_replicas() {
+    let Some(db) = fresh_db(Backend::Postgres).await else {
+        return;
+    };
+    let store = || async {
+        corsair_control_plane::store::connect(&db.url)
+            .await
+            .unwrap()
+    };
+    let one = TestServer::with_store(store().await, Config::default()).await;
+    let two = TestServer::with_store(store().await, Config::default()).await;
+    let id = (0..)
+        .map(|i| format!("sc-{i}"))
+        .find(|id| first_replica(id, 2) == 0)
+        .unwrap();
+    let urls = [one.url(), two.url()];
+    let mut sidecar = Sidecar::start_on(&urls, &id, &["shop"], Arc::default()).await;
+    let r1 = create(&two, "shop", "https://a.example.com").await;
+    sidecar.at(r1).await;
+    let row = eventually(|| async {
+        let row = listed_row(&two, &id).await?;
+        (row.last_acked_revision == r1).then_some(row)
+    })
+    .await;
+    let first = row.control_plane;
+
+    one.stop().await;
+    sidecar
+        .state
+        .wait_for(|s| matches!(s, SyncState::Connecting { .. }))
+        .await
+        .unwrap();
+    let r2 = set_origin(&two, "shop", "https://b.example.com").await;
+    sidecar.at(r2).await;
+    assert_eq!(sidecar.origins("shop").unwrap(), ["https://b.example.com"]);
+    // Its row on the new replica is written once the ACK arrives there.
+    let row = eventually(|| async {
+        let row = listed_row(&two, &id).await?;
+        (row.last_acked_revision == r2).then_some(row)
+    })
+    .await;
+    assert_ne!(row.control_plane, first, "it moved to the other replica");
+    sidecar.stop().await;
+    two.stop().await;
+}
+
+/// Sidecar `id`'s fleet row, if it has one yet.
+async fn listed_row(server: &TestServer, id: &str) -> Option<v1::Sidecar> {
+    let request = v1::GetSidecarRequest {
+        sidecar_id: id.into(),
+    };
+    let row = server.fleet().await.get_sidecar(request).await.ok()?;
+    Some(row.into_inner())
+}
+
+/// A replica that refuses connections does not hold a sidecar back from the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_replica_is_skipped() {
+    let Some(db) = fresh_db(Backend::Sqlite).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let r1 = create(&server, "shop", "https://a.example.com").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let id = (0..)
+        .map(|i| format!("sc-{i}"))
+        .find(|id| first_replica(id, 2) == 0)
+        .unwrap();
+    let mut sidecar =
+        Sidecar::start_on(&[dead, server.url()], &id, &["shop"], Arc::default()).await;
+    sidecar.at(r1).await;
+    assert_eq!(sidecar.origins("shop").unwrap(), ["https://a.example.com"]);
+    sidecar.stop().await;
+    server.stop().await;
 }

@@ -13,7 +13,7 @@ use corsair_sidecar::cache_file;
 use corsair_sidecar::metrics::Observer;
 use corsair_sidecar::policies::PolicySet;
 use corsair_sidecar::proxy::{self, NoPolicy, ProxyConfig};
-use corsair_sidecar::sync::{SyncClient, SyncConfig};
+use corsair_sidecar::sync::{Replica, SyncClient, SyncConfig};
 use http::uri::Authority;
 use tokio::sync::watch;
 
@@ -37,9 +37,10 @@ struct Args {
     /// The service whose policy applies.
     #[arg(long, env = "CORSAIR_SERVICE")]
     service: String,
-    /// The control plane's gRPC address, e.g. http://127.0.0.1:7400.
-    #[arg(long, env = "CORSAIR_CONTROL_PLANE")]
-    control_plane: Option<String>,
+    /// The control plane's gRPC address, e.g. http://127.0.0.1:7400; for several replicas,
+    /// their addresses separated by commas (the sidecar fails over between them).
+    #[arg(long, env = "CORSAIR_CONTROL_PLANE", value_delimiter = ',')]
+    control_plane: Vec<String>,
     /// A local policy file (JSON, the policy-file format) to enforce instead of following a
     /// control plane; edits apply within a second, invalid edits are logged and ignored.
     #[arg(long, env = "CORSAIR_POLICY_FILE", conflicts_with = "control_plane")]
@@ -123,6 +124,47 @@ enum LogFormat {
 enum SchemeArg {
     Http,
     Https,
+}
+
+/// A lazy channel to the control-plane replica at `url`, with keepalive and, given a CA,
+/// TLS; a bad address or TLS setting is reported here, as the exit code to end with.
+fn control_plane_channel(args: &Args, url: &str) -> Result<tonic::transport::Channel, ExitCode> {
+    let secs = std::time::Duration::from_secs(args.keepalive_secs);
+    let endpoint = match tonic::transport::Endpoint::from_shared(url.to_owned()) {
+        Ok(e) => e
+            .http2_keep_alive_interval(secs)
+            .keep_alive_timeout(secs)
+            // A control plane that accepts connections but answers nothing (frozen) must
+            // not hold a reconnect forever.
+            .connect_timeout(secs)
+            .keep_alive_while_idle(true),
+        Err(e) => {
+            eprintln!("corsair-sidecar: --control-plane {url:?}: {e}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let endpoint = match &args.control_plane_ca {
+        None => endpoint,
+        Some(_) if !url.starts_with("https://") => {
+            eprintln!(
+                "corsair-sidecar: --control-plane-ca needs an https:// --control-plane, not {url:?}"
+            );
+            return Err(ExitCode::from(2));
+        }
+        Some(ca) => {
+            let identity = args.client_cert.as_deref().zip(args.client_key.as_deref());
+            match corsair_proto::client_tls(ca, identity)
+                .and_then(|tls| endpoint.tls_config(tls).map_err(|e| e.to_string()))
+            {
+                Ok(endpoint) => endpoint,
+                Err(e) => {
+                    eprintln!("corsair-sidecar: TLS: {e}");
+                    return Err(ExitCode::FAILURE);
+                }
+            }
+        }
+    };
+    Ok(endpoint.connect_lazy())
 }
 
 fn main() -> ExitCode {
@@ -226,42 +268,17 @@ async fn run() -> ExitCode {
     };
     let observer = Observer::default();
     let mut sync = None;
-    if let Some(url) = &args.control_plane {
-        let endpoint = match tonic::transport::Endpoint::from_shared(url.clone()) {
-            Ok(e) => e
-                .http2_keep_alive_interval(std::time::Duration::from_secs(args.keepalive_secs))
-                .keep_alive_timeout(std::time::Duration::from_secs(args.keepalive_secs))
-                // A control plane that accepts connections but answers nothing (frozen)
-                // must not hold a reconnect forever.
-                .connect_timeout(std::time::Duration::from_secs(args.keepalive_secs))
-                .keep_alive_while_idle(true),
-            Err(e) => {
-                eprintln!("corsair-sidecar: --control-plane {url:?}: {e}");
-                return ExitCode::from(2);
+    if !args.control_plane.is_empty() {
+        let mut replicas = Vec::new();
+        for url in &args.control_plane {
+            match control_plane_channel(&args, url) {
+                Ok(channel) => replicas.push(Replica {
+                    address: url.clone(),
+                    channel,
+                }),
+                Err(code) => return code,
             }
-        };
-        let endpoint = match &args.control_plane_ca {
-            None => endpoint,
-            Some(_) if !url.starts_with("https://") => {
-                eprintln!(
-                    "corsair-sidecar: --control-plane-ca needs an https:// --control-plane, not {url:?}"
-                );
-                return ExitCode::from(2);
-            }
-            Some(ca) => {
-                let identity = args.client_cert.as_deref().zip(args.client_key.as_deref());
-                match corsair_proto::client_tls(ca, identity)
-                    .and_then(|tls| endpoint.tls_config(tls).map_err(|e| e.to_string()))
-                {
-                    Ok(endpoint) => endpoint,
-                    Err(e) => {
-                        eprintln!("corsair-sidecar: TLS: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            }
-        };
-        let channel = endpoint.connect_lazy();
+        }
         let config = SyncConfig {
             sidecar_id: args.sidecar_id.clone().unwrap_or_else(|| {
                 format!(
@@ -275,7 +292,7 @@ async fn run() -> ExitCode {
             host: std::env::var("HOSTNAME").unwrap_or_default(),
             backoff: Default::default(),
         };
-        let mut client = SyncClient::new(channel, config, policies.clone());
+        let mut client = SyncClient::with_replicas(replicas, config, policies.clone());
         if let Some(Secret(token)) = &args.token {
             client = match client.with_token(token) {
                 Ok(client) => client,

@@ -6,6 +6,10 @@
 //! it (NACK, keeping the last good policies), and on any error reconnects with exponential
 //! backoff and full jitter. [`is_fatal`] is the one place that decides which status codes
 //! stop it. While it is disconnected the last good policies keep serving.
+//!
+//! Given several control-plane replicas, it starts on one chosen by its sidecar id (so a fleet
+//! spreads over them), and when a stream ends or cannot open it moves straight to the next
+//! replica; it backs off only after every replica has failed in a row.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -52,6 +56,15 @@ impl Backoff {
             .min(self.max);
         ceiling.mul_f64(random_unit())
     }
+}
+
+/// Where a sidecar starts among `replicas`: a stable hash (FNV-1a) of its id, so that a fleet
+/// spreads over the replicas and each sidecar comes back to the same one after a restart.
+pub fn first_replica(sidecar_id: &str, replicas: usize) -> usize {
+    let hash = sidecar_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % replicas.max(1) as u64) as usize
 }
 
 /// A number in [0, 1).
@@ -106,10 +119,19 @@ pub enum SyncState {
 #[error("policy sync stopped: {0}")]
 pub struct Fatal(pub Status);
 
+/// One control-plane replica: its address (for logs) and the channel to it.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    /// Where it is, as configured.
+    pub address: String,
+    /// The (lazy) channel to it.
+    pub channel: Channel,
+}
+
 /// The sync client.
 #[derive(Debug)]
 pub struct SyncClient {
-    channel: Channel,
+    replicas: Vec<Replica>,
     config: SyncConfig,
     set: Arc<PolicySet>,
     state: watch::Sender<SyncState>,
@@ -126,9 +148,23 @@ pub struct BadToken;
 impl SyncClient {
     /// A client that keeps `set` current over `channel` (which may be shared).
     pub fn new(channel: Channel, config: SyncConfig, set: Arc<PolicySet>) -> Self {
+        Self::with_replicas(
+            vec![Replica {
+                address: "control plane".into(),
+                channel,
+            }],
+            config,
+            set,
+        )
+    }
+
+    /// A client that follows whichever of `replicas` (not empty) answers, failing over
+    /// between them.
+    pub fn with_replicas(replicas: Vec<Replica>, config: SyncConfig, set: Arc<PolicySet>) -> Self {
+        assert!(!replicas.is_empty(), "a sync client needs a control plane");
         let (state, _) = watch::channel(SyncState::Connecting { error: None });
         SyncClient {
-            channel,
+            replicas,
             config,
             set,
             state,
@@ -160,10 +196,13 @@ impl SyncClient {
     /// Runs until `shutdown` resolves (`Ok`) or a fatal status (`Err`).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Fatal> {
         tokio::pin!(shutdown);
+        let replicas = self.replicas.len() as u32;
+        let mut current = first_replica(&self.config.sidecar_id, self.replicas.len());
+        // Sessions failed in a row since the last stream that opened.
         let mut attempt = 0u32;
         loop {
             let result = tokio::select! {
-                r = self.session(&mut attempt) => r,
+                r = self.session(&self.replicas[current], &mut attempt) => r,
                 () = &mut shutdown => return Ok(()),
             };
             let error = match result {
@@ -178,11 +217,17 @@ impl SyncClient {
             // allows rather than knocking (and being audited) twice a second.
             if matches!(error.code(), Code::PermissionDenied | Code::Unauthenticated) {
                 tracing::warn!(code = ?error.code(), message = error.message(), "the control plane refused this sidecar's credentials");
-                attempt = attempt.max(16);
+                attempt = attempt.max(16 * replicas + replicas - 1);
             }
-            let delay = self.config.backoff.delay(attempt);
+            // The next replica at once, until every one has failed in a row; then back off.
+            let delay = if (attempt + 1).is_multiple_of(replicas) {
+                self.config.backoff.delay(attempt / replicas)
+            } else {
+                Duration::ZERO
+            };
             attempt = attempt.saturating_add(1);
-            tracing::info!(code = ?error.code(), message = error.message(), ?delay, "policy stream ended; reconnecting");
+            current = (current + 1) % self.replicas.len();
+            tracing::info!(code = ?error.code(), message = error.message(), ?delay, next = %self.replicas[current].address, "policy stream ended; reconnecting");
             self.state.send_replace(SyncState::Connecting {
                 error: Some(format!("{:?}: {}", error.code(), error.message())),
             });
@@ -193,8 +238,8 @@ impl SyncClient {
         }
     }
 
-    /// One stream, from hello to its end.
-    async fn session(&self, attempt: &mut u32) -> Result<(), Status> {
+    /// One stream to `replica`, from hello to its end.
+    async fn session(&self, replica: &Replica, attempt: &mut u32) -> Result<(), Status> {
         let (tx, rx) = mpsc::channel(8);
         let hello = v1::Hello {
             sidecar_id: self.config.sidecar_id.clone(),
@@ -207,7 +252,7 @@ impl SyncClient {
         tx.send(send(Kind::Hello(hello)))
             .await
             .expect("the receiver is alive");
-        let mut client = DiscoveryServiceClient::new(self.channel.clone());
+        let mut client = DiscoveryServiceClient::new(replica.channel.clone());
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         if let Some(value) = &self.authorization {
             request
@@ -216,6 +261,7 @@ impl SyncClient {
         }
         let mut inbound = client.stream_policies(request).await?.into_inner();
         *attempt = 0;
+        tracing::info!(control_plane = %replica.address, "policy stream open");
         self.state.send_replace(SyncState::Connected {
             revision: self.set.load().revision,
         });
@@ -284,6 +330,19 @@ mod tests {
             assert!(d < ceiling, "attempt {attempt}: {d:?} >= {ceiling:?}");
         }
         assert!(b.delay(100) <= Duration::from_secs(120));
+    }
+
+    #[test]
+    fn a_fleet_spreads_over_replicas_and_each_sidecar_keeps_its_first() {
+        assert_eq!(first_replica("anything", 1), 0);
+        let mut per_replica = [0usize; 3];
+        for i in 0..300 {
+            let id = format!("shop-{i}");
+            let first = first_replica(&id, 3);
+            assert_eq!(first, first_replica(&id, 3), "stable");
+            per_replica[first] += 1;
+        }
+        assert!(per_replica.iter().all(|&n| n > 50), "{per_replica:?}");
     }
 
     #[test]

@@ -3,6 +3,12 @@
 //! `CORSAIR_SOAK_REPORT_SECONDS` (default 60) it prints requests, errors, p99 latency and each
 //! process's RSS and open file descriptors; at the end, totals and RSS growth.
 //!
+//! The measured window starts after `CORSAIR_SOAK_WARMUP_SECONDS` (default 60) of the same
+//! traffic and policy changes, so that growth means memory still rising once every code path
+//! has run and every pool, cache and buffer has been filled once; growth from launch is
+//! printed too, with the anonymous (heap and stacks) and file-backed (the mapped binary) parts
+//! of RSS shown apart.
+//!
 //! Run: `cargo bench -p corsair-e2e --bench soak` (builds the release binaries if missing).
 
 #[path = "../tests/support/mod.rs"]
@@ -12,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use support::{
-    ControlPlane, Load, Sidecar, Upstream, channel, converged, free_port, rss_and_fds,
+    ControlPlane, Load, Sidecar, Upstream, channel, converged, free_port, rss_and_fds, rss_parts,
     sidecar_token, write_policy,
 };
 
@@ -52,7 +58,7 @@ fn main() {
         let upstream = Upstream::start().await;
         let first = write_policy(&grpc, 1).await;
         let token = sidecar_token(&grpc).await;
-        let sidecars = Sidecar::fleet(2, |_| port, upstream.addr, dir.path(), &token, &[]);
+        let sidecars = Sidecar::fleet(2, &cp.url, upstream.addr, dir.path(), &token, &[]);
         converged(&grpc, 2, first).await;
         let mut pids = vec![("control plane".to_owned(), cp.process.child.id())];
         pids.extend(
@@ -61,12 +67,23 @@ fn main() {
                 .enumerate()
                 .map(|(i, s)| (format!("sidecar {i}"), s.process.child.id())),
         );
+        let launch: Vec<(u64, u64)> = pids.iter().map(|(_, pid)| rss_parts(*pid)).collect();
         let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
         load.wait_for(1000);
+        let warmup = env_secs("CORSAIR_SOAK_WARMUP_SECONDS", 60);
+        let mut n = 1;
+        let warming = Instant::now();
+        while warming.elapsed() < Duration::from_secs(warmup) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            n += 1;
+            load.written.store(n as i64, Ordering::SeqCst);
+            write_policy(&grpc, n).await;
+        }
         load.take_latencies();
+        let start_parts: Vec<(u64, u64)> = pids.iter().map(|(_, pid)| rss_parts(*pid)).collect();
         let start_rss: Vec<(u64, usize)> = pids.iter().map(|(_, pid)| rss_and_fds(*pid)).collect();
         println!(
-            "soak: {seconds} s, a policy change every second; at start: {}",
+            "soak: {seconds} s after {warmup} s of warm-up, a policy change every second; at start: {}",
             pids.iter()
                 .zip(&start_rss)
                 .map(|((name, _), (rss, fds))| format!("{name} {rss} KiB RSS, {fds} fds"))
@@ -78,7 +95,7 @@ fn main() {
             "t (s)", "requests", "errors", "p99 (µs)"
         );
         let started = Instant::now();
-        let mut n = 1;
+        let changes_before = n;
         let mut next_report = every;
         let mut served_before = load.served.load(Ordering::Relaxed);
         let mut all_p99 = Vec::new();
@@ -110,16 +127,25 @@ fn main() {
             }
         }
         let end_rss: Vec<(u64, usize)> = pids.iter().map(|(_, pid)| rss_and_fds(*pid)).collect();
+        let end_parts: Vec<(u64, u64)> = pids.iter().map(|(_, pid)| rss_parts(*pid)).collect();
         let (served, failures) = load.stop();
         println!(
-            "soak done: {served} requests, {} errors, {} policy changes; p99 per interval {:?} µs",
+            "soak done: {served} requests (warm-up included), {} errors, {} policy changes in the window; p99 per interval {:?} µs",
             failures.len(),
-            n - 1,
+            n - changes_before,
             all_p99
         );
-        for (((name, _), (rss0, fds0)), (rss1, fds1)) in pids.iter().zip(&start_rss).zip(&end_rss) {
-            let growth = (*rss1 as f64 - *rss0 as f64) / (*rss0).max(1) as f64 * 100.0;
-            println!("{name}: RSS {rss0} → {rss1} KiB ({growth:+.1}%), fds {fds0} → {fds1}");
+        let percent = |from: u64, to: u64| (to as f64 - from as f64) / from.max(1) as f64 * 100.0;
+        for (i, (name, _)) in pids.iter().enumerate() {
+            let ((rss0, fds0), (rss1, fds1)) = (start_rss[i], end_rss[i]);
+            let (launch_anon, launch_file) = launch[i];
+            let ((anon0, file0), (anon1, file1)) = (start_parts[i], end_parts[i]);
+            println!(
+                "{name}: RSS {rss0} → {rss1} KiB ({:+.1}%) over the window, fds {fds0} → {fds1}; \
+                 anonymous {launch_anon} → {anon0} → {anon1} KiB and file-backed {launch_file} → {file0} → {file1} KiB (launch → start → end); RSS {:+.1}% from launch",
+                percent(rss0, rss1),
+                percent(launch_anon + launch_file, rss1),
+            );
         }
         if let Some(first) = failures.first() {
             println!("first error: {first}");

@@ -48,7 +48,7 @@ async fn the_sidecar_survives_a_malformed_request_corpus() {
     let revision = write_policy(&grpc, 1).await;
     let token = sidecar_token(&grpc).await;
     let sidecar = Sidecar::start(
-        port,
+        &cp.url,
         upstream.addr,
         &dir.path().join("cache.json"),
         &token,

@@ -1,8 +1,9 @@
 //! Faults under steady traffic, with the real binaries as separate processes. Each scenario
-//! asserts that no request the upstream would have served failed, that every response's CORS
-//! headers come from one revision that had been written, that no sidecar goes back to an
-//! older revision, and that after healing every sidecar reaches the latest revision; it
-//! prints how long that took.
+//! runs twice: on one control plane with SQLite, and on two control-plane replicas sharing
+//! PostgreSQL, every sidecar given both replicas' addresses. Each asserts that no request the
+//! upstream would have served failed, that every response's CORS headers come from one
+//! revision that had been written, that no sidecar goes back to an older revision, and that
+//! after healing every sidecar reaches the latest revision; it prints how long that took.
 
 mod support;
 
@@ -11,13 +12,35 @@ use std::time::{Duration, Instant};
 
 use corsair_proto::v1;
 use support::{
-    ControlPlane, Load, ORIGIN, SERVICE, Sidecar, Upstream, bearer, channel, converged, free_port,
-    policy, request, revision_of, sidecar_token, write_policy,
+    Backend, Load, ORIGIN, Plane, SERVICE, Served, Sidecar, Upstream, bearer, converged, policy,
+    request, revision_of, sidecar_token, write_policy,
 };
 
-fn sqlite(dir: &tempfile::TempDir) -> String {
-    format!("sqlite://{}", dir.path().join("cp.db").display())
+/// One test per backend for the scenario `$name(backend)`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_two_replicas() {
+                super::$name(super::Backend::Postgres).await;
+            }
+        }
+    )*};
 }
+
+on_both_backends!(
+    control_plane_killed_and_restarted,
+    control_plane_paused_beyond_the_keepalive_timeout,
+    a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_cache,
+    a_corrupt_cache_file_is_ignored_until_the_control_plane_answers,
+    the_upstream_down_and_back,
+    a_burst_of_updates_while_sidecars_serve,
+);
 
 fn assert_clean(served: u64, failures: &[String]) {
     assert!(served > 0, "no traffic was served");
@@ -29,59 +52,148 @@ fn assert_clean(served: u64, failures: &[String]) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_plane_killed_and_restarted() {
+/// The control planes listing `SYNCED` sidecars on each replica.
+async fn synced_per_replica(plane: &Plane, via: usize) -> Vec<(String, i64)> {
+    let mut fleet = v1::fleet_service_client::FleetServiceClient::new(plane.channel(via));
+    fleet
+        .list_sidecars(bearer(v1::ListSidecarsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .sidecars
+        .into_iter()
+        .filter(|s| s.state == v1::SidecarState::Synced as i32)
+        .map(|s| (s.control_plane, s.last_acked_revision))
+        .collect()
+}
+
+async fn control_plane_killed_and_restarted(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cp = ControlPlane::start(&sqlite(&dir), port, &[]);
-    let grpc = channel(&cp.url);
-    let upstream = Upstream::start().await;
-    let revision = write_policy(&grpc, 1).await;
-    let token = sidecar_token(&grpc).await;
-    let sidecars = Sidecar::fleet(3, |_| port, upstream.addr, dir.path(), &token, &[]);
-    converged(&grpc, 3, revision).await;
+    let Some(mut plane) = Plane::start(backend, dir.path(), &[]).await else {
+        return;
+    };
+    let Served {
+        grpc,
+        upstream: _upstream,
+        sidecars,
+        ..
+    } = plane.serve(0, 3, dir.path(), &[]).await;
     let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
     load.wait_for(200);
 
-    // SIGKILL: traffic goes on under the last policy.
-    cp.process.kill();
+    // SIGKILL to every replica: traffic goes on under the last policy.
+    plane.kill_all();
     load.wait_for(500);
 
-    // Back on the same port and database: the sidecars reconnect and take a new revision.
-    let cp = ControlPlane::start(&sqlite(&dir), port, &[]);
+    // Back on the same ports and database: the sidecars reconnect and take a new revision.
+    plane.start_all();
     load.written.store(2, Ordering::SeqCst);
     let healed = Instant::now();
     let revision = write_policy(&grpc, 2).await;
     let took = converged(&grpc, 3, revision).await;
     eprintln!(
-        "control plane restarted: fleet SYNCED on the new revision {:?} after the write ({:?} after restart)",
+        "{backend:?}: control plane restarted: fleet SYNCED on the new revision {:?} after the write ({:?} after restart)",
         took,
         healed.elapsed()
     );
     load.wait_for(200);
     let (served, failures) = load.stop();
     assert_clean(served, &failures);
-    drop(cp);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_cache() {
+/// SIGSTOP holds the process's sockets but answers nothing. On SQLite the one control plane
+/// is frozen: the sidecars' keepalive notices, they leave the dead stream, and traffic goes on
+/// under the last policy until SIGCONT. With two replicas, `r0` is frozen: its sidecars move
+/// to `r1` and take a new revision written there while `r0` is still frozen.
+async fn control_plane_paused_beyond_the_keepalive_timeout(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cp = ControlPlane::start(&sqlite(&dir), port, &[]);
-    let grpc = channel(&cp.url);
+    let keepalive = ["--keepalive-secs", "1"];
+    let Some(plane) = Plane::start(backend, dir.path(), &keepalive).await else {
+        return;
+    };
+    let replicas = plane.ports.len();
+    let live = replicas - 1;
+    let Served {
+        grpc,
+        upstream: _upstream,
+        sidecars,
+        ..
+    } = plane.serve(live, 3, dir.path(), &keepalive).await;
+    let on_r0 = synced_per_replica(&plane, live)
+        .await
+        .iter()
+        .filter(|(replica, _)| replica == "r0")
+        .count();
+    assert!(on_r0 > 0, "some sidecars start on the replica to be frozen");
+    let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
+    load.wait_for(100);
+
+    let frozen = &plane.replica(0).process;
+    frozen.signal(nix::sys::signal::Signal::SIGSTOP);
+    let paused = Instant::now();
+    if replicas == 1 {
+        for s in &sidecars {
+            while support::sync_connected(s) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        eprintln!(
+            "{backend:?}: control plane paused: sidecars left the stream after {:?}",
+            paused.elapsed()
+        );
+    } else {
+        load.written.store(2, Ordering::SeqCst);
+        let revision = write_policy(&grpc, 2).await;
+        let took = converged(&grpc, 3, revision).await;
+        let listed = synced_per_replica(&plane, live).await;
+        assert!(
+            listed.iter().all(|(replica, _)| replica == "r1"),
+            "{listed:?}"
+        );
+        eprintln!(
+            "{backend:?}: r0 paused: its {on_r0} sidecar(s) SYNCED on r1 with a revision written there {:?} after SIGSTOP ({took:?} after the write)",
+            paused.elapsed()
+        );
+    }
+    load.wait_for(300);
+
+    frozen.signal(nix::sys::signal::Signal::SIGCONT);
+    let next = replicas as u64 + 1;
+    load.written.store(next as i64, Ordering::SeqCst);
+    let resumed = Instant::now();
+    // Written through the resumed replica.
+    let revision = write_policy(&plane.channel(0), next).await;
+    converged(&grpc, 3, revision).await;
+    eprintln!(
+        "{backend:?}: control plane resumed: fleet SYNCED on a revision written through it {:?} after SIGCONT",
+        resumed.elapsed()
+    );
+    load.wait_for(100);
+    let (served, failures) = load.stop();
+    assert_clean(served, &failures);
+}
+
+async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_cache(
+    backend: Backend,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut plane) = Plane::start(backend, dir.path(), &[]).await else {
+        return;
+    };
+    let grpc = plane.channel(0);
     let upstream = Upstream::start().await;
     write_policy(&grpc, 1).await;
     let revision = write_policy(&grpc, 2).await;
     let token = sidecar_token(&grpc).await;
     let cache = dir.path().join("cache.json");
-    let sidecar = Sidecar::start(port, upstream.addr, &cache, &token, "s0", &[]);
+    let control_plane = plane.addresses();
+    let sidecar = Sidecar::start(&control_plane, upstream.addr, &cache, &token, "s0", &[]);
     converged(&grpc, 1, revision).await;
-    cp.process.kill();
+    plane.kill_all();
     assert!(sidecar.process.terminate());
 
     // No control plane: the new process serves revision 2 from its cache as soon as it listens.
-    let sidecar = Sidecar::start(port, upstream.addr, &cache, &token, "s0", &[]);
+    let sidecar = Sidecar::start(&control_plane, upstream.addr, &cache, &token, "s0", &[]);
     assert!(sidecar.process.logged("serving from the cache file"));
     assert_eq!(sidecar.admin_status("/readyz"), 200);
     let (status, head) = request(sidecar.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
@@ -89,14 +201,26 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_cac
     assert_eq!(revision_of(&head), Ok(2));
     let load = Load::start(&[sidecar.addr], 2, 2);
     load.wait_for(300);
+
+    // The control plane back: the sidecar follows it again.
+    plane.start_all();
+    load.written.store(3, Ordering::SeqCst);
+    let revision = write_policy(&grpc, 3).await;
+    let took = converged(&grpc, 1, revision).await;
+    eprintln!(
+        "{backend:?}: sidecar restarted from its cache: SYNCED {took:?} after the next write"
+    );
+    load.wait_for(100);
     let (served, failures) = load.stop();
     assert_clean(served, &failures);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_cache_file_is_ignored_until_the_control_plane_answers() {
+async fn a_corrupt_cache_file_is_ignored_until_the_control_plane_answers(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let Some(mut plane) = Plane::prepare(backend, dir.path(), &[]).await else {
+        return;
+    };
+    let control_plane = plane.addresses();
     let upstream = Upstream::start().await;
     for (name, contents) in [
         ("garbage", &b"\x00\xffnot json at all"[..]),
@@ -107,8 +231,8 @@ async fn a_corrupt_cache_file_is_ignored_until_the_control_plane_answers() {
     ] {
         let cache = dir.path().join(format!("{name}.json"));
         std::fs::write(&cache, contents).unwrap();
-        // Nothing listens on the control plane's port yet.
-        let sidecar = Sidecar::start(port, upstream.addr, &cache, "unused", name, &[]);
+        // Nothing listens on the control plane's ports yet.
+        let sidecar = Sidecar::start(&control_plane, upstream.addr, &cache, "unused", name, &[]);
         assert!(sidecar.process.logged("ignoring the cache file"), "{name}");
         // The no-policy setting (deny) applies, and readiness says so.
         assert_eq!(sidecar.admin_status("/readyz"), 503, "{name}");
@@ -119,13 +243,13 @@ async fn a_corrupt_cache_file_is_ignored_until_the_control_plane_answers() {
     // Once a control plane answers, a sidecar with a corrupt cache converges and serves.
     let cache = dir.path().join("garbage.json");
     std::fs::write(&cache, b"{{{{").unwrap();
-    let cp = ControlPlane::start(&sqlite(&dir), port, &[]);
-    let grpc = channel(&cp.url);
+    plane.start_all();
+    let grpc = plane.channel(0);
     let revision = write_policy(&grpc, 1).await;
     let token = sidecar_token(&grpc).await;
-    let sidecar = Sidecar::start(port, upstream.addr, &cache, &token, "healed", &[]);
+    let sidecar = Sidecar::start(&control_plane, upstream.addr, &cache, &token, "healed", &[]);
     let took = converged(&grpc, 1, revision).await;
-    eprintln!("corrupt cache: SYNCED {took:?} after start");
+    eprintln!("{backend:?}: corrupt cache: SYNCED {took:?} after start");
     let (status, head) = request(sidecar.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
     assert_eq!(status, 200);
     assert_eq!(revision_of(&head), Ok(1));
@@ -134,94 +258,82 @@ async fn a_corrupt_cache_file_is_ignored_until_the_control_plane_answers() {
     assert!(saved.windows(7).any(|w| w == b"x-rev-1"), "{saved:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_upstream_down_and_back() {
+async fn the_upstream_down_and_back(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cp = ControlPlane::start(&sqlite(&dir), port, &[]);
-    let grpc = channel(&cp.url);
-    let mut upstream = Upstream::start().await;
-    let revision = write_policy(&grpc, 1).await;
-    let token = sidecar_token(&grpc).await;
-    let cache = dir.path().join("cache.json");
-    let sidecar = Sidecar::start(port, upstream.addr, &cache, &token, "s0", &[]);
-    converged(&grpc, 1, revision).await;
-    let load = Load::start(&[sidecar.addr], 2, 1);
+    let Some(plane) = Plane::start(backend, dir.path(), &[]).await else {
+        return;
+    };
+    let Served {
+        mut upstream,
+        sidecars,
+        ..
+    } = plane.serve(0, 2, dir.path(), &[]).await;
+    let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
     load.wait_for(200);
 
     load.upstream_down.store(true, Ordering::SeqCst);
     upstream.stop().await;
-    let (status, _) = request(sidecar.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
-    assert_eq!(
-        status, 502,
-        "the sidecar answers 502 while the upstream is down"
-    );
+    for s in &sidecars {
+        let (status, _) = request(s.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
+        assert_eq!(
+            status, 502,
+            "the sidecar answers 502 while the upstream is down"
+        );
+    }
     while load.bad_gateway.load(Ordering::Relaxed) < 20 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    // Back, without restarting the sidecar.
+    // Back, without restarting the sidecars.
     upstream.resume().await;
     let back = Instant::now();
-    loop {
-        let (status, _) = request(sidecar.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
-        if status == 200 {
-            break;
+    for s in &sidecars {
+        loop {
+            let (status, _) = request(s.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    eprintln!("upstream back: served again after {:?}", back.elapsed());
+    eprintln!(
+        "{backend:?}: upstream back: served again after {:?}",
+        back.elapsed()
+    );
     load.upstream_down.store(false, Ordering::SeqCst);
     let settle = load.served.load(Ordering::Relaxed);
     load.wait_for(300);
     let (served, failures) = load.stop();
     assert!(served > settle);
     assert_clean(served, &failures);
-    drop(cp);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_updates_while_sidecars_serve_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    burst(&sqlite(&dir), 1).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_updates_while_sidecars_serve_on_two_postgres_replicas() {
-    if let Some(url) = support::postgres_database().await {
-        burst(&url, 2).await;
-    }
-}
-
-/// 1,000 updates written to the first of `replicas` control planes on `database_url`, while
-/// 20 sidecars, spread over the replicas, serve traffic.
-async fn burst(database_url: &str, replicas: usize) {
+/// 1,000 updates written through the first replica while 20 sidecars, spread over the
+/// replicas, serve traffic.
+async fn a_burst_of_updates_while_sidecars_serve(backend: Backend) {
     const SIDECARS: usize = 20;
     const UPDATES: u64 = 1000;
     let dir = tempfile::tempdir().unwrap();
-    let planes: Vec<ControlPlane> = (0..replicas)
-        .map(|i| {
-            let id = format!("r{i}");
-            ControlPlane::start(
-                database_url,
-                free_port(),
-                &["--max-writes-per-sec", "0", "--replica-id", &id],
-            )
-        })
+    let Some(plane) = Plane::start(backend, dir.path(), &["--max-writes-per-sec", "0"]).await
+    else {
+        return;
+    };
+    let Served {
+        grpc,
+        upstream: _upstream,
+        sidecars,
+        revision: first,
+    } = plane.serve(0, SIDECARS, dir.path(), &[]).await;
+    let replicas: std::collections::BTreeSet<String> = synced_per_replica(&plane, 0)
+        .await
+        .into_iter()
+        .map(|(replica, _)| replica)
         .collect();
-    let grpc = channel(&planes[0].url);
-    let upstream = Upstream::start().await;
-    let first = write_policy(&grpc, 1).await;
-    let token = sidecar_token(&grpc).await;
-    let sidecars = Sidecar::fleet(
-        SIDECARS,
-        |i| planes[i % replicas].port,
-        upstream.addr,
-        dir.path(),
-        &token,
-        &[],
+    assert_eq!(
+        replicas.len(),
+        plane.ports.len(),
+        "spread over {replicas:?}"
     );
-    converged(&grpc, SIDECARS, first).await;
     let load = Load::start_paced(
         &Sidecar::addrs(&sidecars),
         1,
@@ -256,7 +368,8 @@ async fn burst(database_url: &str, replicas: usize) {
     let wrote = started.elapsed();
     let took = converged(&grpc, SIDECARS, last).await;
     eprintln!(
-        "{UPDATES} updates written in {wrote:?}; all {SIDECARS} sidecars on {replicas} replica(s) SYNCED on the last {took:?} after it"
+        "{backend:?}: {UPDATES} updates written in {wrote:?}; all {SIDECARS} sidecars on {} replica(s) SYNCED on the last {took:?} after it",
+        replicas.len()
     );
     load.wait_for(100);
     let (served, failures) = load.stop();
@@ -266,106 +379,38 @@ async fn burst(database_url: &str, replicas: usize) {
         assert_eq!(revision_of(&head), Ok(UPDATES));
     }
     assert_clean(served, &failures);
-    drop(planes);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_plane_paused_beyond_the_keepalive_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cp = ControlPlane::start(&sqlite(&dir), port, &["--keepalive-secs", "1"]);
-    let grpc = channel(&cp.url);
-    let upstream = Upstream::start().await;
-    let revision = write_policy(&grpc, 1).await;
-    let token = sidecar_token(&grpc).await;
-    let sidecars = Sidecar::fleet(
-        2,
-        |_| port,
-        upstream.addr,
-        dir.path(),
-        &token,
-        &["--keepalive-secs", "1"],
-    );
-    converged(&grpc, 2, revision).await;
-    let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
-    load.wait_for(100);
-
-    // SIGSTOP: the process holds its sockets but answers nothing. The sidecars' keepalive
-    // notices, they leave the dead stream, and traffic goes on meanwhile.
-    cp.process.signal(nix::sys::signal::Signal::SIGSTOP);
-    let paused = Instant::now();
-    for s in &sidecars {
-        while support::sync_connected(s) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    eprintln!(
-        "control plane paused: sidecars left the stream after {:?}",
-        paused.elapsed()
-    );
-    load.wait_for(300);
-
-    cp.process.signal(nix::sys::signal::Signal::SIGCONT);
-    load.written.store(2, Ordering::SeqCst);
-    let resumed = Instant::now();
-    let revision = write_policy(&grpc, 2).await;
-    converged(&grpc, 2, revision).await;
-    eprintln!(
-        "control plane resumed: fleet SYNCED on a new revision {:?} after SIGCONT",
-        resumed.elapsed()
-    );
-    load.wait_for(100);
-    let (served, failures) = load.stop();
-    assert_clean(served, &failures);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_postgres_replicas_killed_and_restarted_its_sidecars_move() {
-    let Some(url) = support::postgres_database().await else {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut plane) = Plane::start(Backend::Postgres, dir.path(), &[]).await else {
         return;
     };
-    let (port_a, port_b) = (free_port(), free_port());
-    let a = ControlPlane::start(&url, port_a, &["--replica-id", "a"]);
-    let b = ControlPlane::start(&url, port_b, &["--replica-id", "b"]);
-    let front = support::Front::start(vec![port_a, port_b]).await;
-    let grpc_b = channel(&b.url);
-    let upstream = Upstream::start().await;
-    let revision = write_policy(&grpc_b, 1).await;
-    let token = sidecar_token(&grpc_b).await;
-    let dir = tempfile::tempdir().unwrap();
-    let sidecars = Sidecar::fleet(3, |_| front.port, upstream.addr, dir.path(), &token, &[]);
-    converged(&grpc_b, 3, revision).await;
-    let mut fleet = v1::fleet_service_client::FleetServiceClient::new(grpc_b.clone());
-    let on = |fleet: v1::ListSidecarsResponse, replica: &str| {
-        fleet
-            .sidecars
-            .iter()
-            .filter(|s| s.control_plane == replica && s.state == v1::SidecarState::Synced as i32)
-            .count()
-    };
-    let listed = fleet
-        .list_sidecars(bearer(v1::ListSidecarsRequest::default()))
+    let Served {
+        grpc: grpc_r1,
+        upstream: _upstream,
+        sidecars,
+        ..
+    } = plane.serve(1, 3, dir.path(), &[]).await;
+    let on_r0 = synced_per_replica(&plane, 1)
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(on(listed, "a"), 3, "the front sends everyone to a first");
+        .iter()
+        .filter(|(replica, _)| replica == "r0")
+        .count();
+    assert!(on_r0 > 0, "some sidecars start on r0");
     let load = Load::start(&Sidecar::addrs(&sidecars), 1, 1);
     load.wait_for(200);
 
-    a.process.kill();
+    plane.replicas[0].take().unwrap().process.kill();
     let killed = Instant::now();
     load.written.store(2, Ordering::SeqCst);
-    let revision = write_policy(&grpc_b, 2).await;
+    let revision = write_policy(&grpc_r1, 2).await;
     loop {
-        let listed = fleet
-            .list_sidecars(bearer(v1::ListSidecarsRequest::default()))
+        let moved = synced_per_replica(&plane, 1)
             .await
-            .unwrap()
-            .into_inner();
-        let moved = listed
-            .sidecars
             .iter()
-            .filter(|s| s.control_plane == "b" && s.last_acked_revision >= revision)
+            .filter(|(replica, acked)| replica == "r1" && *acked >= revision)
             .count();
         if moved == 3 {
             break;
@@ -373,19 +418,18 @@ async fn one_of_two_postgres_replicas_killed_and_restarted_its_sidecars_move() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!(
-        "replica a killed: all sidecars SYNCED on b {:?} later",
+        "replica r0 killed: its {on_r0} sidecar(s) SYNCED on r1 {:?} later",
         killed.elapsed()
     );
     load.wait_for(200);
 
-    // a comes back on its port and takes writes again; the fleet follows them from b.
-    let a = ControlPlane::start(&url, port_a, &["--replica-id", "a"]);
+    // r0 comes back on its port and takes writes again; the fleet follows them from r1.
+    plane.start_all();
     load.written.store(3, Ordering::SeqCst);
-    let revision = write_policy(&channel(&a.url), 3).await;
-    let took = converged(&grpc_b, 3, revision).await;
-    eprintln!("replica a restarted: a write through it reached every sidecar in {took:?}");
+    let revision = write_policy(&plane.channel(0), 3).await;
+    let took = converged(&grpc_r1, 3, revision).await;
+    eprintln!("replica r0 restarted: a write through it reached every sidecar in {took:?}");
     load.wait_for(200);
     let (served, failures) = load.stop();
     assert_clean(served, &failures);
-    drop((a, b));
 }

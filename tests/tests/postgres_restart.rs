@@ -1,6 +1,6 @@
-//! PostgreSQL restarted under a control plane, with sidecars serving traffic: writes fail
-//! with `UNAVAILABLE` while it is away, nothing is lost or half-written, the audit chain still
-//! verifies, and the fleet converges afterwards. Alone in its test binary, because it stops
+//! PostgreSQL restarted under two control-plane replicas, with sidecars serving traffic:
+//! writes fail with `UNAVAILABLE` on both while it is away, nothing is lost or half-written,
+//! the audit chain still verifies, and the fleet converges afterwards. Alone in its test binary, because it stops
 //! the machine's PostgreSQL, which other tests use.
 
 mod support;
@@ -11,8 +11,7 @@ use std::time::Instant;
 
 use corsair_proto::v1;
 use support::{
-    ControlPlane, Load, SERVICE, Sidecar, Upstream, bearer, channel, converged, free_port, policy,
-    sidecar_token, write_policy,
+    Backend, Load, Plane, SERVICE, Served, Sidecar, bearer, converged, policy, write_policy,
 };
 
 /// Runs `pg_ctlcluster` on the machine's cluster; whether it worked.
@@ -45,8 +44,9 @@ impl Drop for Restart {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_restarted_under_the_control_plane() {
-    let Some(url) = support::postgres_database().await else {
+async fn postgres_restarted_under_two_control_plane_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(plane) = Plane::start(Backend::Postgres, dir.path(), &[]).await else {
         return;
     };
     if !cluster("status") {
@@ -60,43 +60,43 @@ async fn postgres_restarted_under_the_control_plane() {
         );
         return;
     }
-    let port = free_port();
-    let cp = ControlPlane::start(&url, port, &[]);
-    let grpc = channel(&cp.url);
-    let upstream = Upstream::start().await;
-    let revision = write_policy(&grpc, 1).await;
-    let token = sidecar_token(&grpc).await;
-    let dir = tempfile::tempdir().unwrap();
-    let sidecars = Sidecar::fleet(2, |_| port, upstream.addr, dir.path(), &token, &[]);
-    converged(&grpc, 2, revision).await;
+    let Served {
+        grpc,
+        upstream: _upstream,
+        sidecars,
+        ..
+    } = plane.serve(0, 3, dir.path(), &[]).await;
     let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
     load.wait_for(200);
 
     let _restart = Restart;
     assert!(cluster("stop"), "stopping PostgreSQL");
-    let mut policies = v1::policy_service_client::PolicyServiceClient::new(grpc.clone());
-    let current = policies
-        .get_policy(bearer(v1::GetPolicyRequest {
-            name: format!("services/{SERVICE}/policy"),
-        }))
-        .await;
-    assert!(current.is_err(), "reads fail while the database is away");
-    let asked = Instant::now();
-    let refused = policies
-        .create_policy(bearer(v1::CreatePolicyRequest {
-            policy: Some(v1::Policy {
-                service: "other".into(),
-                ..policy(9)
-            }),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    eprintln!(
-        "PostgreSQL down: a write failed with UNAVAILABLE after {:?}",
-        asked.elapsed()
-    );
+    for replica in 0..2 {
+        let mut policies =
+            v1::policy_service_client::PolicyServiceClient::new(plane.channel(replica));
+        let current = policies
+            .get_policy(bearer(v1::GetPolicyRequest {
+                name: format!("services/{SERVICE}/policy"),
+            }))
+            .await;
+        assert!(current.is_err(), "reads fail while the database is away");
+        let asked = Instant::now();
+        let refused = policies
+            .create_policy(bearer(v1::CreatePolicyRequest {
+                policy: Some(v1::Policy {
+                    service: "other".into(),
+                    ..policy(9)
+                }),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        eprintln!(
+            "PostgreSQL down: a write to replica r{replica} failed with UNAVAILABLE after {:?}",
+            asked.elapsed()
+        );
+    }
     // Traffic goes on under the last policy.
     load.wait_for(300);
 
@@ -104,7 +104,7 @@ async fn postgres_restarted_under_the_control_plane() {
     let back = Instant::now();
     load.written.store(2, Ordering::SeqCst);
     let revision = write_policy(&grpc, 2).await;
-    let took = converged(&grpc, 2, revision).await;
+    let took = converged(&grpc, 3, revision).await;
     eprintln!(
         "PostgreSQL back: first write {:?} after it started, fleet SYNCED {took:?} after the write",
         back.elapsed() - took
@@ -112,6 +112,7 @@ async fn postgres_restarted_under_the_control_plane() {
     load.wait_for(200);
     let (served, failures) = load.stop();
     assert!(served > 0 && failures.is_empty(), "{failures:?}");
+    let mut policies = v1::policy_service_client::PolicyServiceClient::new(plane.channel(1));
 
     // Nothing lost or half-written: the refused service has no policy and no revision, the
     // revisions are the two writes, and the audit chain verifies.
@@ -138,5 +139,5 @@ async fn postgres_restarted_under_the_control_plane() {
         .unwrap()
         .into_inner();
     assert!(verified.ok, "{verified:?}");
-    drop(cp);
+    drop(plane);
 }

@@ -169,6 +169,121 @@ impl ControlPlane {
     }
 }
 
+/// Where a scenario keeps its policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// One control plane on its own SQLite file.
+    Sqlite,
+    /// Two control-plane replicas sharing one new PostgreSQL database.
+    Postgres,
+}
+
+/// A scenario's control plane: one process on SQLite or two replicas (`r0`, `r1`) on
+/// PostgreSQL, each on a fixed port so that it can come back on it. Sidecars are given every
+/// replica's address ([`Plane::addresses`]) and fail over between them.
+pub struct Plane {
+    database_url: String,
+    extra: Vec<String>,
+    pub ports: Vec<u16>,
+    /// The running replicas (`None`: killed, or not started yet).
+    pub replicas: Vec<Option<ControlPlane>>,
+}
+
+impl Plane {
+    /// A plane on `backend` whose database and ports are chosen but which does not run yet;
+    /// `None` when PostgreSQL is unreachable outside CI (see [`postgres_database`]).
+    pub async fn prepare(backend: Backend, dir: &Path, extra: &[&str]) -> Option<Plane> {
+        let (database_url, count) = match backend {
+            Backend::Sqlite => (format!("sqlite://{}", dir.join("cp.db").display()), 1),
+            Backend::Postgres => (postgres_database().await?, 2),
+        };
+        Some(Plane {
+            database_url,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ports: (0..count).map(|_| free_port()).collect(),
+            replicas: (0..count).map(|_| None).collect(),
+        })
+    }
+
+    /// [`Plane::prepare`], then every replica started.
+    pub async fn start(backend: Backend, dir: &Path, extra: &[&str]) -> Option<Plane> {
+        let mut plane = Plane::prepare(backend, dir, extra).await?;
+        plane.start_all();
+        Some(plane)
+    }
+
+    /// Starts every replica that is not running.
+    pub fn start_all(&mut self) {
+        for i in 0..self.ports.len() {
+            if self.replicas[i].is_none() {
+                let id = format!("r{i}");
+                let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+                self.replicas[i] = Some(ControlPlane::start(
+                    &self.database_url,
+                    self.ports[i],
+                    &[&["--replica-id", &id], &extra[..]].concat(),
+                ));
+            }
+        }
+    }
+
+    /// SIGKILL to every replica: the whole control plane is gone.
+    pub fn kill_all(&mut self) {
+        for replica in &mut self.replicas {
+            if let Some(cp) = replica.take() {
+                cp.process.kill();
+            }
+        }
+    }
+
+    /// The running replica `i`.
+    pub fn replica(&self, i: usize) -> &ControlPlane {
+        self.replicas[i].as_ref().expect("the replica runs")
+    }
+
+    /// A channel to replica `i` (which may come and go).
+    pub fn channel(&self, i: usize) -> Channel {
+        channel(&format!("http://127.0.0.1:{}", self.ports[i]))
+    }
+
+    /// The usual opening: through replica `via`, revision 1 of the policy and a sidecar token;
+    /// a real upstream; `count` sidecars (`s0`, … with `extra` flags) following every replica,
+    /// each with a cache file in `dir`; and the fleet `SYNCED` on revision 1.
+    pub async fn serve(&self, via: usize, count: usize, dir: &Path, extra: &[&str]) -> Served {
+        let grpc = self.channel(via);
+        let upstream = Upstream::start().await;
+        let revision = write_policy(&grpc, 1).await;
+        let token = sidecar_token(&grpc).await;
+        let sidecars = Sidecar::fleet(count, &self.addresses(), upstream.addr, dir, &token, extra);
+        converged(&grpc, count, revision).await;
+        Served {
+            grpc,
+            upstream,
+            sidecars,
+            revision,
+        }
+    }
+
+    /// Every replica's address, as a sidecar's `--control-plane` takes them.
+    pub fn addresses(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// What [`Plane::serve`] set up.
+pub struct Served {
+    /// To the replica the policy was written through.
+    pub grpc: Channel,
+    pub upstream: Upstream,
+    pub sidecars: Vec<Sidecar>,
+    /// The revision the fleet is on.
+    pub revision: i64,
+}
+
 /// A gRPC channel to `url`, connected lazily (so it survives the server coming and going).
 pub fn channel(url: &str) -> Channel {
     Channel::from_shared(url.to_owned()).unwrap().connect_lazy()
@@ -280,7 +395,7 @@ pub async fn converged(channel: &Channel, sidecars: usize, revision: i64) -> Dur
     panic!("the fleet never converged on revision {revision}");
 }
 
-/// A sidecar process in front of `upstream`, following the control plane at `port`.
+/// A sidecar process in front of `upstream`, following a control plane.
 pub struct Sidecar {
     pub process: Process,
     pub addr: SocketAddr,
@@ -288,15 +403,15 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// A sidecar `id` following `control_plane` (one address, or several separated by commas).
     pub fn start(
-        control_plane_port: u16,
+        control_plane: &str,
         upstream: SocketAddr,
         cache: &Path,
         token: &str,
         id: &str,
         extra: &[&str],
     ) -> Sidecar {
-        let cp = format!("http://127.0.0.1:{control_plane_port}");
         let upstream = upstream.to_string();
         let cache = cache.display().to_string();
         let process = Process::spawn(
@@ -312,7 +427,7 @@ impl Sidecar {
                     "--service",
                     SERVICE,
                     "--control-plane",
-                    &cp,
+                    control_plane,
                     "--cache-file",
                     &cache,
                     "--sidecar-id",
@@ -331,11 +446,11 @@ impl Sidecar {
         }
     }
 
-    /// `count` sidecars `s0`, `s1`, …, the i-th following the control plane on `port(i)`,
-    /// each with its own cache file in `dir`.
+    /// `count` sidecars `s0`, `s1`, … following `control_plane`, each with its own cache file
+    /// in `dir`.
     pub fn fleet(
         count: usize,
-        port: impl Fn(usize) -> u16,
+        control_plane: &str,
         upstream: SocketAddr,
         dir: &Path,
         token: &str,
@@ -344,7 +459,7 @@ impl Sidecar {
         (0..count)
             .map(|i| {
                 Sidecar::start(
-                    port(i),
+                    control_plane,
                     upstream,
                     &dir.join(format!("cache-{i}.json")),
                     token,
@@ -669,45 +784,6 @@ impl Upstream {
     }
 }
 
-/// A TCP front for several control planes, as a load balancer would be: each new connection
-/// goes to the first backend that accepts it.
-pub struct Front {
-    pub port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Front {
-    pub async fn start(backends: Vec<u16>) -> Front {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    continue;
-                };
-                let backends = backends.clone();
-                tokio::spawn(async move {
-                    for backend in backends {
-                        if let Ok(mut server) =
-                            tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
-                        {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Front { port, task }
-    }
-}
-
-impl Drop for Front {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// A new, empty PostgreSQL database; `None` (after a loud message) when PostgreSQL is not
 /// reachable outside CI. Under `CI=true` it must be.
 pub async fn postgres_database() -> Option<String> {
@@ -737,6 +813,20 @@ pub fn sync_connected(sidecar: &Sidecar) -> bool {
     request(sidecar.admin, "GET", "/metrics", &[])
         .map(|(_, text)| text.contains("corsair_sidecar_sync_state{state=\"connected\"} 1"))
         .unwrap_or(false)
+}
+
+/// A process's resident memory (KiB) split into anonymous (heap, stacks) and file-backed (its
+/// mapped binary and libraries), from /proc.
+pub fn rss_parts(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:") + field("RssShmem:"))
 }
 
 /// A process's resident memory (KiB) and open file descriptors, from /proc.
