@@ -122,21 +122,81 @@ pub async fn serve(
                 Ok::<_, Infallible>(handle(req, peer, policies, config, client, tunnels).await)
             }
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(client_headers);
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            // A client that connects and sends nothing is closed after the header timeout
+            // too: left to detect the protocol by reading, the builder would wait forever.
+            let protocol = match tokio::time::timeout(client_headers, first_protocol(&stream)).await
+            {
+                Ok(Ok(protocol)) => protocol,
+                Ok(Err(_)) | Err(_) => return,
+            };
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(client_headers);
+            // Told the protocol, the builder hands hyper the untouched stream.
+            let builder = match protocol {
+                Protocol::Http1 => builder.http1_only(),
+                Protocol::Http2 => builder.http2_only(),
+            };
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(%error, "connection ended with an error");
             }
         });
     }
     graceful.shutdown().await;
     let _ = close_tunnels.send(true);
+}
+
+/// The HTTP/2 connection preface a prior-knowledge (h2c) client opens with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The protocol of a new connection, from its first bytes, read without consuming them. A
+/// connection closed before any byte counts as HTTP/1, which answers EOF.
+async fn first_protocol(stream: &tokio::net::TcpStream) -> std::io::Result<Protocol> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let n = stream.peek(&mut first).await?;
+    if let Some(protocol) = classify(&first[..n]) {
+        return Ok(protocol);
+    }
+    // A proper prefix of the preface so far. `peek` leaves the socket readable, so wait for
+    // more bytes by peeking through a second handle inside `try_io`, whose `WouldBlock`
+    // clears the readiness until the next bytes arrive.
+    let peer = std::net::TcpStream::from(std::os::fd::AsFd::as_fd(stream).try_clone_to_owned()?);
+    loop {
+        stream.readable().await?;
+        let seen = stream.try_io(tokio::io::Interest::READABLE, || {
+            let n = peer.peek(&mut first)?;
+            classify(&first[..n]).ok_or_else(|| std::io::ErrorKind::WouldBlock.into())
+        });
+        match seen {
+            Ok(protocol) => return Ok(protocol),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The protocol `first` (the bytes received so far) opens; `None` while it is a proper prefix
+/// of the HTTP/2 preface.
+fn classify(first: &[u8]) -> Option<Protocol> {
+    if first.is_empty() || !H2_PREFACE.starts_with(first) {
+        Some(Protocol::Http1)
+    } else if first.len() == H2_PREFACE.len() {
+        Some(Protocol::Http2)
+    } else {
+        None
+    }
 }
 
 fn local(status: StatusCode, headers: HeaderMap, body: &'static str) -> Response<Body> {
@@ -440,5 +500,24 @@ fn add_forwarded(
     );
     if let Some(host) = host {
         headers.insert("x-forwarded-host", host.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_bytes_tell_the_protocol() {
+        assert_eq!(classify(b""), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"POST"), Some(Protocol::Http1));
+        assert_eq!(classify(b"PRI"), None);
+        assert_eq!(classify(&H2_PREFACE[..23]), None);
+        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(
+            classify(b"PRI * HTTP/1.1\r\n\r\nSM\r\n\r\n"),
+            Some(Protocol::Http1)
+        );
     }
 }

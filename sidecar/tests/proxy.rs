@@ -163,8 +163,25 @@ impl Sidecar {
         headers: &[(&str, &str)],
         body: &'static str,
     ) -> (StatusCode, http::HeaderMap, Bytes) {
-        let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
+        self.send_with(
+            Client::builder(TokioExecutor::new()).build_http(),
+            method,
+            path,
+            headers,
+            body,
+        )
+        .await
+    }
+
+    /// [`Sidecar::send`] through `client`.
+    async fn send_with(
+        &self,
+        client: Client<HttpConnector, Full<Bytes>>,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &'static str,
+    ) -> (StatusCode, http::HeaderMap, Bytes) {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.addr));
@@ -194,6 +211,72 @@ impl Drop for Sidecar {
 }
 
 const APP: &str = "https://app.example.com";
+
+/// A client that speaks HTTP/2 over cleartext from its first byte (prior knowledge) gets the
+/// same answers: preflights locally, actual requests proxied with the policy's headers.
+#[tokio::test]
+async fn http2_prior_knowledge_clients_are_served() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
+    sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
+    let h2 = || {
+        Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http()
+    };
+    let (status, headers, _) = sidecar
+        .send_with(
+            h2(),
+            Method::OPTIONS,
+            "/x",
+            &[("origin", APP), ("access-control-request-method", "PUT")],
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(headers["access-control-allow-origin"], APP);
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    let (status, headers, body) = sidecar
+        .send_with(h2(), Method::POST, "/x", &[("origin", APP)], "over h2")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["access-control-allow-origin"], APP);
+    assert_eq!(body, "over h2");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+/// A client that connects and sends nothing, or only part of the HTTP/2 preface, is closed
+/// after the header timeout.
+#[tokio::test]
+async fn a_silent_client_is_closed_after_the_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::Deny,
+        proxy::Timeouts {
+            client_headers: std::time::Duration::from_millis(200),
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    use tokio::io::AsyncWriteExt;
+    let mut silent = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    // One that starts the HTTP/2 preface and stops.
+    let mut halfway = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    halfway.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    for client in [&mut silent, &mut halfway] {
+        let mut byte = [0u8; 1];
+        // Closed by the sidecar (EOF or reset), without a byte of response.
+        assert!(matches!(client.read(&mut byte).await, Ok(0) | Err(_)));
+    }
+    // Others are served meanwhile and after.
+    sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
+    let (status, _, _) = sidecar
+        .send(Method::GET, "/x", &[("origin", APP)], "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
 
 #[tokio::test]
 async fn preflights_are_answered_locally() {
