@@ -591,12 +591,9 @@ async fn a_sidecar_fails_over_between_replicas() {
     .await;
     let first = row.control_plane;
 
+    // With `one` gone, the sidecar can only learn of r2 from `two`. (It moves there at once, so
+    // its `Connecting` state may be too brief to observe.)
     one.stop().await;
-    sidecar
-        .state
-        .wait_for(|s| matches!(s, SyncState::Connecting { .. }))
-        .await
-        .unwrap();
     let r2 = set_origin(&two, "shop", "https://b.example.com").await;
     sidecar.at(r2).await;
     assert_eq!(sidecar.origins("shop").unwrap(), ["https://b.example.com"]);
