@@ -17,10 +17,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use support::{
-    ControlPlane, Load, Sidecar, Upstream, channel, converged, free_port, rss_and_fds, rss_parts,
-    sidecar_token, write_policy,
-};
+use support::{Backend, Load, Plane, Served, Sidecar, rss_and_fds, rss_parts, write_policy};
 
 fn env_secs(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -48,19 +45,17 @@ fn main() {
         .unwrap();
     runtime.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let cp = ControlPlane::start(
-            &format!("sqlite://{}", dir.path().join("cp.db").display()),
-            port,
-            &[],
-        );
-        let grpc = channel(&cp.url);
-        let upstream = Upstream::start().await;
-        let first = write_policy(&grpc, 1).await;
-        let token = sidecar_token(&grpc).await;
-        let sidecars = Sidecar::fleet(2, &cp.url, upstream.addr, dir.path(), &token, &[]);
-        converged(&grpc, 2, first).await;
-        let mut pids = vec![("control plane".to_owned(), cp.process.child.id())];
+        let plane = Plane::start(Backend::Sqlite, dir.path(), &[]).await.unwrap();
+        let Served {
+            grpc,
+            upstream: _upstream,
+            sidecars,
+            ..
+        } = plane.serve(0, 2, dir.path(), &[]).await;
+        let mut pids = vec![(
+            "control plane".to_owned(),
+            plane.replica(0).process.child.id(),
+        )];
         pids.extend(
             sidecars
                 .iter()
@@ -151,6 +146,6 @@ fn main() {
             println!("first error: {first}");
         }
         drop(sidecars);
-        drop(cp);
+        drop(plane);
     });
 }

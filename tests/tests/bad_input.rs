@@ -9,10 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use corsair_proto::v1;
-use support::{
-    ControlPlane, ORIGIN, Sidecar, Upstream, bearer, channel, converged, free_port, request,
-    revision_of, sidecar_token, write_policy,
-};
+use support::{Backend, ORIGIN, Plane, Served, bearer, request, revision_of};
 
 /// Sends `raw` on a new connection and reads until the sidecar answers and closes, or stops
 /// answering (the connection is closed after a reply to a malformed request); the
@@ -37,25 +34,17 @@ fn status(response: &str) -> Option<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecar_survives_a_malformed_request_corpus() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cp = ControlPlane::start(
-        &format!("sqlite://{}", dir.path().join("cp.db").display()),
-        port,
-        &[],
-    );
-    let grpc = channel(&cp.url);
-    let upstream = Upstream::start().await;
-    let revision = write_policy(&grpc, 1).await;
-    let token = sidecar_token(&grpc).await;
-    let sidecar = Sidecar::start(
-        &cp.url,
-        upstream.addr,
-        &dir.path().join("cache.json"),
-        &token,
-        "s0",
-        &["--client-header-timeout-secs", "1"],
-    );
-    converged(&grpc, 1, revision).await;
+    let plane = Plane::start(Backend::Sqlite, dir.path(), &[])
+        .await
+        .unwrap();
+    let Served {
+        upstream,
+        mut sidecars,
+        ..
+    } = plane
+        .serve(0, 1, dir.path(), &["--client-header-timeout-secs", "1"])
+        .await;
+    let sidecar = sidecars.pop().unwrap();
     let addr = sidecar.addr;
     let host = format!("Host: {addr}\r\n");
 
@@ -195,13 +184,10 @@ async fn the_sidecar_survives_a_malformed_request_corpus() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_refuses_malformed_and_oversized_calls() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cp = ControlPlane::start(
-        &format!("sqlite://{}", dir.path().join("cp.db").display()),
-        port,
-        &[],
-    );
-    let grpc = channel(&cp.url);
+    let plane = Plane::start(Backend::Sqlite, dir.path(), &[])
+        .await
+        .unwrap();
+    let grpc = plane.channel(0);
     let mut policies = v1::policy_service_client::PolicyServiceClient::new(grpc.clone());
 
     // Bytes that are not a CreatePolicyRequest.
@@ -270,7 +256,7 @@ async fn the_control_plane_refuses_malformed_and_oversized_calls() {
         .unwrap()
         .into_inner();
     assert!(verified.ok);
-    drop(cp);
+    drop(plane);
 }
 
 /// Sends raw bytes as a gRPC message and reads any answer as raw bytes.

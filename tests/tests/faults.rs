@@ -52,7 +52,8 @@ fn assert_clean(served: u64, failures: &[String]) {
     );
 }
 
-/// The control planes listing `SYNCED` sidecars on each replica.
+/// Each `SYNCED` sidecar's replica and acknowledged revision, from fleet status read through
+/// replica `via`.
 async fn synced_per_replica(plane: &Plane, via: usize) -> Vec<(String, i64)> {
     let mut fleet = v1::fleet_service_client::FleetServiceClient::new(plane.channel(via));
     fleet
