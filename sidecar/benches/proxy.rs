@@ -646,8 +646,9 @@ fn main() {
     // 1,000 open keep-alive connections.
     let mut held_rss = Vec::new();
     for (target, addr) in [(&sidecar, &sidecar_addr), (&nginx, &nginx_addr)] {
+        let before = rss_kib(target);
         let held = hold_connections(addr, 1000);
-        held_rss.push((target.name, rss_kib(target)));
+        held_rss.push((target.name, before, rss_kib(target)));
         drop(held);
     }
 
@@ -701,10 +702,11 @@ fn main() {
             rss as f64 / 1024.0
         );
     }
-    for (name, rss) in held_rss {
+    for (name, before, rss) in held_rss {
         println!(
-            "- RSS with 1,000 open keep-alive connections, {name}: {:.1} MiB",
-            rss as f64 / 1024.0
+            "- RSS with 1,000 open keep-alive connections, {name}: {:.1} MiB ({:.1} MiB after the load runs, before opening them)",
+            rss as f64 / 1024.0,
+            before as f64 / 1024.0
         );
     }
     println!(

@@ -22,7 +22,6 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::metrics::{Observer, Outcome, UpstreamError};
@@ -100,7 +99,9 @@ pub async fn serve(
     // Upgraded connections outlive their request; they are closed when serving stops.
     let (close_tunnels, tunnels) = tokio::sync::watch::channel(false);
     let shared = Arc::new((policies, config, client, tunnels));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // On shutdown every connection is told to finish its in-flight requests and close.
+    let (stop_connections, stop) = tokio::sync::watch::channel(false);
+    let connections = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -122,33 +123,67 @@ pub async fn serve(
                 Ok::<_, Infallible>(handle(req, peer, policies, config, client, tunnels).await)
             }
         });
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let mut stop = stop.clone();
+        connections.spawn(async move {
             // A client that connects and sends nothing is closed after the header timeout
-            // too: left to detect the protocol by reading, the builder would wait forever.
-            let protocol = match tokio::time::timeout(client_headers, first_protocol(&stream)).await
-            {
-                Ok(Ok(protocol)) => protocol,
-                Ok(Err(_)) | Err(_) => return,
+            // too: left to detect the protocol by reading, hyper would wait forever.
+            let protocol = tokio::select! {
+                first = tokio::time::timeout(client_headers, first_protocol(&stream)) => match first {
+                    Ok(Ok(protocol)) => protocol,
+                    Ok(Err(_)) | Err(_) => return,
+                },
+                _ = stop.wait_for(|stop| *stop) => return,
             };
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(client_headers);
-            // Told the protocol, the builder hands hyper the untouched stream.
-            let builder = match protocol {
-                Protocol::Http1 => builder.http1_only(),
-                Protocol::Http2 => builder.http2_only(),
+            // Told the protocol, hyper reads the stream itself from its first byte: the
+            // automatic builder would first read the 24 bytes of a possible HTTP/2 preface,
+            // then grow hyper's 8 KiB read buffer to 16 KiB to append the rest.
+            let io = TokioIo::new(stream);
+            let ended = match protocol {
+                Protocol::Http1 => {
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(client_headers)
+                        .serve_connection(io, service)
+                        .with_upgrades();
+                    until_stopped(connection, stop, |c| c.graceful_shutdown()).await
+                }
+                Protocol::Http2 => {
+                    let connection =
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .serve_connection(io, service);
+                    until_stopped(connection, stop, |c| c.graceful_shutdown()).await
+                }
             };
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(connection.into_owned()).await {
+            if let Err(error) = ended {
                 tracing::debug!(%error, "connection ended with an error");
             }
         });
     }
-    graceful.shutdown().await;
+    // New connections are refused from here on.
+    drop(listener);
+    let _ = stop_connections.send(true);
+    connections.close();
+    connections.wait().await;
     let _ = close_tunnels.send(true);
+}
+
+/// Serves `connection` to its end; once `stop` turns true, asks it (`graceful`) to finish its
+/// in-flight requests and close.
+async fn until_stopped<C>(
+    connection: C,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(connection);
+    tokio::select! {
+        ended = connection.as_mut() => return ended,
+        _ = stop.wait_for(|stop| *stop) => graceful(connection.as_mut()),
+    }
+    connection.await
 }
 
 /// The HTTP/2 connection preface a prior-knowledge (h2c) client opens with.

@@ -762,3 +762,75 @@ async fn upstream_connections_are_reused_and_closed_when_idle() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+/// On shutdown the sidecar stops accepting, closes idle keep-alive connections, lets the
+/// request in flight finish (telling its client to close), and only then returns.
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that answers only once released, and says when a request has arrived.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn({
+        let (arrived, release) = (arrived.clone(), release.clone());
+        async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (arrived, release) = (arrived.clone(), release.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |_req: Request<Incoming>| {
+                        let (arrived, release) = (arrived.clone(), release.clone());
+                        async move {
+                            arrived.notify_one();
+                            release.notified().await;
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("done"))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let set = Arc::new(PolicySet::default());
+    let config = ProxyConfig {
+        upstream: up.to_string().parse().unwrap(),
+        service: "shop".into(),
+        public_scheme: Scheme::Http,
+        no_policy: NoPolicy::PassThrough,
+        timeouts: proxy::Timeouts::default(),
+        observer: Observer::default(),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = tokio::spawn(proxy::serve(listener, set, config, async {
+        let _ = stopped.await;
+    }));
+
+    // An idle keep-alive connection, and one whose request is at the upstream.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await
+        .unwrap();
+    arrived.notified().await;
+
+    stop.send(()).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(matches!(idle.read(&mut byte).await, Ok(0) | Err(_)));
+    assert!(!serving.is_finished());
+
+    release.notify_one();
+    let mut response = Vec::new();
+    busy.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8(response).unwrap().to_ascii_lowercase();
+    assert!(response.starts_with("http/1.1 200"), "{response}");
+    assert!(response.contains("connection: close"), "{response}");
+    assert!(response.ends_with("done"), "{response}");
+    serving.await.unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
