@@ -822,6 +822,8 @@ async fn shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
     stop.send(()).unwrap();
     let mut byte = [0u8; 1];
     assert!(matches!(idle.read(&mut byte).await, Ok(0) | Err(_)));
+    // The listener closed before the idle connections did: no one is queued meanwhile.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     assert!(!serving.is_finished());
 
     release.notify_one();
