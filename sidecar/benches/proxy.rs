@@ -12,7 +12,9 @@
 //! Run: `cargo build --release -p corsair-control-plane && cargo bench -p corsair-sidecar --bench proxy`
 //! Needs `wrk` and `nginx` (Debian packages). Environment: `CORSAIR_BENCH_SECONDS` (per run,
 //! default 10), `CORSAIR_BENCH_ROUNDS` (default 3), `CORSAIR_BENCH_CONNECTIONS` (wrk's `-c`,
-//! default 64), `CORSAIR_CONTROL_PLANE_BIN`.
+//! default 64), `CORSAIR_CONTROL_PLANE_BIN`, and `CORSAIR_BENCH_BASELINE`: the path of another
+//! `corsair-sidecar` build, run beside this one and loaded in the same rounds, to compare two
+//! versions side by side.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -427,33 +429,40 @@ fn main() {
         .unwrap();
 
     // The sidecar, one worker thread like nginx's one worker.
-    let (proxy_port, admin_port) = (free_port(), free_port());
-    let (sidecar_addr, admin_addr) = (
-        format!("127.0.0.1:{proxy_port}"),
-        format!("127.0.0.1:{admin_port}"),
-    );
-    let sidecar = Proc {
-        child: Command::new(SIDECAR)
-            .args(["--listen", &sidecar_addr, "--admin-listen", &admin_addr])
-            .args([
-                "--upstream",
-                &upstream_addr.to_string(),
-                "--service",
-                "shop",
-            ])
-            .args(["--control-plane", &format!("http://{cp_addr}")])
-            .arg("--cache-file")
-            .arg(dir.path().join("shop.cache"))
-            .env("RUST_LOG", "warn")
-            .env("TOKIO_WORKER_THREADS", "1")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-        name: "corsair-sidecar",
+    let start_sidecar = |bin: &Path, name: &'static str| {
+        let (proxy_port, admin_port) = (free_port(), free_port());
+        let (addr, admin_addr) = (
+            format!("127.0.0.1:{proxy_port}"),
+            format!("127.0.0.1:{admin_port}"),
+        );
+        let sidecar = Proc {
+            child: Command::new(bin)
+                .args(["--listen", &addr, "--admin-listen", &admin_addr])
+                .args([
+                    "--upstream",
+                    &upstream_addr.to_string(),
+                    "--service",
+                    "shop",
+                ])
+                .args(["--control-plane", &format!("http://{cp_addr}")])
+                .arg("--cache-file")
+                .arg(dir.path().join(format!("{proxy_port}.cache")))
+                .env("RUST_LOG", "warn")
+                .env("TOKIO_WORKER_THREADS", "1")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+            name,
+        };
+        wait_until(name, || {
+            accepts(&admin_addr) && get(&admin_addr, "/readyz").0 == 200
+        });
+        (sidecar, addr, admin_addr)
     };
-    wait_until("sidecar", || {
-        accepts(&admin_addr) && get(&admin_addr, "/readyz").0 == 200
-    });
+    let (sidecar, sidecar_addr, admin_addr) = start_sidecar(Path::new(SIDECAR), "corsair-sidecar");
+    // Another build of the sidecar to compare with, if given.
+    let baseline = std::env::var_os("CORSAIR_BENCH_BASELINE")
+        .map(|bin| start_sidecar(Path::new(&bin), "baseline sidecar"));
 
     // nginx, one worker.
     let nginx_port = free_port();
@@ -478,7 +487,10 @@ fn main() {
     };
     wait_until("nginx", || accepts(&nginx_addr) && pids(&nginx).len() > 1);
 
-    let idle_rss = [(&sidecar, rss_kib(&sidecar)), (&nginx, rss_kib(&nginx))];
+    let mut idle_rss = vec![(&sidecar, rss_kib(&sidecar)), (&nginx, rss_kib(&nginx))];
+    if let Some((baseline, _, _)) = &baseline {
+        idle_rss.push((baseline, rss_kib(baseline)));
+    }
 
     let script = |name: &str, body: &str| {
         let path = dir.path().join(name);
@@ -514,10 +526,21 @@ fn main() {
         ),
         ("nginx preflight", &nginx_addr, &preflight, Some(&nginx)),
     ];
-    let targets: Vec<(String, String, PathBuf, Option<&Proc>)> = targets
+    let mut targets: Vec<(String, String, PathBuf, Option<&Proc>)> = targets
         .into_iter()
         .map(|(n, a, s, p)| (n.to_owned(), a.to_owned(), s.to_path_buf(), p))
         .collect();
+    if let Some((baseline, addr, _)) = &baseline {
+        targets.insert(
+            2,
+            (
+                "baseline".into(),
+                addr.clone(),
+                actual.clone(),
+                Some(baseline),
+            ),
+        );
+    }
     let mut results: BTreeMap<String, Vec<Run>> = BTreeMap::new();
     let mut sidecar_requests = 0;
     let mut counted_connections = 0;
@@ -645,10 +668,18 @@ fn main() {
 
     // 1,000 open keep-alive connections.
     let mut held_rss = Vec::new();
-    for (target, addr) in [(&sidecar, &sidecar_addr), (&nginx, &nginx_addr)] {
+    let mut holders = vec![(&sidecar, &sidecar_addr), (&nginx, &nginx_addr)];
+    if let Some((baseline, addr, _)) = &baseline {
+        holders.push((baseline, addr));
+    }
+    let mut idle_held = 0;
+    for (target, addr) in holders {
         let before = rss_kib(target);
         let held = hold_connections(addr, 1000);
         held_rss.push((target.name, before, rss_kib(target)));
+        if std::ptr::eq(target, &sidecar) {
+            idle_held = idle_connections(&admin_addr);
+        }
         drop(held);
     }
 
@@ -687,6 +718,16 @@ fn main() {
     }
     println!();
     println!("- sidecar / nginx throughput: {:.2}×", side.rps / ngx.rps);
+    if let Some(base) = results.get("baseline").map(|runs| median(runs)) {
+        println!(
+            "- sidecar / baseline sidecar: throughput {:.3}×, CPU per request {:.1} µs against {:.1} µs, p99 {:.0} µs against {:.0} µs",
+            side.rps / base.rps,
+            side.cpu_us_per_request,
+            base.cpu_us_per_request,
+            side.p99_us,
+            base.p99_us
+        );
+    }
     println!(
         "- sidecar preflights / sidecar proxied requests: {:.2}×",
         side_pre.rps / side.rps
@@ -710,6 +751,9 @@ fn main() {
         );
     }
     println!(
+        "- of the sidecar's 1,000 held connections, {idle_held} idle without buffers (`corsair_sidecar_client_connections{{state=\"idle\"}}`)"
+    );
+    println!(
         "- upstream connections opened by the sidecar: {counted_connections} for {sidecar_requests} requests ({} requests per new connection)",
         sidecar_requests / counted_connections.max(1)
     );
@@ -726,7 +770,17 @@ fn main() {
         swapped.failed,
         elsewhere.failed
     );
-    drop((sidecar, nginx, cp, upstream));
+    drop((sidecar, baseline, nginx, cp, upstream));
+}
+
+/// The sidecar's idle client connections, from its metrics.
+fn idle_connections(admin: &str) -> i64 {
+    let (_, metrics) = get(admin, "/metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("corsair_sidecar_client_connections{state=\"idle\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1)
 }
 
 /// The revision of the `shop` policy the sidecar enforces.

@@ -1,6 +1,6 @@
 //! The sidecar's Prometheus metrics, served as text on the admin listener's `/metrics`:
-//! requests by decision and reason class, preflights, upstream errors, the policy revision,
-//! the sync state and the time since the last update.
+//! requests by decision and reason class, preflights, upstream errors, open client
+//! connections, the policy revision, the sync state and the time since the last update.
 //!
 //! Every counter the request path touches is created up front and indexed by plain numbers,
 //! so counting a request is one atomic add: no label hashing, no lock.
@@ -76,11 +76,55 @@ pub struct Metrics {
     without_policy: [Counter; 2],
     upstream_errors: [Counter; 2],
     upgrades: Counter,
+    client_connections: [Gauge; 2],
     denial_logs_suppressed: Counter,
     revision: Gauge,
     since_update: Gauge<f64, AtomicU64>,
     sync_states: Vec<Gauge>,
     started: Instant,
+}
+
+/// What an open client connection is doing, for the `state` label of `client_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Reading, handling or answering requests (an HTTP/2 connection is always here).
+    Serving = 0,
+    /// An HTTP/1 keep-alive connection waiting for its next request, holding no buffers.
+    Idle = 1,
+}
+
+/// One open client connection, counted in `client_connections` under its current state
+/// until dropped.
+#[derive(Debug)]
+pub struct OpenConnection {
+    metrics: Arc<Metrics>,
+    state: ConnectionState,
+}
+
+impl OpenConnection {
+    /// Counts a new connection, serving.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.client_connections[ConnectionState::Serving as usize].inc();
+        OpenConnection {
+            metrics,
+            state: ConnectionState::Serving,
+        }
+    }
+
+    /// Moves the connection to `state`.
+    pub fn set(&mut self, state: ConnectionState) {
+        if state != self.state {
+            self.metrics.client_connections[self.state as usize].dec();
+            self.metrics.client_connections[state as usize].inc();
+            self.state = state;
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.metrics.client_connections[self.state as usize].dec();
+    }
 }
 
 /// Which upstream failure, for the `kind` label of `upstream_errors`.
@@ -151,6 +195,17 @@ impl Default for Metrics {
             "Connections upgraded (WebSocket and other Upgrade protocols) and spliced to the upstream",
             upgrades.clone(),
         );
+        let connections_family = Family::<StateLabel, Gauge>::default();
+        let client_connections = ["serving", "idle"].map(|state| {
+            connections_family
+                .get_or_create(&StateLabel { state })
+                .clone()
+        });
+        registry.register(
+            "client_connections",
+            "Open client connections: serving requests, or idle (HTTP/1 keep-alive, waiting for the next request with no buffers held)",
+            connections_family,
+        );
         let denial_logs_suppressed = Counter::default();
         registry.register(
             "denial_logs_suppressed",
@@ -185,6 +240,7 @@ impl Default for Metrics {
             without_policy,
             upstream_errors,
             upgrades,
+            client_connections,
             denial_logs_suppressed,
             revision,
             since_update,

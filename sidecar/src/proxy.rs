@@ -24,7 +24,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use crate::metrics::{Observer, Outcome, UpstreamError};
+use crate::http1;
+use crate::metrics::{Observer, OpenConnection, Outcome, UpstreamError};
 use crate::policies::PolicySet;
 use crate::upstream::Upstream;
 
@@ -69,6 +70,9 @@ pub struct Timeouts {
     pub client_headers: std::time::Duration,
     /// An idle pooled upstream connection is closed after this.
     pub upstream_idle: std::time::Duration,
+    /// An idle HTTP/1 client connection gives back its buffers at once, unless its last gap
+    /// between requests was shorter than this; then once it has been idle this long.
+    pub client_busy_gap: std::time::Duration,
 }
 
 impl Default for Timeouts {
@@ -78,6 +82,7 @@ impl Default for Timeouts {
             response: std::time::Duration::from_secs(30),
             client_headers: std::time::Duration::from_secs(10),
             upstream_idle: std::time::Duration::from_secs(90),
+            client_busy_gap: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -96,6 +101,7 @@ pub async fn serve(
     ));
     client.reap_idle();
     let client_headers = config.timeouts.client_headers;
+    let busy_gap = config.timeouts.client_busy_gap;
     // Upgraded connections outlive their request; they are closed when serving stops.
     let (close_tunnels, tunnels) = tokio::sync::watch::channel(false);
     let shared = Arc::new((policies, config, client, tunnels));
@@ -114,21 +120,31 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let opened = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
+        let open = OpenConnection::new(shared.1.observer.metrics.clone());
         let shared = shared.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let shared = shared.clone();
-            async move {
-                let (policies, config, client, tunnels) = &*shared;
-                Ok::<_, Infallible>(handle(req, peer, policies, config, client, tunnels).await)
-            }
-        });
+        let exchanges = Arc::new(http1::Exchanges::default());
+        let service = {
+            let exchanges = exchanges.clone();
+            let forwarded = forwarded_for(peer);
+            service_fn(move |req: Request<Incoming>| {
+                let shared = shared.clone();
+                let forwarded = forwarded.clone();
+                let exchange = exchanges.start(&req);
+                async move {
+                    let (policies, config, client, tunnels) = &*shared;
+                    let response = handle(req, &forwarded, policies, config, client, tunnels).await;
+                    Ok::<_, Infallible>(response.map(|body| http1::Finishing::new(body, exchange)))
+                }
+            })
+        };
         let mut stop = stop.clone();
         connections.spawn(async move {
             // A client that connects and sends nothing is closed after the header timeout
             // too: left to detect the protocol by reading, hyper would wait forever.
             let protocol = tokio::select! {
-                first = tokio::time::timeout(client_headers, first_protocol(&stream)) => match first {
+                first = tokio::time::timeout_at(opened + client_headers, first_protocol(&stream)) => match first {
                     Ok(Ok(protocol)) => protocol,
                     Ok(Err(_)) | Err(_) => return,
                 },
@@ -137,17 +153,23 @@ pub async fn serve(
             // Told the protocol, hyper reads the stream itself from its first byte: the
             // automatic builder would first read the 24 bytes of a possible HTTP/2 preface,
             // then grow hyper's 8 KiB read buffer to 16 KiB to append the rest.
-            let io = TokioIo::new(stream);
             let ended = match protocol {
                 Protocol::Http1 => {
-                    let connection = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(client_headers)
-                        .serve_connection(io, service)
-                        .with_upgrades();
-                    until_stopped(connection, stop, |c| c.graceful_shutdown()).await
+                    http1::serve(
+                        stream,
+                        service,
+                        exchanges,
+                        opened,
+                        client_headers,
+                        busy_gap,
+                        stop,
+                        open,
+                    )
+                    .await
                 }
                 Protocol::Http2 => {
+                    let _open = open;
+                    let io = TokioIo::new(stream);
                     let connection =
                         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                             .timer(hyper_util::rt::TokioTimer::new())
@@ -250,7 +272,7 @@ fn local(status: StatusCode, headers: HeaderMap, body: &'static str) -> Response
 
 async fn handle(
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: &HeaderValue,
     policies: &PolicySet,
     config: &ProxyConfig,
     client: &Arc<Upstream>,
@@ -495,6 +517,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including every header `Connection` names. `Upgrade` is kept
 /// only for an upgrade (`upgrading`) that `Connection` asks for, so upgrades pass through.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    // Most messages carry none: one pass over the names is cheaper than a lookup for each.
+    let any = headers
+        .keys()
+        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -515,26 +544,39 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The client's address as an `X-Forwarded-For` entry, made once per connection.
+fn forwarded_for(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value")
+}
+
+/// Sets `X-Forwarded-For` (appending `peer`, the client's [`forwarded_for`] entry, to any the
+/// request brought), `X-Forwarded-Proto` and `X-Forwarded-Host`.
 fn add_forwarded(
     headers: &mut HeaderMap,
-    peer: SocketAddr,
+    peer: &HeaderValue,
     scheme: Scheme,
     host: Option<&HeaderValue>,
 ) {
-    let ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        Some(prior) => {
+            let mut joined = Vec::with_capacity(prior.len() + 2 + peer.len());
+            joined.extend_from_slice(prior.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(peer.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        }
+        None => Some(peer.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Some(xff) = xff {
+        headers.insert(X_FORWARDED_FOR, xff);
     }
-    headers.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(scheme.as_str()),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
     if let Some(host) = host {
-        headers.insert("x-forwarded-host", host.clone());
+        headers.insert(X_FORWARDED_HOST, host.clone());
     }
 }
 
@@ -553,6 +595,74 @@ mod tests {
         assert_eq!(
             classify(b"PRI * HTTP/1.1\r\n\r\nSM\r\n\r\n"),
             Some(Protocol::Http1)
+        );
+    }
+
+    #[test]
+    fn forwarded_headers_append_to_what_the_request_brought() {
+        let mut headers = HeaderMap::new();
+        let host = HeaderValue::from_static("shop.example");
+        add_forwarded(
+            &mut headers,
+            &forwarded_for("10.0.0.7:5555".parse().unwrap()),
+            Scheme::Https,
+            Some(&host),
+        );
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-host"], "shop.example");
+
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.1"));
+        add_forwarded(
+            &mut headers,
+            &forwarded_for("[::1]:80".parse().unwrap()),
+            Scheme::Http,
+            None,
+        );
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.1, ::1");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert!(!headers.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_asked_upgrades_stay() {
+        let map = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.append(*name, HeaderValue::from_static(value));
+            }
+            headers
+        };
+        // None present: untouched.
+        let mut headers = map(&[("content-type", "text/plain"), ("x-a", "1")]);
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(
+            headers,
+            map(&[("content-type", "text/plain"), ("x-a", "1")])
+        );
+        // Every listed one, every one `Connection` names, and an unasked `Upgrade`.
+        let mut headers = map(&[
+            ("connection", "keep-alive, x-a"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+        ]);
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers, map(&[("x-b", "2")]));
+        // An upgrade that `Connection` asks for keeps `Upgrade`.
+        let mut headers = map(&[
+            ("connection", "Upgrade, keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "websocket"),
+        ]);
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(
+            headers,
+            map(&[("upgrade", "websocket"), ("connection", "upgrade")])
         );
     }
 }

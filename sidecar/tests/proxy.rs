@@ -1,6 +1,7 @@
 //! The proxy against a real upstream on port 0: local preflights, merged headers, enforce
 //! mode, hop-by-hop headers, forwarding headers, streamed bodies, upstream failure, the
-//! no-policy setting, upgrades, metrics, and hot swaps (one, and many under load).
+//! no-policy setting, upgrades, metrics, hot swaps (one, and many under load), and HTTP/1
+//! keep-alive connections giving back their buffers while idle.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -50,7 +51,8 @@ async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                             .header("x-saw-forwarded-for", saw("x-forwarded-for"))
                             .header("x-saw-forwarded-proto", saw("x-forwarded-proto"))
                             .header("x-saw-secret", saw("x-secret"))
-                            .header("x-saw-connection", saw("connection"));
+                            .header("x-saw-connection", saw("connection"))
+                            .header("x-saw-path", req.uri().path());
                         if req.uri().path() == "/error" {
                             response = response.status(500);
                         }
@@ -81,6 +83,12 @@ async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                                 .body(Full::new(Bytes::new()))
                                 .unwrap();
                             return Ok::<_, Infallible>(response);
+                        }
+                        if req.uri().path() == "/early" {
+                            // Answer before the request body has arrived, reading it later.
+                            tokio::spawn(req.into_body().collect());
+                            let body = Full::new(Bytes::from_static(b"early"));
+                            return Ok::<_, Infallible>(response.body(body).unwrap());
                         }
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         Ok::<_, Infallible>(response.body(Full::new(body)).unwrap())
@@ -835,4 +843,248 @@ async fn shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
     assert!(response.ends_with("done"), "{response}");
     serving.await.unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+/// A raw HTTP/1 client connection, to control exactly which bytes go out when.
+struct Raw {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream: tokio::io::BufReader::new(stream),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one response: its status, lowercase headers and body (by `Content-Length`).
+    async fn response(&mut self) -> (u16, Vec<(String, String)>, String) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let mut status_line = String::new();
+        self.stream.read_line(&mut status_line).await.unwrap();
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .unwrap_or_else(|| panic!("no response, got {status_line:?}"))
+            .parse()
+            .unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).await.unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap();
+            headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
+        }
+        let length = headers
+            .iter()
+            .find(|(name, _)| name == "content-length")
+            .map_or(0, |(_, value)| value.parse().unwrap());
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).await.unwrap();
+        (status, headers, String::from_utf8(body).unwrap())
+    }
+
+    /// True once the sidecar has closed the connection (EOF or reset).
+    async fn closed(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        matches!(self.stream.read(&mut byte).await, Ok(0) | Err(_))
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+impl Sidecar {
+    /// The `client_connections` gauge for `state`.
+    fn connections(&self, state: &str) -> i64 {
+        let metrics = self.observer.metrics.render(&self.set, None);
+        let line = format!("corsair_sidecar_client_connections{{state=\"{state}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .unwrap_or_else(|| panic!("no {line} in\n{metrics}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits until `idle` connections wait with their buffers released and `serving` serve.
+    async fn wait_for_connections(&self, idle: i64, serving: i64) {
+        while (self.connections("idle"), self.connections("serving")) != (idle, serving) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Between requests an HTTP/1 keep-alive connection holds no hyper connection (and so none of
+/// its buffers): at once after its first request, and after the busy gap once it has shown
+/// itself busy. It carries on when the next request comes: one at a time, pipelined, or with
+/// a head that arrives in parts, before and after the connection went idle.
+#[tokio::test]
+async fn idle_keep_alive_connections_give_back_their_buffers_and_carry_on() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::Deny,
+        proxy::Timeouts {
+            client_busy_gap: std::time::Duration::from_millis(50),
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
+    let mut raw = Raw::connect(sidecar.addr).await;
+    for path in ["/one", "/two"] {
+        raw.send(format!("GET {path} HTTP/1.1\r\nHost: shop\r\nOrigin: {APP}\r\n\r\n").as_bytes())
+            .await;
+        let (status, headers, _) = raw.response().await;
+        assert_eq!(status, 200);
+        assert_eq!(header(&headers, "x-saw-path"), Some(path));
+        assert_eq!(header(&headers, "access-control-allow-origin"), Some(APP));
+        sidecar.wait_for_connections(1, 0).await;
+    }
+
+    // Two requests in one write: answered in order.
+    raw.send(
+        format!(
+            "GET /three HTTP/1.1\r\nHost: shop\r\n\r\nGET /four HTTP/1.1\r\nHost: shop\r\nOrigin: {APP}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    for path in ["/three", "/four"] {
+        let (status, headers, _) = raw.response().await;
+        assert_eq!(status, 200);
+        assert_eq!(header(&headers, "x-saw-path"), Some(path));
+    }
+    sidecar.wait_for_connections(1, 0).await;
+
+    // A head in parts: the first part is read, the connection goes idle holding only those
+    // bytes, and the request is answered once the rest arrives.
+    raw.send(b"GET /five HTTP/1.1\r\nHo").await;
+    sidecar.wait_for_connections(1, 0).await;
+    raw.send(b"st: shop\r\n\r\n").await;
+    let (status, headers, _) = raw.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-saw-path"), Some("/five"));
+
+    // A response whose end is written after the connection was idle once: the body streams.
+    raw.send(b"POST /six HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\nhello")
+        .await;
+    let (status, headers, body) = raw.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-saw-path"), Some("/six"));
+    assert_eq!(body, "hello");
+    raw.send(b"GET /seven HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    let (status, headers, _) = raw.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-saw-path"), Some("/seven"));
+    assert_eq!(hits.load(Ordering::SeqCst), 7);
+
+    // Stopping the sidecar closes an idle connection.
+    drop(sidecar);
+    assert!(raw.closed().await);
+}
+
+/// A request head that arrives in parts lets the connection go idle in between, but that is
+/// no gap between requests: the connection still gives back its buffers at once after the
+/// response, where a busy one would wait for the busy gap (an hour here).
+#[tokio::test]
+async fn a_head_in_parts_does_not_make_a_connection_busy() {
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::PassThrough,
+        proxy::Timeouts {
+            client_busy_gap: std::time::Duration::from_secs(3600),
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"GET /parts HTTP/1.1\r\nHo").await;
+    sidecar.wait_for_connections(1, 0).await;
+    raw.send(b"st: shop\r\n\r\n").await;
+    let (status, headers, _) = raw.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-saw-path"), Some("/parts"));
+    sidecar.wait_for_connections(1, 0).await;
+}
+
+/// A request whose response is complete before its body has arrived keeps its connection
+/// serving: the rest of the body goes to the upstream and is never taken for a request.
+#[tokio::test]
+async fn a_body_still_arriving_after_the_response_is_never_parsed_as_a_request() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: shop\r\n\r\n";
+    raw.send(
+        format!(
+            "POST /early HTTP/1.1\r\nHost: shop\r\nContent-Length: {}\r\n\r\nfirst",
+            5 + 1 + smuggled.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (status, _, body) = raw.response().await;
+    assert_eq!((status, body.as_str()), (200, "early"));
+    // One more byte of the body: read, it leaves the connection with nothing in flight but
+    // a body to finish. The rest of the body then comes in a later read (the pause only
+    // makes that likely; the outcome must be the same either way), then a request.
+    raw.send(b"x").await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    raw.send(smuggled.as_bytes()).await;
+    raw.send(b"GET /next HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    let (status, headers, _) = raw.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-saw-path"), Some("/next"));
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+/// The header timeout runs from the end of the last request across idle periods: a client
+/// sending a head a few bytes at a time is closed, however often it sends.
+#[tokio::test]
+async fn a_trickled_head_is_closed_after_the_header_timeout() {
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::PassThrough,
+        proxy::Timeouts {
+            client_headers: std::time::Duration::from_millis(300),
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"GET /first HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    assert_eq!(raw.response().await.0, 200);
+    use tokio::io::AsyncWriteExt;
+    raw.send(b"GET /second HTTP/1.1\r\n").await;
+    // A header line every 50 ms, until the sidecar closes the connection.
+    for i in 0.. {
+        tokio::select! {
+            closed = raw.closed() => {
+                assert!(closed);
+                break;
+            }
+            () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+        }
+        let line = format!("x-{i}: y\r\n");
+        let _ = raw.stream.get_mut().write_all(line.as_bytes()).await;
+    }
 }

@@ -1,0 +1,375 @@
+//! HTTP/1 client connections that hold no buffers while they wait for their next request.
+//!
+//! hyper's HTTP/1 server keeps an 8 KiB read buffer and an 8 KiB header write buffer for as
+//! long as a connection is open, idle or not: 16 MiB for 1,000 idle keep-alive clients. So a
+//! client connection here is served by one hyper connection per busy period instead. When
+//! hyper waits for the next request head with no request in flight and nothing left to write,
+//! that hyper connection is taken apart ([`UpgradeableConnection::into_parts`]), which frees
+//! its buffers. The socket then waits on its own for the next bytes, and a new hyper
+//! connection carries on from them, first reading whatever the old one had read but not yet
+//! parsed.
+//!
+//! A hyper connection is kept for the rest of its life once it has read a request with a
+//! body, since the response can be complete while the body is still arriving and only hyper
+//! knows where the body ends; and once it has read a request asking to upgrade the
+//! connection, which hyper hands over after the response.
+//!
+//! The header timeout runs from the moment the connection opened, and then from the end of
+//! each request, across hyper connections: a client trickling a request head in byte by byte
+//! gets no more time than one sending nothing.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::server::conn::http1::{Builder, UpgradeableConnection};
+use hyper::service::HttpService;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::metrics::{ConnectionState, OpenConnection};
+
+/// What the service, the response bodies and the socket of one client connection tell its
+/// serving loop about the current hyper connection.
+#[derive(Debug, Default)]
+pub struct Exchanges {
+    /// Requests handed to the service, on this client connection.
+    started: AtomicU64,
+    /// Of those, the ones whose response body hyper has finished with (or dropped).
+    finished: AtomicU64,
+    /// The current hyper connection has read a request with a body, or one asking to upgrade
+    /// the connection: it serves the connection to the end.
+    kept: AtomicBool,
+    /// The current hyper connection has written since it last flushed.
+    written: AtomicBool,
+    /// Whether the current hyper connection waits for bytes with nothing in flight: `ACTIVE`,
+    /// `IDLE`, or `NOTED` (idle, and the serving loop knows).
+    idle: AtomicU8,
+}
+
+const ACTIVE: u8 = 0;
+const IDLE: u8 = 1;
+const NOTED: u8 = 2;
+
+impl Exchanges {
+    /// Called as the service is called with `request`, before hyper reads on: the returned
+    /// guard, carried by the response body, marks the exchange finished when dropped.
+    pub fn start(self: &Arc<Self>, request: &http::Request<Incoming>) -> Exchange {
+        self.started.fetch_add(1, Relaxed);
+        let upgrade = request.method() == http::Method::CONNECT
+            || request.headers().contains_key(http::header::UPGRADE);
+        if upgrade || !request.body().is_end_stream() {
+            self.kept.store(true, Relaxed);
+        }
+        self.idle.store(ACTIVE, Relaxed);
+        Exchange(self.clone())
+    }
+
+    /// No request has started since the `started`th, and none is in flight or being written.
+    fn settled_since(&self, started: u64) -> bool {
+        let now = self.started.load(Relaxed);
+        now == started
+            && now == self.finished.load(Relaxed)
+            && !self.kept.load(Relaxed)
+            && !self.written.load(Relaxed)
+    }
+
+    /// The socket had nothing to read for hyper.
+    fn waiting(&self) {
+        let settled = self.started.load(Relaxed) == self.finished.load(Relaxed);
+        if settled
+            && !self.kept.load(Relaxed)
+            && !self.written.load(Relaxed)
+            && self.idle.load(Relaxed) == ACTIVE
+        {
+            self.idle.store(IDLE, Relaxed);
+        }
+    }
+
+    /// True, once, when the hyper connection has gone idle since it was last active.
+    fn note_idle(&self) -> bool {
+        let idle = self.idle.load(Relaxed) == IDLE;
+        if idle {
+            self.idle.store(NOTED, Relaxed);
+        }
+        idle
+    }
+}
+
+/// One request on its way through; finished when dropped.
+#[derive(Debug)]
+pub struct Exchange(Arc<Exchanges>);
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Relaxed);
+    }
+}
+
+/// A response body that finishes its [`Exchange`] when hyper drops it, which hyper does once
+/// it has taken the last frame (or given up on the body).
+#[derive(Debug)]
+pub struct Finishing<B> {
+    body: B,
+    _exchange: Exchange,
+}
+
+impl<B> Finishing<B> {
+    /// `body`, finishing `exchange` when dropped.
+    pub fn new(body: B, exchange: Exchange) -> Self {
+        Finishing {
+            body,
+            _exchange: exchange,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Finishing<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client socket as hyper sees it: bytes carried over from the previous hyper connection
+/// first, and every read that finds nothing and every write reported to [`Exchanges`].
+#[derive(Debug)]
+struct Io {
+    stream: TokioIo<TcpStream>,
+    unparsed: Bytes,
+    exchanges: Arc<Exchanges>,
+}
+
+impl Read for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.unparsed.is_empty() {
+            let n = this.unparsed.len().min(buf.remaining());
+            buf.put_slice(&this.unparsed[..n]);
+            this.unparsed.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if read.is_pending() {
+            this.exchanges.waiting();
+        } else {
+            this.exchanges.idle.store(ACTIVE, Relaxed);
+        }
+        read
+    }
+}
+
+impl Write for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.exchanges.written.store(true, Relaxed);
+        this.exchanges.idle.store(ACTIVE, Relaxed);
+        Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.exchanges.written.store(true, Relaxed);
+        this.exchanges.idle.store(ACTIVE, Relaxed);
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // hyper flushes the socket only once its own write buffer is empty.
+        let flushed = Pin::new(&mut this.stream).poll_flush(cx);
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            this.exchanges.written.store(false, Relaxed);
+        }
+        flushed
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// Serves the HTTP/1 client on `stream` until it closes, times out or, once `stop` turns
+/// true, has finished its in-flight requests. `opened` is when the connection was accepted;
+/// `header_timeout` is how long a client may take to send a request head, counted from then
+/// and from the end of each request. A connection whose last gap between requests was
+/// shorter than `busy_gap` gives back its buffers once idle that long, any other at once.
+/// `exchanges` must be the one `service` reports to.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<S, B>(
+    stream: TcpStream,
+    service: S,
+    exchanges: Arc<Exchanges>,
+    opened: Instant,
+    header_timeout: Duration,
+    busy_gap: Duration,
+    stop: watch::Receiver<bool>,
+    mut open: OpenConnection,
+) -> Result<(), hyper::Error>
+where
+    S: HttpService<Incoming, ResBody = B> + Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send,
+    B: Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut io = Io {
+        stream: TokioIo::new(stream),
+        unparsed: Bytes::new(),
+        exchanges: exchanges.clone(),
+    };
+    let mut service = service;
+    let stop = stopped(stop);
+    tokio::pin!(stop);
+    // The deadline for the next request head.
+    let mut deadline = opened + header_timeout;
+    // One timer, for the deadline while the connection waits on its own, and for `busy_gap`
+    // while a busy connection's hyper connection is idle. It is moved lazily, when it fires,
+    // so a busy connection does not touch it for each request.
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
+    // Whether the last gap between requests was shorter than `busy_gap`.
+    let mut busy = false;
+    let mut requests = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        let mut connection: UpgradeableConnection<Io, S> = Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(left)
+            .serve_connection(io, service)
+            .with_upgrades();
+        exchanges.kept.store(false, Relaxed);
+        exchanges.written.store(false, Relaxed);
+        exchanges.idle.store(ACTIVE, Relaxed);
+        open.set(ConnectionState::Serving);
+        // When the hyper connection last went idle, and the requests started by then.
+        let mut idle_since = None;
+        loop {
+            tokio::select! {
+                ended = poll_fn(|cx| match Pin::new(&mut connection).poll(cx) {
+                    Poll::Ready(ended) => Poll::Ready(Some(ended)),
+                    Poll::Pending if exchanges.note_idle() => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }) => {
+                    if let Some(ended) = ended {
+                        return ended;
+                    }
+                    if !busy {
+                        break;
+                    }
+                    // Busy: let it be, and look again once it could have been idle for
+                    // `busy_gap`.
+                    let now = Instant::now();
+                    let watching = idle_since.is_some();
+                    idle_since = Some((now, exchanges.started.load(Relaxed)));
+                    if !watching || timer.is_elapsed() || timer.deadline() > now + busy_gap {
+                        timer.as_mut().reset(now + busy_gap);
+                    }
+                }
+                () = &mut timer, if idle_since.is_some() => {
+                    let (since, started) = idle_since.expect("checked by the branch");
+                    if !exchanges.settled_since(started) {
+                        idle_since = None;
+                    } else if since.elapsed() >= busy_gap {
+                        break;
+                    } else {
+                        timer.as_mut().reset(since + busy_gap);
+                    }
+                }
+                () = &mut stop => {
+                    Pin::new(&mut connection).graceful_shutdown();
+                    return connection.await;
+                }
+            }
+        }
+        // Idle: take the hyper connection apart, freeing its buffers.
+        let Some(parts) = connection.into_parts() else {
+            return Ok(());
+        };
+        io = parts.io;
+        service = parts.service;
+        if !parts.read_buf.is_empty() {
+            // The start of a request head: a copy, so hyper's whole buffer is freed.
+            io.unparsed = Bytes::copy_from_slice(&parts.read_buf);
+        }
+        drop(parts.read_buf);
+        // A head that arrived in parts is not a gap between requests.
+        let between_requests = io.unparsed.is_empty();
+        let released = Instant::now();
+        let started = exchanges.started.load(Relaxed);
+        if started != requests {
+            requests = started;
+            deadline = idle_since.map_or(released, |(since, _)| since) + header_timeout;
+        }
+        open.set(ConnectionState::Idle);
+        if timer.is_elapsed() || timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        loop {
+            tokio::select! {
+                ready = io.stream.inner().readable() => {
+                    if ready.is_err() {
+                        return Ok(());
+                    }
+                    break;
+                }
+                () = &mut timer => {
+                    if Instant::now() >= deadline {
+                        return Ok(());
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+                () = &mut stop => return Ok(()),
+            }
+        }
+        if between_requests {
+            busy = released.elapsed() < busy_gap;
+        }
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
