@@ -64,6 +64,10 @@ struct Args {
     /// (against slow-header attacks).
     #[arg(long, env = "CORSAIR_CLIENT_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     client_header_timeout_secs: u64,
+    /// Milliseconds: an idle HTTP/1 client connection gives back its buffers at once, unless
+    /// its last gap between requests was shorter than this; then once idle this long.
+    #[arg(long, env = "CORSAIR_CLIENT_BUSY_GAP_MS", default_value_t = 1000)]
+    client_busy_gap_ms: u64,
     /// Log format.
     #[arg(long, env = "CORSAIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -356,6 +360,7 @@ async fn run() -> ExitCode {
             connect: std::time::Duration::from_secs(args.connect_timeout_secs),
             response: std::time::Duration::from_secs(args.response_timeout_secs),
             client_headers: std::time::Duration::from_secs(args.client_header_timeout_secs),
+            client_busy_gap: std::time::Duration::from_millis(args.client_busy_gap_ms),
             ..proxy::Timeouts::default()
         },
         observer,
