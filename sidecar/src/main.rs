@@ -68,6 +68,10 @@ struct Args {
     /// its last gap between requests was shorter than this; then once idle this long.
     #[arg(long, env = "CORSAIR_CLIENT_BUSY_GAP_MS", default_value_t = 1000)]
     client_busy_gap_ms: u64,
+    /// Seconds an upgraded connection (WebSocket, …) may pass no byte either way before it is
+    /// closed.
+    #[arg(long, env = "CORSAIR_TUNNEL_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_idle_timeout_secs: u64,
     /// Log format.
     #[arg(long, env = "CORSAIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -361,6 +365,7 @@ async fn run() -> ExitCode {
             response: std::time::Duration::from_secs(args.response_timeout_secs),
             client_headers: std::time::Duration::from_secs(args.client_header_timeout_secs),
             client_busy_gap: std::time::Duration::from_millis(args.client_busy_gap_ms),
+            tunnel_idle: std::time::Duration::from_secs(args.tunnel_idle_timeout_secs),
             ..proxy::Timeouts::default()
         },
         observer,

@@ -10,7 +10,10 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use corsair_policy::{Action, CompiledPolicy, Decision, Mode, Request as CorsRequest, Scheme};
@@ -22,6 +25,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
 use crate::http1;
@@ -73,6 +77,9 @@ pub struct Timeouts {
     /// An idle HTTP/1 client connection gives back its buffers at once, unless its last gap
     /// between requests was shorter than this; then once it has been idle this long.
     pub client_busy_gap: std::time::Duration,
+    /// An upgraded connection (WebSocket, …) with no byte passing either way for this long is
+    /// closed (within a quarter more).
+    pub tunnel_idle: std::time::Duration,
 }
 
 impl Default for Timeouts {
@@ -83,6 +90,7 @@ impl Default for Timeouts {
             client_headers: std::time::Duration::from_secs(10),
             upstream_idle: std::time::Duration::from_secs(90),
             client_busy_gap: std::time::Duration::from_secs(1),
+            tunnel_idle: std::time::Duration::from_secs(300),
         }
     }
 }
@@ -403,6 +411,7 @@ async fn handle(
                         upstream_upgrade,
                         config.observer.clone(),
                         tunnels.clone(),
+                        config.timeouts.tunnel_idle,
                     ));
                 }
                 None if switching => {
@@ -442,12 +451,13 @@ async fn handle(
 }
 
 /// Splices an upgraded client connection to the upgraded upstream one, byte for byte, until
-/// either side closes or serving stops.
+/// either side closes, no byte has passed either way for `idle`, or serving stops.
 async fn splice(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     observer: Observer,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    idle: std::time::Duration,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
@@ -457,14 +467,94 @@ async fn splice(
         }
     };
     observer.metrics.upgraded();
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    let moved = Arc::new(AtomicU64::new(0));
+    let mut client = Counted {
+        inner: TokioIo::new(client),
+        moved: moved.clone(),
+    };
+    let mut upstream = TokioIo::new(upstream);
+    // Checked four times per `idle`, without a clock read per transfer: closed after four
+    // checks in a row saw nothing move.
+    let quiet = async {
+        let mut tick = tokio::time::interval((idle / 4).max(std::time::Duration::from_millis(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let (mut seen, mut quiet) = (0, 0);
+        while quiet < 4 {
+            tick.tick().await;
+            let now = moved.load(Relaxed);
+            quiet = if now == seen { quiet + 1 } else { 0 };
+            seen = now;
+        }
+    };
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
             if let Err(error) = result {
                 tracing::debug!(%error, "upgraded connection ended with an error");
             }
         }
+        () = quiet => tracing::debug!(?idle, "upgraded connection idle: closed"),
         _ = stop.wait_for(|stop| *stop) => {}
+    }
+}
+
+/// An I/O that counts the bytes passing through it either way.
+struct Counted<T> {
+    inner: T,
+    moved: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.moved.fetch_add(n as u64, Relaxed);
+        }
+        read
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            self.moved.fetch_add(n as u64, Relaxed);
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            self.moved.fetch_add(n as u64, Relaxed);
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

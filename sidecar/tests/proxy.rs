@@ -699,6 +699,37 @@ async fn upgrade_from(
     (stream, String::from_utf8(head).unwrap())
 }
 
+/// An upgraded connection stays open while bytes pass, and is closed once none has passed
+/// either way for the tunnel idle timeout.
+#[tokio::test]
+async fn idle_tunnels_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::Deny,
+        proxy::Timeouts {
+            tunnel_idle: std::time::Duration::from_millis(400),
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
+    let (mut stream, head) = upgrade_from(&sidecar, APP, "HTTP/1.1", "Upgrade").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // A byte every 40 ms, for twice the timeout: echoed every time.
+    for i in 0..20u8 {
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+        stream.write_all(&[i]).await.unwrap();
+        let mut echo = [0u8; 1];
+        stream.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo[0], i);
+    }
+    // Then nothing: closed.
+    let mut byte = [0u8; 1];
+    assert!(matches!(stream.read(&mut byte).await, Ok(0) | Err(_)));
+}
+
 #[tokio::test]
 async fn upgrades_from_refused_origins_never_reach_the_upstream() {
     let (up, hits) = upstream().await;
