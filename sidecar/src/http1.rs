@@ -9,14 +9,19 @@
 //! connection carries on from them, first reading whatever the old one had read but not yet
 //! parsed.
 //!
-//! A hyper connection is kept for the rest of its life once it has read a request with a
-//! body, since the response can be complete while the body is still arriving and only hyper
-//! knows where the body ends; and once it has read a request asking to upgrade the
-//! connection, which hyper hands over after the response.
+//! A hyper connection is not taken apart while it holds the start of a request head: it reads
+//! the rest itself, however slowly it comes, within its header timeout. It is kept for the
+//! rest of its life once it has read a request with a body, since the response can be
+//! complete while the body is still arriving and only hyper knows where the body ends; and
+//! once it has read a request asking to upgrade the connection, which hyper hands over after
+//! the response.
+//!
+//! A connection whose requests come close together would rebuild hyper's state for each one,
+//! which costs about a tenth of the throughput: so one whose last gap between requests was
+//! shorter than the busy gap keeps its hyper connection until it has been idle that long.
 //!
 //! The header timeout runs from the moment the connection opened, and then from the end of
-//! each request, across hyper connections: a client trickling a request head in byte by byte
-//! gets no more time than one sending nothing.
+//! each request, across the wait with no hyper connection.
 
 use std::future::poll_fn;
 use std::io;
@@ -51,6 +56,9 @@ pub struct Exchanges {
     kept: AtomicBool,
     /// The current hyper connection has written since it last flushed.
     written: AtomicBool,
+    /// Bytes have been read since the last request started: the start of a request head,
+    /// most likely, which the hyper connection holding it finishes reading.
+    partial: AtomicBool,
     /// Whether the current hyper connection waits for bytes with nothing in flight: `ACTIVE`,
     /// `IDLE`, or `NOTED` (idle, and the serving loop knows).
     idle: AtomicU8,
@@ -70,27 +78,29 @@ impl Exchanges {
         if upgrade || !request.body().is_end_stream() {
             self.kept.store(true, Relaxed);
         }
+        self.partial.store(false, Relaxed);
         self.idle.store(ACTIVE, Relaxed);
         Exchange(self.clone())
     }
 
-    /// No request has started since the `started`th, and none is in flight or being written.
-    fn settled_since(&self, started: u64) -> bool {
-        let now = self.started.load(Relaxed);
-        now == started
-            && now == self.finished.load(Relaxed)
+    /// The hyper connection could be taken apart: no request in flight or being written,
+    /// none that keeps it, and no request head begun.
+    fn settled(&self) -> bool {
+        self.started.load(Relaxed) == self.finished.load(Relaxed)
             && !self.kept.load(Relaxed)
             && !self.written.load(Relaxed)
+            && !self.partial.load(Relaxed)
+    }
+
+    /// hyper read bytes (or the end of the stream).
+    fn read(&self) {
+        self.partial.store(true, Relaxed);
+        self.idle.store(ACTIVE, Relaxed);
     }
 
     /// The socket had nothing to read for hyper.
     fn waiting(&self) {
-        let settled = self.started.load(Relaxed) == self.finished.load(Relaxed);
-        if settled
-            && !self.kept.load(Relaxed)
-            && !self.written.load(Relaxed)
-            && self.idle.load(Relaxed) == ACTIVE
-        {
+        if self.idle.load(Relaxed) == ACTIVE && self.settled() {
             self.idle.store(IDLE, Relaxed);
         }
     }
@@ -173,13 +183,14 @@ impl Read for Io {
             let n = this.unparsed.len().min(buf.remaining());
             buf.put_slice(&this.unparsed[..n]);
             this.unparsed.advance(n);
+            this.exchanges.read();
             return Poll::Ready(Ok(()));
         }
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
         if read.is_pending() {
             this.exchanges.waiting();
         } else {
-            this.exchanges.idle.store(ACTIVE, Relaxed);
+            this.exchanges.read();
         }
         read
     }
@@ -259,8 +270,12 @@ where
     let mut service = service;
     let stop = stopped(stop);
     tokio::pin!(stop);
-    // The deadline for the next request head.
+    // The deadline for the next request head: from the connection's start, then from the end
+    // of each request. hyper enforces `header_timeout` for each head it reads itself; this
+    // covers the time the connection waited on its own before.
     let mut deadline = opened + header_timeout;
+    let first_head = tokio::time::sleep_until(deadline);
+    tokio::pin!(first_head);
     // One timer, for the deadline while the connection waits on its own, and for `busy_gap`
     // while a busy connection's hyper connection is idle. It is moved lazily, when it fires,
     // so a busy connection does not touch it for each request.
@@ -270,22 +285,24 @@ where
     let mut busy = false;
     let mut requests = 0;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if Instant::now() >= deadline {
             return Ok(());
         }
         let mut connection: UpgradeableConnection<Io, S> = Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(left)
+            .header_read_timeout(header_timeout)
             .serve_connection(io, service)
             .with_upgrades();
         exchanges.kept.store(false, Relaxed);
         exchanges.written.store(false, Relaxed);
         exchanges.idle.store(ACTIVE, Relaxed);
         open.set(ConnectionState::Serving);
+        first_head.as_mut().reset(deadline);
+        let before = exchanges.started.load(Relaxed);
         // When the hyper connection last went idle, and the requests started by then.
         let mut idle_since = None;
         loop {
+            let headless = exchanges.started.load(Relaxed) == before;
             tokio::select! {
                 ended = poll_fn(|cx| match Pin::new(&mut connection).poll(cx) {
                     Poll::Ready(ended) => Poll::Ready(Some(ended)),
@@ -309,12 +326,18 @@ where
                 }
                 () = &mut timer, if idle_since.is_some() => {
                     let (since, started) = idle_since.expect("checked by the branch");
-                    if !exchanges.settled_since(started) {
+                    if exchanges.started.load(Relaxed) != started || !exchanges.settled() {
                         idle_since = None;
                     } else if since.elapsed() >= busy_gap {
                         break;
                     } else {
                         timer.as_mut().reset(since + busy_gap);
+                    }
+                }
+                () = &mut first_head, if headless => {
+                    // Past the deadline with no request head read on this hyper connection.
+                    if exchanges.started.load(Relaxed) == before {
+                        return Ok(());
                     }
                 }
                 () = &mut stop => {
@@ -330,17 +353,16 @@ where
         io = parts.io;
         service = parts.service;
         if !parts.read_buf.is_empty() {
-            // The start of a request head: a copy, so hyper's whole buffer is freed.
+            // The start of a pipelined request's head, read along with the previous request:
+            // a copy, so hyper's whole buffer is freed.
             io.unparsed = Bytes::copy_from_slice(&parts.read_buf);
         }
         drop(parts.read_buf);
-        // A head that arrived in parts is not a gap between requests.
-        let between_requests = io.unparsed.is_empty();
-        let released = Instant::now();
+        let idle_start = idle_since.map_or_else(Instant::now, |(since, _)| since);
         let started = exchanges.started.load(Relaxed);
         if started != requests {
             requests = started;
-            deadline = idle_since.map_or(released, |(since, _)| since) + header_timeout;
+            deadline = idle_start + header_timeout;
         }
         open.set(ConnectionState::Idle);
         if timer.is_elapsed() || timer.deadline() > deadline {
@@ -363,9 +385,7 @@ where
                 () = &mut stop => return Ok(()),
             }
         }
-        if between_requests {
-            busy = released.elapsed() < busy_gap;
-        }
+        busy = idle_start.elapsed() < busy_gap;
     }
 }
 

@@ -87,7 +87,8 @@ pub struct Metrics {
 /// What an open client connection is doing, for the `state` label of `client_connections`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionState {
-    /// Reading, handling or answering requests (an HTTP/2 connection is always here).
+    /// Reading, handling or answering requests, or between requests that come close
+    /// together (an HTTP/2 connection is always here).
     Serving = 0,
     /// An HTTP/1 keep-alive connection waiting for its next request, holding no buffers.
     Idle = 1,
@@ -203,7 +204,7 @@ impl Default for Metrics {
         });
         registry.register(
             "client_connections",
-            "Open client connections: serving requests, or idle (HTTP/1 keep-alive, waiting for the next request with no buffers held)",
+            "Open client connections: serving (handling requests, or between requests that come close together) or idle (HTTP/1 keep-alive, waiting for the next request with no buffers held); upgraded connections leave this count",
             connections_family,
         );
         let denial_logs_suppressed = Counter::default();

@@ -1004,36 +1004,41 @@ async fn idle_keep_alive_connections_give_back_their_buffers_and_carry_on() {
     }
     sidecar.wait_for_connections(1, 0).await;
 
-    // A head in parts: the first part is read, the connection goes idle holding only those
-    // bytes, and the request is answered once the rest arrives.
-    raw.send(b"GET /five HTTP/1.1\r\nHo").await;
+    // A request and the start of the next in one write: the connection goes idle holding
+    // only that start, and the second request is answered once the rest arrives.
+    raw.send(b"GET /five HTTP/1.1\r\nHost: shop\r\n\r\nGET /six HTTP/1.1\r\nHo")
+        .await;
+    let (status, headers, _) = raw.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-saw-path"), Some("/five"));
     sidecar.wait_for_connections(1, 0).await;
     raw.send(b"st: shop\r\n\r\n").await;
     let (status, headers, _) = raw.response().await;
     assert_eq!(status, 200);
-    assert_eq!(header(&headers, "x-saw-path"), Some("/five"));
+    assert_eq!(header(&headers, "x-saw-path"), Some("/six"));
 
     // A response whose end is written after the connection was idle once: the body streams.
-    raw.send(b"POST /six HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\nhello")
+    raw.send(b"POST /seven HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\nhello")
         .await;
     let (status, headers, body) = raw.response().await;
     assert_eq!(status, 200);
-    assert_eq!(header(&headers, "x-saw-path"), Some("/six"));
+    assert_eq!(header(&headers, "x-saw-path"), Some("/seven"));
     assert_eq!(body, "hello");
-    raw.send(b"GET /seven HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    raw.send(b"GET /eight HTTP/1.1\r\nHost: shop\r\n\r\n").await;
     let (status, headers, _) = raw.response().await;
     assert_eq!(status, 200);
-    assert_eq!(header(&headers, "x-saw-path"), Some("/seven"));
-    assert_eq!(hits.load(Ordering::SeqCst), 7);
+    assert_eq!(header(&headers, "x-saw-path"), Some("/eight"));
+    assert_eq!(hits.load(Ordering::SeqCst), 8);
 
     // Stopping the sidecar closes an idle connection.
     drop(sidecar);
     assert!(raw.closed().await);
 }
 
-/// A request head that arrives in parts lets the connection go idle in between, but that is
-/// no gap between requests: the connection still gives back its buffers at once after the
-/// response, where a busy one would wait for the busy gap (an hour here).
+/// A request head that arrives in parts is read by the hyper connection that began it, and
+/// the pause inside it is no gap between requests: the connection still gives back its
+/// buffers at once after the response, where a busy one would wait for the busy gap (an hour
+/// here).
 #[tokio::test]
 async fn a_head_in_parts_does_not_make_a_connection_busy() {
     let (up, _) = upstream().await;
@@ -1048,7 +1053,7 @@ async fn a_head_in_parts_does_not_make_a_connection_busy() {
     .await;
     let mut raw = Raw::connect(sidecar.addr).await;
     raw.send(b"GET /parts HTTP/1.1\r\nHo").await;
-    sidecar.wait_for_connections(1, 0).await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     raw.send(b"st: shop\r\n\r\n").await;
     let (status, headers, _) = raw.response().await;
     assert_eq!(status, 200);
@@ -1085,6 +1090,38 @@ async fn a_body_still_arriving_after_the_response_is_never_parsed_as_a_request()
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "x-saw-path"), Some("/next"));
     assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+/// The header timeout counts the time a keep-alive connection waited with no hyper connection:
+/// a head begun near the end of it is cut off at the deadline, not given a timeout of its own.
+#[tokio::test]
+async fn the_header_timeout_counts_the_idle_wait() {
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::PassThrough,
+        proxy::Timeouts {
+            client_headers: std::time::Duration::from_millis(300),
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"GET /first HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    assert_eq!(raw.response().await.0, 200);
+    sidecar.wait_for_connections(1, 0).await;
+    // 250 ms idle, then a head in two parts 150 ms apart: its end comes 400 ms after the
+    // last request, past the 300 ms deadline. (Later sends only make that more so.)
+    use tokio::io::AsyncWriteExt;
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    let _ = raw
+        .stream
+        .get_mut()
+        .write_all(b"GET /late HTTP/1.1\r\n")
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let _ = raw.stream.get_mut().write_all(b"Host: shop\r\n\r\n").await;
+    assert!(raw.closed().await);
 }
 
 /// The header timeout runs from the end of the last request across idle periods: a client
