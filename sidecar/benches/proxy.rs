@@ -429,7 +429,7 @@ fn main() {
         .unwrap();
 
     // The sidecar, one worker thread like nginx's one worker.
-    let start_sidecar = |bin: &Path, name: &'static str| {
+    let start_sidecar = |bin: &Path, name: &'static str, service: &str| {
         let (proxy_port, admin_port) = (free_port(), free_port());
         let (addr, admin_addr) = (
             format!("127.0.0.1:{proxy_port}"),
@@ -442,7 +442,7 @@ fn main() {
                     "--upstream",
                     &upstream_addr.to_string(),
                     "--service",
-                    "shop",
+                    service,
                 ])
                 .args(["--control-plane", &format!("http://{cp_addr}")])
                 .arg("--cache-file")
@@ -459,10 +459,11 @@ fn main() {
         });
         (sidecar, addr, admin_addr)
     };
-    let (sidecar, sidecar_addr, admin_addr) = start_sidecar(Path::new(SIDECAR), "corsair-sidecar");
+    let (sidecar, sidecar_addr, admin_addr) =
+        start_sidecar(Path::new(SIDECAR), "corsair-sidecar", "shop");
     // Another build of the sidecar to compare with, if given.
     let baseline = std::env::var_os("CORSAIR_BENCH_BASELINE")
-        .map(|bin| start_sidecar(Path::new(&bin), "baseline sidecar"));
+        .map(|bin| start_sidecar(Path::new(&bin), "baseline sidecar", "shop"));
 
     // nginx, one worker.
     let nginx_port = free_port();
@@ -568,8 +569,9 @@ fn main() {
     }
 
     // Ten policy swaps a second during load, against the same load without, and against the
-    // same ten writes a second to a service this sidecar does not serve: the control plane
-    // shares this machine's two cores, and that run tells its share from the sidecar's.
+    // same ten writes a second to another service, pushed to a second sidecar that serves it:
+    // the control plane shares this machine's two cores, and that run does all its work
+    // (commit, push) and a sidecar's (apply, cache file), leaving the loaded sidecar's share.
     runtime
         .block_on(client.create_policy(v1::CreatePolicyRequest {
             policy: Some(v1::Policy {
@@ -579,6 +581,7 @@ fn main() {
             ..Default::default()
         }))
         .unwrap();
+    let (other_sidecar, _, _) = start_sidecar(Path::new(SIDECAR), "sidecar for other", "other");
     let swapping = Arc::new(AtomicU8::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let swaps = Arc::new(AtomicU64::new(0));
@@ -770,7 +773,7 @@ fn main() {
         swapped.failed,
         elsewhere.failed
     );
-    drop((sidecar, baseline, nginx, cp, upstream));
+    drop((sidecar, baseline, other_sidecar, nginx, cp, upstream));
 }
 
 /// The sidecar's idle client connections, from its metrics.
