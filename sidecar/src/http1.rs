@@ -73,6 +73,8 @@ impl Exchanges {
     /// guard, carried by the response body, marks the exchange finished when dropped.
     pub fn start(self: &Arc<Self>, request: &http::Request<Incoming>) -> Exchange {
         self.started.fetch_add(1, Relaxed);
+        // Broader than the proxy's own upgrade test on purpose: any request hyper might hand
+        // over after its response keeps the hyper connection.
         let upgrade = request.method() == http::Method::CONNECT
             || request.headers().contains_key(http::header::UPGRADE);
         if upgrade || !request.body().is_end_stream() {
