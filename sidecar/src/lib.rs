@@ -9,12 +9,14 @@
 //! - [`cache_file`]: the last-known-good file, written atomically, read at start.
 //! - [`policy_file`]: a watched local policy file as the source, without a control plane.
 //! - [`sync`]: the reconnecting `DiscoveryService` client: resume, apply, ACK/NACK, backoff.
+//! - [`background`]: the lower-priority thread that runs the sync client and the watchers.
 //! - [`proxy`]: the hyper proxy that enforces the policy set in front of one upstream.
 //! - [`http1`]: HTTP/1 client connections that hold no buffers while idle.
 //! - [`upstream`]: the keep-alive connection pool to the upstream.
 //! - [`sim`]: a fleet of lightweight simulated sidecars, for load tests and benchmarks.
 
 pub mod admin;
+pub mod background;
 pub mod cache_file;
 pub mod http1;
 pub mod metrics;

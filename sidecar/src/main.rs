@@ -72,6 +72,11 @@ struct Args {
     /// closed.
     #[arg(long, env = "CORSAIR_TUNNEL_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     tunnel_idle_timeout_secs: u64,
+    /// How many nice steps below the proxy's priority the background work runs: following the
+    /// control plane, writing the cache file, watching the policy file (0: the same priority;
+    /// the lowest Linux allows is 19).
+    #[arg(long, env = "CORSAIR_BACKGROUND_NICE", default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=19))]
+    background_nice: u8,
     /// Log format.
     #[arg(long, env = "CORSAIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -275,10 +280,19 @@ async fn run() -> ExitCode {
         let _ = rx.wait_for(|s| *s).await;
     };
     let observer = Observer::default();
+    let background = match corsair_sidecar::background::start(args.background_nice) {
+        Ok(handle) => handle,
+        Err(error) => {
+            eprintln!("corsair-sidecar: cannot start the background thread: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut sync = None;
     if !args.control_plane.is_empty() {
         let mut replicas = Vec::new();
         for url in &args.control_plane {
+            // Created there, the channel runs its connections on the background thread.
+            let _there = background.enter();
             match control_plane_channel(&args, url) {
                 Ok(channel) => replicas.push(Replica {
                     address: url.clone(),
@@ -315,7 +329,7 @@ async fn run() -> ExitCode {
         }
         let mut state = client.state();
         let marker = source.clone();
-        tokio::spawn(async move {
+        background.spawn(async move {
             while state.changed().await.is_ok() {
                 if matches!(*state.borrow(), corsair_sidecar::sync::SyncState::Connected { revision } if revision > 0)
                 {
@@ -324,7 +338,7 @@ async fn run() -> ExitCode {
             }
         });
         sync = Some(client.state());
-        tokio::spawn(client.run(until_stopped(stopped.clone())));
+        background.spawn(client.run(until_stopped(stopped.clone())));
     }
 
     let admin_state = AdminState {
@@ -343,7 +357,7 @@ async fn run() -> ExitCode {
 
     if let Some(path) = args.policy_file.clone() {
         *source.lock().expect("source lock") = "policy file";
-        tokio::spawn(corsair_sidecar::policy_file::watch(
+        background.spawn(corsair_sidecar::policy_file::watch(
             path,
             args.service.clone(),
             policies.clone(),

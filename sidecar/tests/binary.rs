@@ -108,6 +108,31 @@ fn preflight(origin: &str) -> String {
     )
 }
 
+/// The nice value in a `/proc/…/stat` file: field 19, counted after the parenthesized name
+/// (which may hold spaces).
+fn nice_in(stat: &std::path::Path) -> i32 {
+    let stat = std::fs::read_to_string(stat).unwrap();
+    stat[stat.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The nice value of each thread of process `pid` named `name`.
+fn nice_of_threads(pid: u32, name: &str) -> Vec<i32> {
+    let mut nice = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            nice.push(nice_in(&path.join("stat")));
+        }
+    }
+    nice
+}
+
 fn stop(mut child: Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -257,6 +282,14 @@ async fn a_policy_file_is_enforced_and_edits_go_live() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(!allows("https://a.example.com").await);
+    // The watcher runs on the background thread, 10 nice steps below the proxy, which keeps
+    // the priority of the thread that started it (this one).
+    let ours = nice_in("/proc/thread-self/stat".as_ref());
+    assert_eq!(nice_of_threads(child.id(), "corsair-sidecar"), [ours]);
+    assert_eq!(
+        nice_of_threads(child.id(), "corsair-sync"),
+        [(ours + 10).min(19)]
+    );
     let policy = admin_get(&admin, "/policy").await;
     assert!(policy.contains("\"source\": \"policy file\""), "{policy}");
     let metrics = admin_get(&admin, "/metrics").await;
