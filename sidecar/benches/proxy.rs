@@ -15,9 +15,11 @@
 //! Run: `cargo build --release -p corsair-control-plane && cargo bench -p corsair-sidecar --bench proxy`
 //! Needs `wrk` and `nginx` (Debian packages). Environment: `CORSAIR_BENCH_SECONDS` (per run,
 //! default 10), `CORSAIR_BENCH_ROUNDS` (default 3), `CORSAIR_BENCH_CONNECTIONS` (wrk's `-c`,
-//! default 64), `CORSAIR_CONTROL_PLANE_BIN`, and `CORSAIR_BENCH_BASELINE`: the path of another
-//! `corsair-sidecar` build, run beside this one and loaded in the same rounds, to compare two
-//! versions side by side. `CORSAIR_BENCH_ONLY=swaps` measures the swaps alone.
+//! default 64), `CORSAIR_BENCH_SWAP_ROUNDS` (rounds of three runs a fifth of that long, with
+//! and without swaps; default 24), `CORSAIR_CONTROL_PLANE_BIN`, and `CORSAIR_BENCH_BASELINE`:
+//! the path of another `corsair-sidecar` build, run beside this one and loaded in the same
+//! rounds, to compare two versions side by side (it stops before the swap runs).
+//! `CORSAIR_BENCH_ONLY=swaps` measures the swaps alone, `CORSAIR_BENCH_ONLY=main` all but them.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -273,7 +275,7 @@ impl From<[Vec<Run>; 3]> for Swaps {
         let ratio = |a: &[Run], b: &[Run], of: fn(&Run) -> f64| {
             let mut r: Vec<f64> = a.iter().zip(b).map(|(a, b)| of(a) / of(b)).collect();
             r.sort_by(f64::total_cmp);
-            r[r.len() / 2]
+            (r[(r.len() - 1) / 2] + r[r.len() / 2]) / 2.0
         };
         let p99 = |r: &Run| r.p99_us;
         Swaps {
@@ -473,7 +475,8 @@ fn main() {
         return; // `cargo test --benches` asks for a listing.
     }
     let seconds = env_or("CORSAIR_BENCH_SECONDS", 10);
-    let only_swaps = std::env::var("CORSAIR_BENCH_ONLY").as_deref() == Ok("swaps");
+    let only = std::env::var("CORSAIR_BENCH_ONLY").unwrap_or_default();
+    let (only_swaps, only_main) = (only == "swaps", only == "main");
     let rounds = env_or("CORSAIR_BENCH_ROUNDS", 3) as usize;
     let connections = env_or("CORSAIR_BENCH_CONNECTIONS", 64);
     let dir = tempfile::tempdir().unwrap();
@@ -564,7 +567,7 @@ fn main() {
     let (sidecar, sidecar_addr, admin_addr) =
         start_sidecar(Path::new(SIDECAR), "corsair-sidecar", "shop");
     // Another build of the sidecar to compare with, if given.
-    let baseline = std::env::var_os("CORSAIR_BENCH_BASELINE")
+    let mut baseline = std::env::var_os("CORSAIR_BENCH_BASELINE")
         .map(|bin| start_sidecar(Path::new(&bin), "baseline sidecar", "shop"));
 
     // nginx, one worker.
@@ -590,9 +593,12 @@ fn main() {
     };
     wait_until("nginx", || accepts(&nginx_addr) && pids(&nginx).len() > 1);
 
-    let mut idle_rss = vec![(&sidecar, rss_kib(&sidecar)), (&nginx, rss_kib(&nginx))];
+    let mut idle_rss = vec![
+        (sidecar.name, rss_kib(&sidecar)),
+        (nginx.name, rss_kib(&nginx)),
+    ];
     if let Some((baseline, _, _)) = &baseline {
-        idle_rss.push((baseline, rss_kib(baseline)));
+        idle_rss.push((baseline.name, rss_kib(baseline)));
     }
 
     let script = |name: &str, body: &str| {
@@ -670,6 +676,39 @@ fn main() {
         }
     }
 
+    // 1,000 open keep-alive connections.
+    let mut held_rss = Vec::new();
+    let mut holders = vec![(&sidecar, &sidecar_addr), (&nginx, &nginx_addr)];
+    if let Some((baseline, addr, _)) = &baseline {
+        holders.push((baseline, addr));
+    }
+    let mut idle_held = 0;
+    for (target, addr) in if only_swaps { Vec::new() } else { holders } {
+        let before = rss_kib(target);
+        let held = hold_connections(addr, 1000);
+        held_rss.push((target.name, before, rss_kib(target)));
+        if std::ptr::eq(target, &sidecar) {
+            idle_held = idle_connections(&admin_addr);
+        }
+        drop(held);
+    }
+    if !only_swaps {
+        println!(
+            "\n## Proxy benchmark ({rounds} rounds of {seconds} s, wrk -t1 -c{connections}; medians)\n"
+        );
+        main_report(
+            &results,
+            &idle_rss,
+            &held_rss,
+            idle_held,
+            counted_connections,
+            sidecar_requests,
+        );
+    }
+    if only_main {
+        return;
+    }
+
     // Ten policy swaps a second during load, against the same load without, and against the
     // same ten writes a second to another service, pushed to a second sidecar that serves it:
     // the control plane shares this machine's two cores, and that run does all its work
@@ -738,7 +777,8 @@ fn main() {
     // Many short rounds: from one run to the next the p99 of a saturated sidecar moves by more
     // than the effect, so each round compares three runs made seconds apart, in an order that
     // turns from round to round, and the report takes the median of the per-round changes.
-    let (swap_rounds, swap_seconds) = (rounds * 8, seconds.div_ceil(5));
+    let swap_rounds = env_or("CORSAIR_BENCH_SWAP_ROUNDS", 24) as usize;
+    let swap_seconds = seconds.div_ceil(5);
     let under_writes = |setting: &str| {
         let mut under: [Vec<Run>; 3] = Default::default();
         for round in 0..swap_rounds {
@@ -796,6 +836,10 @@ fn main() {
             (p.name, per_swap(*bg, *idle_bg), per_swap(*rest, *idle_rest))
         })
         .collect();
+    // The baseline build is not needed any more: stopped, it takes no CPU from the swap runs
+    // (it follows the same service and would apply every swap too).
+    drop(baseline.take());
+
     let shared = under_writes("control plane at normal priority");
     // Again with the control plane and the other sidecar at nice 19, as if they ran on
     // machines of their own: at normal priority their work on these two saturated cores
@@ -816,37 +860,8 @@ fn main() {
         .revision;
     wait_until("last swap applied", || shop_revision(&admin_addr) == last);
 
-    // 1,000 open keep-alive connections.
-    let mut held_rss = Vec::new();
-    let mut holders = vec![(&sidecar, &sidecar_addr), (&nginx, &nginx_addr)];
-    if let Some((baseline, addr, _)) = &baseline {
-        holders.push((baseline, addr));
-    }
-    let mut idle_held = 0;
-    for (target, addr) in if only_swaps { Vec::new() } else { holders } {
-        let before = rss_kib(target);
-        let held = hold_connections(addr, 1000);
-        held_rss.push((target.name, before, rss_kib(target)));
-        if std::ptr::eq(target, &sidecar) {
-            idle_held = idle_connections(&admin_addr);
-        }
-        drop(held);
-    }
-
-    // The report.
-    println!(
-        "\n## Proxy benchmark ({rounds} rounds of {seconds} s, wrk -t1 -c{connections}; medians)\n"
-    );
-    if !only_swaps {
-        main_report(
-            &results,
-            &idle_rss,
-            &held_rss,
-            idle_held,
-            counted_connections,
-            sidecar_requests,
-        );
-    }
+    // The swaps' report.
+    println!();
     println!(
         "- 10 swaps/s during load ({swap_rounds} rounds of {swap_seconds} s, each: no writes, 10 writes/s to another service, 10 swaps/s): {committed} swaps committed, the last (revision {last}) in force at the end"
     );
@@ -887,7 +902,7 @@ fn main() {
 /// The throughput, latency, RSS and upstream-connection figures.
 fn main_report(
     results: &BTreeMap<String, Vec<Run>>,
-    idle_rss: &[(&Proc, u64)],
+    idle_rss: &[(&str, u64)],
     held_rss: &[(&str, u64, u64)],
     idle_held: i64,
     counted_connections: u64,
@@ -942,12 +957,8 @@ fn main_report(
         "- sidecar preflights / nginx preflights: {:.2}×",
         side_pre.rps / ngx_pre.rps
     );
-    for &(target, rss) in idle_rss {
-        println!(
-            "- RSS idle, {}: {:.1} MiB",
-            target.name,
-            rss as f64 / 1024.0
-        );
+    for &(name, rss) in idle_rss {
+        println!("- RSS idle, {name}: {:.1} MiB", rss as f64 / 1024.0);
     }
     for &(name, before, rss) in held_rss {
         println!(
