@@ -45,7 +45,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 }
 
 /// The upstream: a one-thread hyper server answering `hello` with a few headers, counting
-/// the connections it accepts (`GET /__connections`).
+/// the connections it accepts and the requests it answers (`GET /__connections` gives both).
 fn upstream_main() {
     use http_body_util::Full;
     use hyper::body::{Bytes, Incoming};
@@ -58,15 +58,21 @@ fn upstream_main() {
         println!("{}", listener.local_addr().unwrap());
         std::io::stdout().flush().unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
+        let answered = Arc::new(AtomicU64::new(0));
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             stream.set_nodelay(true).unwrap();
             accepted.fetch_add(1, Ordering::Relaxed);
-            let accepted = accepted.clone();
+            let (accepted, answered) = (accepted.clone(), answered.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    answered.fetch_add(1, Ordering::Relaxed);
                     let body = if req.uri().path() == "/__connections" {
-                        Bytes::from(accepted.load(Ordering::Relaxed).to_string())
+                        Bytes::from(format!(
+                            "{} {}",
+                            accepted.load(Ordering::Relaxed),
+                            answered.load(Ordering::Relaxed)
+                        ))
                     } else {
                         Bytes::from_static(b"hello world\n")
                     };
@@ -496,12 +502,14 @@ fn main() {
         child,
         name: "upstream",
     };
-    let upstream_connections = || {
-        get(&upstream_addr.to_string(), "/__connections")
-            .1
-            .parse::<u64>()
-            .unwrap()
+    // Connections the upstream has accepted and requests it has answered so far, each
+    // reading included (it comes on a connection of its own).
+    let upstream_counts = move || {
+        let (_, body) = get(&upstream_addr.to_string(), "/__connections");
+        let (connections, requests) = body.split_once(' ').unwrap();
+        [connections, requests].map(|n| n.parse::<u64>().unwrap())
     };
+    let upstream_connections = move || upstream_counts()[0];
 
     // The control plane, on SQLite, with the service's policy.
     let cp_port = free_port();
@@ -653,9 +661,24 @@ fn main() {
     let mut results: BTreeMap<String, Vec<Run>> = BTreeMap::new();
     let mut sidecar_requests = 0;
     let mut counted_connections = 0;
+    // The same, from one second into each sidecar run to half a second before its end: wrk
+    // closes its connections with requests in flight when a run ends, and the sidecar closes
+    // those requests' upstream connections (so the service sees the cancellation, as with
+    // nginx and Envoy); the next run opens them again in its first moments.
+    let mut steady = [0u64; 2];
     for round in 0..if only_swaps { 0 } else { rounds } {
         for (name, addr, script, target) in &targets {
             let before = upstream_connections();
+            let sampler = (name == "sidecar").then(|| {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let start = upstream_counts();
+                    std::thread::sleep(Duration::from_millis(seconds * 1000 - 1500));
+                    let end = upstream_counts();
+                    // Less this sampler's second reading's own connection and request.
+                    [end[0] - start[0] - 1, end[1] - start[1] - 1]
+                })
+            });
             let run = wrk(
                 &format!("http://{addr}/api/items"),
                 script,
@@ -664,12 +687,17 @@ fn main() {
                 *target,
             );
             let opened = upstream_connections() - before - 1;
-            if name == "sidecar" {
+            let mut window = String::new();
+            if let Some(sampler) = sampler {
+                let [mid_run, requests] = sampler.join().unwrap();
+                steady[0] += mid_run;
+                steady[1] += requests;
                 sidecar_requests += run.requests;
                 counted_connections += opened;
+                window = format!(" ({mid_run} for {requests} requests mid-run)");
             }
             eprintln!(
-                "round {round} {name:18} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  cpu {:>5.1} µs/req  failed {}  new upstream connections {opened}",
+                "round {round} {name:18} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  cpu {:>5.1} µs/req  failed {}  new upstream connections {opened}{window}",
                 run.rps, run.p50_us, run.p99_us, run.cpu_us_per_request, run.failed
             );
             results.entry(name.clone()).or_default().push(run);
@@ -703,6 +731,7 @@ fn main() {
             idle_held,
             counted_connections,
             sidecar_requests,
+            steady,
         );
     }
     if only_main {
@@ -907,6 +936,7 @@ fn main_report(
     idle_held: i64,
     counted_connections: u64,
     sidecar_requests: u64,
+    [steady_connections, steady_requests]: [u64; 2],
 ) {
     let direct = median(&results["direct"]);
     let side = median(&results["sidecar"]);
@@ -973,6 +1003,10 @@ fn main_report(
     println!(
         "- upstream connections opened by the sidecar: {counted_connections} for {sidecar_requests} requests ({} requests per new connection)",
         sidecar_requests / counted_connections.max(1)
+    );
+    println!(
+        "- of them, from 1 s into each run to 0.5 s before its end: {steady_connections} for {steady_requests} requests ({} requests per new connection; the rest replace those closed with the requests in flight when wrk ends a run)",
+        steady_requests / steady_connections.max(1)
     );
 }
 

@@ -496,14 +496,24 @@ async fn an_upstream_that_never_answers_is_a_504() {
     });
     let timeouts = proxy::Timeouts {
         response: std::time::Duration::from_millis(50),
+        // Nothing but the response timeout ends the request.
+        client_headers: std::time::Duration::from_secs(3600),
         ..proxy::Timeouts::default()
     };
     let sidecar = Sidecar::with_timeouts(silent, NoPolicy::Deny, timeouts).await;
     sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
-    let (status, headers, body) = sidecar.send(Method::GET, "/", &[("origin", APP)], "").await;
-    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(headers["access-control-allow-origin"], APP);
-    assert_eq!(body, "upstream timed out\n");
+    // Over HTTP/1 and over HTTP/2, whose requests run in tasks of their own.
+    let h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    for client in [Client::builder(TokioExecutor::new()).build_http(), h2] {
+        let (status, headers, body) = sidecar
+            .send_with(client, Method::GET, "/", &[("origin", APP)], "")
+            .await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(headers["access-control-allow-origin"], APP);
+        assert_eq!(body, "upstream timed out\n");
+    }
 }
 
 #[tokio::test]
@@ -1131,6 +1141,38 @@ async fn the_header_timeout_counts_the_idle_wait() {
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     let _ = raw.stream.get_mut().write_all(b"Host: shop\r\n\r\n").await;
     assert!(raw.closed().await);
+}
+
+/// A connection busy enough to keep its hyper connection between requests, then sending the
+/// start of a head and nothing more, is closed at the header timeout: hyper's header timer,
+/// not the serving loop's, closes it.
+#[tokio::test]
+async fn an_unfinished_head_on_a_busy_connection_is_closed_at_the_header_timeout() {
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::PassThrough,
+        proxy::Timeouts {
+            client_headers: std::time::Duration::from_millis(300),
+            client_busy_gap: std::time::Duration::from_secs(3600),
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    // Two requests within the busy gap: after the second, the connection counts as busy and
+    // keeps its hyper connection. The pause between them is a sleep on purpose: it puts the
+    // third head's deadline well after the serving loop's deadline for the first.
+    raw.send(b"GET /first HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    assert_eq!(raw.response().await.0, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    raw.send(b"GET /second HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await;
+    assert_eq!(raw.response().await.0, 200);
+    sidecar.wait_for_connections(0, 1).await;
+    raw.send(b"GET /third HTTP/1.1\r\n").await;
+    assert!(raw.closed().await);
+    sidecar.wait_for_connections(0, 0).await;
 }
 
 /// The header timeout runs from the end of the last request: a client sending a head a few
