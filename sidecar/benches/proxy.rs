@@ -20,6 +20,7 @@
 //! the path of another `corsair-sidecar` build, run beside this one and loaded in the same
 //! rounds, to compare two versions side by side (it stops before the swap runs).
 //! `CORSAIR_BENCH_ONLY=swaps` measures the swaps alone, `CORSAIR_BENCH_ONLY=main` all but them.
+//! `CORSAIR_BENCH_SIDECAR` runs another `corsair-sidecar` build as the one under test.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -84,6 +85,52 @@ fn upstream_main() {
                                 .body(Full::new(body))
                                 .unwrap(),
                         )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// A bare hyper proxy in front of `upstream`: hyper's HTTP/1 server, and for each client
+/// connection one hyper HTTP/1 client connection of its own, forwarding every request and
+/// response as they are: no CORS, no forwarding or hop-by-hop headers, no timeouts, no pool.
+/// Nothing built on hyper does less for a proxied request, so its CPU per request is the
+/// floor under the sidecar's.
+fn bare_proxy_main(upstream: SocketAddr) {
+    use hyper::body::Incoming;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        std::io::stdout().flush().unwrap();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                let up = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                up.set_nodelay(true).unwrap();
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(up))
+                        .await
+                        .unwrap();
+                tokio::spawn(connection);
+                let sender = Arc::new(tokio::sync::Mutex::new(sender));
+                let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let sender = sender.clone();
+                    async move {
+                        let response = {
+                            let mut sender = sender.lock().await;
+                            sender.ready().await?;
+                            sender.try_send_request(req)
+                        };
+                        response.await.map_err(|e| e.into_error())
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -400,6 +447,11 @@ fn hold_connections(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
         .collect()
 }
 
+/// The sidecar under test: this package's, or `CORSAIR_BENCH_SIDECAR`'s.
+fn sidecar_bin() -> PathBuf {
+    std::env::var_os("CORSAIR_BENCH_SIDECAR").map_or_else(|| PathBuf::from(SIDECAR), PathBuf::from)
+}
+
 fn control_plane_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("CORSAIR_CONTROL_PLANE_BIN") {
         return path.into();
@@ -474,8 +526,13 @@ http {
 "#;
 
 fn main() {
-    if std::env::var(ROLE).as_deref() == Ok("upstream") {
-        return upstream_main();
+    match std::env::var(ROLE).as_deref() {
+        Ok("upstream") => return upstream_main(),
+        Ok("bare proxy") => {
+            let upstream = std::env::var("CORSAIR_BENCH_UPSTREAM").unwrap();
+            return bare_proxy_main(upstream.parse().unwrap());
+        }
+        _ => {}
     }
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a listing.
@@ -573,7 +630,7 @@ fn main() {
         (sidecar, addr, admin_addr)
     };
     let (sidecar, sidecar_addr, admin_addr) =
-        start_sidecar(Path::new(SIDECAR), "corsair-sidecar", "shop");
+        start_sidecar(&sidecar_bin(), "corsair-sidecar", "shop");
     // Another build of the sidecar to compare with, if given.
     let mut baseline = std::env::var_os("CORSAIR_BENCH_BASELINE")
         .map(|bin| start_sidecar(Path::new(&bin), "baseline sidecar", "shop"));
@@ -601,6 +658,23 @@ fn main() {
     };
     wait_until("nginx", || accepts(&nginx_addr) && pids(&nginx).len() > 1);
 
+    // The bare hyper proxy, a third copy of this program.
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env(ROLE, "bare proxy")
+        .env("CORSAIR_BENCH_UPSTREAM", upstream_addr.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let bare_addr = line.trim().to_owned();
+    let bare = Proc {
+        child,
+        name: "bare hyper proxy",
+    };
+
     let mut idle_rss = vec![
         (sidecar.name, rss_kib(&sidecar)),
         (nginx.name, rss_kib(&nginx)),
@@ -626,7 +700,7 @@ fn main() {
     );
 
     // Interleaved rounds: every configuration sees the same machine conditions.
-    let targets: [(&str, &str, &Path, Option<&Proc>); 5] = [
+    let targets: [(&str, &str, &Path, Option<&Proc>); 6] = [
         (
             "direct",
             &upstream_addr.to_string(),
@@ -635,6 +709,7 @@ fn main() {
         ),
         ("sidecar", &sidecar_addr, &actual, Some(&sidecar)),
         ("nginx", &nginx_addr, &actual, Some(&nginx)),
+        ("bare hyper proxy", &bare_addr, &actual, Some(&bare)),
         (
             "sidecar preflight",
             &sidecar_addr,
@@ -751,7 +826,7 @@ fn main() {
             ..Default::default()
         }))
         .unwrap();
-    let (other_sidecar, _, _) = start_sidecar(Path::new(SIDECAR), "sidecar for other", "other");
+    let (other_sidecar, _, _) = start_sidecar(&sidecar_bin(), "sidecar for other", "other");
     let swapping = Arc::new(AtomicU8::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let swaps = Arc::new(AtomicU64::new(0));
@@ -925,7 +1000,7 @@ fn main() {
             swapped.failed
         );
     }
-    drop((sidecar, baseline, other_sidecar, nginx, cp, upstream));
+    drop((sidecar, baseline, other_sidecar, nginx, bare, cp, upstream));
 }
 
 /// The throughput, latency, RSS and upstream-connection figures.
@@ -941,6 +1016,7 @@ fn main_report(
     let direct = median(&results["direct"]);
     let side = median(&results["sidecar"]);
     let ngx = median(&results["nginx"]);
+    let bare = median(&results["bare hyper proxy"]);
     let side_pre = median(&results["sidecar preflight"]);
     let ngx_pre = median(&results["nginx preflight"]);
     println!(
@@ -951,6 +1027,7 @@ fn main_report(
         ("upstream direct", &direct, None),
         ("corsair-sidecar", &side, Some(side.p99_us - direct.p99_us)),
         ("nginx", &ngx, Some(ngx.p99_us - direct.p99_us)),
+        ("bare hyper proxy", &bare, Some(bare.p99_us - direct.p99_us)),
         ("corsair-sidecar, preflight", &side_pre, None),
         ("nginx, preflight", &ngx_pre, None),
     ] {
@@ -969,6 +1046,11 @@ fn main_report(
     }
     println!();
     println!("- sidecar / nginx throughput: {:.2}×", side.rps / ngx.rps);
+    println!(
+        "- bare hyper proxy / nginx throughput: {:.2}×; sidecar / bare hyper proxy: {:.2}×",
+        bare.rps / ngx.rps,
+        side.rps / bare.rps
+    );
     if let Some(base) = results.get("baseline").map(|runs| median(runs)) {
         println!(
             "- sidecar / baseline sidecar: throughput {:.3}×, CPU per request {:.1} µs against {:.1} µs, p99 {:.0} µs against {:.0} µs",

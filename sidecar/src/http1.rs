@@ -22,8 +22,15 @@
 //!
 //! The header timeout runs from the moment the connection opened, and then from the end of
 //! each request, across the wait with no hyper connection.
+//!
+//! The connection's timers (hyper's header timeout, and the response timeout of each request
+//! it serves) are [`Deadline`]s: they register nothing with tokio's timer, but note their
+//! deadline with the connection, and the serving loop keeps one tokio timer at the earliest
+//! one. A timer per request in tokio's wheel costs a lock and a list insertion to arm it and
+//! the same to cancel it, for a timeout that almost never fires; here the one timer moves
+//! only when it fires, once per timeout at most.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,17 +43,22 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1::{Builder, UpgradeableConnection};
 use hyper::service::HttpService;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::metrics::{ConnectionState, OpenConnection};
 
-/// What the service, the response bodies and the socket of one client connection tell its
-/// serving loop about the current hyper connection.
-#[derive(Debug, Default)]
+/// What the service, the response bodies, the timers and the socket of one client
+/// connection tell its serving loop about the current hyper connection.
+#[derive(Debug)]
 pub struct Exchanges {
+    /// The instant the connection's deadlines are counted from.
+    epoch: std::time::Instant,
+    /// The earliest deadline a [`Deadline`] of the connection waits for, in nanoseconds after
+    /// `epoch` (`NO_DEADLINE`: none): the serving loop wakes the connection then.
+    due: AtomicU64,
     /// Requests handed to the service, on this client connection.
     started: AtomicU64,
     /// Of those, the ones whose response body hyper has finished with (or dropped).
@@ -68,7 +80,39 @@ const ACTIVE: u8 = 0;
 const IDLE: u8 = 1;
 const NOTED: u8 = 2;
 
+/// No deadline noted.
+const NO_DEADLINE: u64 = u64::MAX;
+
+impl Default for Exchanges {
+    fn default() -> Self {
+        Exchanges {
+            epoch: std::time::Instant::now(),
+            due: AtomicU64::new(NO_DEADLINE),
+            started: AtomicU64::default(),
+            finished: AtomicU64::default(),
+            kept: AtomicBool::default(),
+            written: AtomicBool::default(),
+            partial: AtomicBool::default(),
+            idle: AtomicU8::default(),
+        }
+    }
+}
+
 impl Exchanges {
+    /// A timer of this connection that is ready at `at`: for futures the connection's own
+    /// task polls (hyper's HTTP/1 server polls the service's futures in it). The connection
+    /// must be served by [`serve`], which wakes it when a deadline is due.
+    pub fn deadline(self: &Arc<Self>, at: std::time::Instant) -> Deadline {
+        Deadline {
+            at,
+            exchanges: self.clone(),
+        }
+    }
+
+    fn nanos(&self, at: std::time::Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
     /// Called as the service is called with `request`, before hyper reads on: the returned
     /// guard, carried by the response body, marks the exchange finished when dropped.
     pub fn start(self: &Arc<Self>, request: &http::Request<Incoming>) -> Exchange {
@@ -117,9 +161,108 @@ impl Exchanges {
     }
 }
 
+/// A timer of one client connection, ready once its deadline has passed (see the module's
+/// documentation). It is polled only from the connection's task, and it wakes that task
+/// through the serving loop's timer, not by a waker of its own.
+#[derive(Debug)]
+pub struct Deadline {
+    at: std::time::Instant,
+    exchanges: Arc<Exchanges>,
+}
+
+impl Future for Deadline {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+        if std::time::Instant::now() >= self.at {
+            return Poll::Ready(());
+        }
+        let at = self.exchanges.nanos(self.at);
+        self.exchanges.due.fetch_min(at, Relaxed);
+        Poll::Pending
+    }
+}
+
+impl hyper::rt::Sleep for Deadline {}
+
+/// The timer hyper is given for a connection served by [`serve`]: its sleeps are
+/// [`Deadline`]s of the connection.
+#[derive(Debug, Clone)]
+struct ConnectionTimer(Arc<Exchanges>);
+
+impl hyper::rt::Timer for ConnectionTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(self.0.deadline(deadline))
+    }
+}
+
+/// The one tokio timer of a connection, at the earliest deadline its [`Deadline`]s noted.
+struct Wake {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Where `sleep` is set, in nanoseconds after the connection's epoch (`NO_DEADLINE`:
+    /// unset, or fired).
+    armed: u64,
+}
+
+impl Wake {
+    fn new() -> Self {
+        Wake {
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: NO_DEADLINE,
+        }
+    }
+
+    /// Polls `connection`, and, until it is ready, also the timer, so that the connection is
+    /// polled again, with all its timers, once the earliest deadline it noted is due.
+    /// Deadlines noted later than the timer do not move it: when it fires, the noted
+    /// deadlines are forgotten, and those still waiting note themselves again.
+    fn poll<C: Future + Unpin>(
+        &mut self,
+        connection: &mut C,
+        exchanges: &Exchanges,
+        cx: &mut Context<'_>,
+    ) -> Poll<C::Output> {
+        loop {
+            if let Poll::Ready(ended) = Pin::new(&mut *connection).poll(cx) {
+                return Poll::Ready(ended);
+            }
+            let due = exchanges.due.load(Relaxed);
+            if due >= self.armed {
+                // Polled when it was set, the timer wakes this task when it fires: until then
+                // there is nothing to poll it for.
+                if self.armed == NO_DEADLINE || !self.sleep.is_elapsed() {
+                    return Poll::Pending;
+                }
+            } else {
+                let at = exchanges.epoch + Duration::from_nanos(due);
+                self.sleep.as_mut().reset(at.into());
+                self.armed = due;
+                if self.sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            // Due: forget the noted deadlines and poll the connection again, so that the
+            // timers whose deadline has passed fire and the others note theirs again.
+            self.armed = NO_DEADLINE;
+            exchanges.due.store(NO_DEADLINE, Relaxed);
+        }
+    }
+}
+
 /// One request on its way through; finished when dropped.
 #[derive(Debug)]
 pub struct Exchange(Arc<Exchanges>);
+
+impl Exchange {
+    /// The connection the request came on.
+    pub fn connection(&self) -> &Arc<Exchanges> {
+        &self.0
+    }
+}
 
 impl Drop for Exchange {
     fn drop(&mut self) {
@@ -286,12 +429,13 @@ where
     // Whether the last gap between requests was shorter than `busy_gap`.
     let mut busy = false;
     let mut requests = 0;
+    let mut wake = Wake::new();
     loop {
         if Instant::now() >= deadline {
             return Ok(());
         }
         let mut connection: UpgradeableConnection<Io, S> = Builder::new()
-            .timer(TokioTimer::new())
+            .timer(ConnectionTimer(exchanges.clone()))
             .header_read_timeout(header_timeout)
             .serve_connection(io, service)
             .with_upgrades();
@@ -306,7 +450,9 @@ where
         loop {
             let headless = exchanges.started.load(Relaxed) == before;
             tokio::select! {
-                ended = poll_fn(|cx| match Pin::new(&mut connection).poll(cx) {
+                // The connection first: it is what wakes the task nearly every time.
+                biased;
+                ended = poll_fn(|cx| match wake.poll(&mut connection, &exchanges, cx) {
                     Poll::Ready(ended) => Poll::Ready(Some(ended)),
                     Poll::Pending if exchanges.note_idle() => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
@@ -344,7 +490,7 @@ where
                 }
                 () = &mut stop => {
                     Pin::new(&mut connection).graceful_shutdown();
-                    return connection.await;
+                    return poll_fn(|cx| wake.poll(&mut connection, &exchanges, cx)).await;
                 }
             }
         }

@@ -20,9 +20,8 @@ use corsair_policy::{Action, CompiledPolicy, Decision, Mode, Request as CorsRequ
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use http_body_util::Full;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -31,10 +30,47 @@ use tokio::net::TcpListener;
 use crate::http1;
 use crate::metrics::{Observer, OpenConnection, Outcome, UpstreamError};
 use crate::policies::PolicySet;
-use crate::upstream::Upstream;
+use crate::upstream::{PooledBody, Upstream};
 
-/// The response body type: the upstream's, streamed, or a short local one.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// A response body: the upstream's, streamed, or a short one of the sidecar's own.
+#[derive(Debug)]
+pub enum Body {
+    /// The upstream response's, streamed as it arrives.
+    Upstream(PooledBody),
+    /// Written by the sidecar (a preflight's, an error's).
+    Local(Full<Bytes>),
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Body::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Body::Local(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Upstream(body) => body.is_end_stream(),
+            Body::Local(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Upstream(body) => body.size_hint(),
+            Body::Local(body) => body.size_hint(),
+        }
+    }
+}
 
 /// What to do with cross-origin requests while no policy is known for the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,19 +169,30 @@ pub async fn serve(
         let open = OpenConnection::new(shared.1.observer.metrics.clone());
         let shared = shared.clone();
         let exchanges = Arc::new(http1::Exchanges::default());
+        // For HTTP/1, the service's futures run in the connection's task, and time their
+        // upstream requests with the connection's timers.
         let service = {
             let exchanges = exchanges.clone();
             let forwarded = forwarded_for(peer);
-            service_fn(move |req: Request<Incoming>| {
-                let shared = shared.clone();
-                let forwarded = forwarded.clone();
-                let exchange = exchanges.start(&req);
-                async move {
-                    let (policies, config, client, tunnels) = &*shared;
-                    let response = handle(req, &forwarded, policies, config, client, tunnels).await;
-                    Ok::<_, Infallible>(response.map(|body| http1::Finishing::new(body, exchange)))
-                }
-            })
+            move |http1: bool| {
+                service_fn(move |req: Request<Incoming>| {
+                    let shared = shared.clone();
+                    let forwarded = forwarded.clone();
+                    let exchange = exchanges.start(&req);
+                    async move {
+                        let (policies, config, client, tunnels) = &*shared;
+                        let connection = Connection {
+                            peer: &forwarded,
+                            timers: http1.then_some(exchange.connection()),
+                            tunnels,
+                        };
+                        let response = handle(req, connection, policies, config, client).await;
+                        Ok::<_, Infallible>(
+                            response.map(|body| http1::Finishing::new(body, exchange)),
+                        )
+                    }
+                })
+            }
         };
         let mut stop = stop.clone();
         connections.spawn(async move {
@@ -165,7 +212,7 @@ pub async fn serve(
                 Protocol::Http1 => {
                     http1::serve(
                         stream,
-                        service,
+                        service(true),
                         exchanges,
                         opened,
                         client_headers,
@@ -181,7 +228,7 @@ pub async fn serve(
                     let connection =
                         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                             .timer(hyper_util::rt::TokioTimer::new())
-                            .serve_connection(io, service);
+                            .serve_connection(io, service(false));
                     until_stopped(connection, stop, |c| c.graceful_shutdown()).await
                 }
             };
@@ -265,32 +312,63 @@ fn classify(first: &[u8]) -> Option<Protocol> {
 }
 
 fn local(status: StatusCode, headers: HeaderMap, body: &'static str) -> Response<Body> {
-    let body = if body.is_empty() {
-        Empty::new().map_err(|never| match never {}).boxed()
-    } else {
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed()
-    };
+    let body = Body::Local(Full::new(Bytes::from_static(body.as_bytes())));
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
 }
 
+/// What a request knows of the client connection it came on.
+struct Connection<'a> {
+    /// The client's [`forwarded_for`] entry.
+    peer: &'a HeaderValue,
+    /// The connection's timers, when the request's future runs in its task (HTTP/1);
+    /// otherwise the request is timed with tokio's.
+    timers: Option<&'a Arc<http1::Exchanges>>,
+    /// Turns true when serving stops, closing upgraded connections.
+    tunnels: &'a tokio::sync::watch::Receiver<bool>,
+}
+
+/// Awaits `response` for at most `timeout`, on `timers` if given, otherwise on tokio's.
+async fn within<F: Future>(
+    timeout: std::time::Duration,
+    timers: Option<&Arc<http1::Exchanges>>,
+    response: F,
+) -> Option<F::Output> {
+    match timers {
+        Some(timers) => {
+            let mut deadline = timers.deadline(std::time::Instant::now() + timeout);
+            let mut response = std::pin::pin!(response);
+            std::future::poll_fn(|cx| match response.as_mut().poll(cx) {
+                Poll::Ready(response) => Poll::Ready(Some(response)),
+                Poll::Pending => Pin::new(&mut deadline).poll(cx).map(|()| None),
+            })
+            .await
+        }
+        None => tokio::time::timeout(timeout, response).await.ok(),
+    }
+}
+
 async fn handle(
     mut req: Request<Incoming>,
-    peer: &HeaderValue,
+    connection: Connection<'_>,
     policies: &PolicySet,
     config: &ProxyConfig,
     client: &Arc<Upstream>,
-    tunnels: &tokio::sync::watch::Receiver<bool>,
 ) -> Response<Body> {
+    let Connection {
+        peer,
+        timers,
+        tunnels,
+    } = connection;
     // One snapshot for the whole request.
     let snapshot = policies.load();
     let active = snapshot.services.get(&config.service).cloned();
     // `Host` (shared with the request, no copy), or HTTP/2's `:authority`.
-    let authority_value = req.headers().get(header::HOST).cloned().or_else(|| {
+    let host = req.headers().get(header::HOST).cloned();
+    let has_host = host.is_some();
+    let authority_value = host.or_else(|| {
         req.uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -370,24 +448,26 @@ async fn handle(
         config.public_scheme,
         authority_value.as_ref(),
     );
-    // Origin-form over HTTP/1.1, whatever the client spoke; HTTP/2 clients' `:authority`
-    // becomes `Host`.
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(path);
+    // Origin-form over HTTP/1.1, whatever the client spoke (most HTTP/1 requests already
+    // are); HTTP/2 clients' `:authority` becomes `Host`.
+    let uri = req.uri();
+    if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+    }
     *req.version_mut() = http::Version::HTTP_11;
     if let Some(host) = authority_value.as_ref()
-        && !req.headers().contains_key(header::HOST)
+        && !has_host
     {
         req.headers_mut().insert(header::HOST, host.clone());
     }
 
-    let response = match tokio::time::timeout(config.timeouts.response, client.send(req)).await {
-        Ok(result) => result,
-        Err(_) => {
+    let response = match within(config.timeouts.response, timers, client.send(req)).await {
+        Some(result) => result,
+        None => {
             config
                 .observer
                 .metrics
@@ -433,7 +513,7 @@ async fn handle(
             if let Some(cors) = &cors {
                 cors.apply(&mut parts.headers);
             }
-            Response::from_parts(parts, body.boxed())
+            Response::from_parts(parts, Body::Upstream(body))
         }
         Err(error) => {
             config
@@ -593,7 +673,8 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// The hop-by-hop headers, besides those `Connection` names and `Upgrade`.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -604,14 +685,27 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether `name` is in [`HOP_BY_HOP`] or is `Upgrade`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
 /// Removes hop-by-hop headers, including every header `Connection` names. `Upgrade` is kept
 /// only for an upgrade (`upgrading`) that `Connection` asks for, so upgrades pass through.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     // Most messages carry none: one pass over the names is cheaper than a lookup for each.
-    let any = headers
-        .keys()
-        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
-    if !any {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -643,26 +737,31 @@ fn forwarded_for(peer: SocketAddr) -> HeaderValue {
     HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value")
 }
 
-/// Sets `X-Forwarded-For` (appending `peer`, the client's [`forwarded_for`] entry, to any the
-/// request brought), `X-Forwarded-Proto` and `X-Forwarded-Host`.
+/// Sets `X-Forwarded-For` (appending `peer`, the client's [`forwarded_for`] entry, to the
+/// lines the request brought, in order, on one line), `X-Forwarded-Proto` and
+/// `X-Forwarded-Host`.
 fn add_forwarded(
     headers: &mut HeaderMap,
     peer: &HeaderValue,
     scheme: Scheme,
     host: Option<&HeaderValue>,
 ) {
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        Some(prior) => {
-            let mut joined = Vec::with_capacity(prior.len() + 2 + peer.len());
-            joined.extend_from_slice(prior.as_bytes());
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(peer.as_bytes());
-            HeaderValue::from_bytes(&joined).ok()
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Vacant(entry) => {
+            entry.insert(peer.clone());
         }
-        None => Some(peer.clone()),
-    };
-    if let Some(xff) = xff {
-        headers.insert(X_FORWARDED_FOR, xff);
+        header::Entry::Occupied(mut entry) => {
+            let mut joined = Vec::with_capacity(64);
+            for prior in entry.iter() {
+                joined.extend_from_slice(prior.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(peer.as_bytes());
+            // Valid header values joined by ", " make a valid one.
+            if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+                entry.insert(joined);
+            }
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
     if let Some(host) = host {
@@ -703,14 +802,16 @@ mod tests {
         assert_eq!(headers["x-forwarded-host"], "shop.example");
 
         let mut headers = HeaderMap::new();
-        headers.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.1"));
+        headers.append("x-forwarded-for", HeaderValue::from_static("203.0.113.1"));
+        headers.append("x-forwarded-for", HeaderValue::from_static("198.51.100.2"));
         add_forwarded(
             &mut headers,
             &forwarded_for("[::1]:80".parse().unwrap()),
             Scheme::Http,
             None,
         );
-        assert_eq!(headers["x-forwarded-for"], "203.0.113.1, ::1");
+        let xff: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(xff, ["203.0.113.1, 198.51.100.2, ::1"]);
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert!(!headers.contains_key("x-forwarded-host"));
     }

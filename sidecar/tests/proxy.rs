@@ -52,7 +52,9 @@ async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                             .header("x-saw-forwarded-proto", saw("x-forwarded-proto"))
                             .header("x-saw-secret", saw("x-secret"))
                             .header("x-saw-connection", saw("connection"))
-                            .header("x-saw-path", req.uri().path());
+                            .header("x-saw-path", req.uri().path())
+                            .header("x-saw-uri", req.uri().to_string())
+                            .header("x-saw-host", saw("host"));
                         if req.uri().path() == "/error" {
                             response = response.status(500);
                         }
@@ -251,6 +253,33 @@ async fn http2_prior_knowledge_clients_are_served() {
     assert_eq!(headers["access-control-allow-origin"], APP);
     assert_eq!(body, "over h2");
     assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+/// The upstream gets every request in origin form with a `Host`: an HTTP/1 request in
+/// absolute form, an HTTP/2 request (whose authority becomes `Host`) and an ordinary one.
+#[tokio::test]
+async fn requests_reach_the_upstream_in_origin_form_with_a_host() {
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"GET http://shop.example/abs?q=1 HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+        .await;
+    let (status, headers, _) = raw.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-saw-uri"), Some("/abs?q=1"));
+    assert_eq!(header(&headers, "x-saw-host"), Some("shop.example"));
+    raw.send(b"GET /plain?q=2 HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+        .await;
+    let (_, headers, _) = raw.response().await;
+    assert_eq!(header(&headers, "x-saw-uri"), Some("/plain?q=2"));
+    assert_eq!(header(&headers, "x-saw-host"), Some("shop.example"));
+    let h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let (status, headers, _) = sidecar.send_with(h2, Method::GET, "/h2?q=3", &[], "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-saw-uri"], "/h2?q=3");
+    assert_eq!(headers["x-saw-host"], sidecar.addr.to_string());
 }
 
 /// A client that connects and sends nothing, or only part of the HTTP/2 preface, is closed
