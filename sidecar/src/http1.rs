@@ -105,6 +105,7 @@ impl Exchanges {
     pub fn deadline(self: &Arc<Self>, at: std::time::Instant) -> Deadline {
         Deadline {
             at,
+            nanos: self.nanos(at),
             exchanges: self.clone(),
         }
     }
@@ -167,6 +168,8 @@ impl Exchanges {
 #[derive(Debug)]
 pub struct Deadline {
     at: std::time::Instant,
+    /// `at`, in nanoseconds after the connection's epoch.
+    nanos: u64,
     exchanges: Arc<Exchanges>,
 }
 
@@ -177,8 +180,7 @@ impl Future for Deadline {
         if std::time::Instant::now() >= self.at {
             return Poll::Ready(());
         }
-        let at = self.exchanges.nanos(self.at);
-        self.exchanges.due.fetch_min(at, Relaxed);
+        self.exchanges.due.fetch_min(self.nanos, Relaxed);
         Poll::Pending
     }
 }
@@ -413,8 +415,7 @@ where
         exchanges: exchanges.clone(),
     };
     let mut service = service;
-    let stop = stopped(stop);
-    tokio::pin!(stop);
+    let mut stop = Stopped::new(stop);
     // The deadline for the next request head: from the connection's start, then from the end
     // of each request. hyper enforces `header_timeout` for each head it reads itself; this
     // covers the time the connection waited on its own before.
@@ -540,4 +541,35 @@ where
 /// Resolves once `stop` turns true (or its sender is gone).
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// [`stopped`], for a future polled at every wake of its task: after its first poll, which
+/// registers the task's waker with the channel, it polls the channel again only once the
+/// channel's version has moved (one atomic load), not its waiter list (a lock) every time.
+struct Stopped {
+    changes: watch::Receiver<bool>,
+    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
+    registered: bool,
+}
+
+impl Stopped {
+    fn new(stop: watch::Receiver<bool>) -> Self {
+        Stopped {
+            changes: stop.clone(),
+            wait: Box::pin(stopped(stop)),
+            registered: false,
+        }
+    }
+}
+
+impl Future for Stopped {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.registered && matches!(self.changes.has_changed(), Ok(false)) {
+            return Poll::Pending;
+        }
+        self.registered = true;
+        self.wait.as_mut().poll(cx)
+    }
 }
