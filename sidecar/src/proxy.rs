@@ -330,202 +330,206 @@ struct Connection<'a> {
     tunnels: &'a tokio::sync::watch::Receiver<bool>,
 }
 
-/// Awaits `response` for at most `timeout`, on `timers` if given, otherwise on tokio's.
-async fn within<F: Future>(
-    timeout: std::time::Duration,
-    timers: Option<&Arc<http1::Exchanges>>,
-    response: F,
-) -> Option<F::Output> {
-    match timers {
-        Some(timers) => {
-            let mut deadline = timers.deadline(std::time::Instant::now() + timeout);
-            let mut response = std::pin::pin!(response);
-            std::future::poll_fn(|cx| match response.as_mut().poll(cx) {
-                Poll::Ready(response) => Poll::Ready(Some(response)),
-                Poll::Pending => Pin::new(&mut deadline).poll(cx).map(|()| None),
-            })
-            .await
-        }
-        None => tokio::time::timeout(timeout, response).await.ok(),
-    }
-}
-
-async fn handle(
+/// A request's answer. Not an `async fn`: the future of one stores its arguments twice, the
+/// request among them, and moves them all when hyper boxes it.
+#[allow(clippy::manual_async_fn)]
+fn handle<'a>(
     mut req: Request<Incoming>,
-    connection: Connection<'_>,
-    policies: &PolicySet,
-    config: &ProxyConfig,
-    client: &Arc<Upstream>,
-) -> Response<Body> {
-    let Connection {
-        peer,
-        timers,
-        tunnels,
-    } = connection;
-    // One snapshot for the whole request.
-    let snapshot = policies.load();
-    let active = snapshot.services.get(&config.service).cloned();
-    // `Host` (shared with the request, no copy), or HTTP/2's `:authority`.
-    let host = req.headers().get(header::HOST).cloned();
-    let has_host = host.is_some();
-    let authority_value = host.or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    let authority = authority_value.as_ref().and_then(|v| v.to_str().ok());
-    let upgrade = is_upgrade(&req);
-    // The decision borrows the snapshot's compiled policy, which `active` keeps alive.
-    let cors = match &active {
-        Some(active) => {
-            let request = CorsRequest::new(req.method(), req.headers())
-                .with_own_origin(config.public_scheme, authority);
-            let decision = active.compiled.decide(&request);
-            let shadow = active.compiled.policy().mode() == Mode::Shadow;
-            let outcome = match (decision.allowed, shadow) {
-                (true, _) => Outcome::Allowed,
-                (false, false) => Outcome::Denied,
-                (false, true) => Outcome::ShadowDenied,
-            };
-            config
-                .observer
-                .metrics
-                .decided(decision.kind, outcome, decision.reason);
-            if !decision.allowed {
-                log_denial(config, &active.compiled, &request, &decision);
-                // Browsers do not apply CORS to WebSocket and other upgrades: the origin
-                // check is the server's, so a refused origin never reaches the upstream
-                // (except in shadow mode, which changes nothing).
-                if upgrade && !shadow {
+    connection: Connection<'a>,
+    policies: &'a PolicySet,
+    config: &'a ProxyConfig,
+    client: &'a Arc<Upstream>,
+) -> impl Future<Output = Response<Body>> + Send + 'a {
+    async move {
+        let Connection {
+            peer,
+            timers,
+            tunnels,
+        } = connection;
+        // One snapshot for the whole request.
+        let snapshot = policies.load();
+        let active = snapshot.services.get(&config.service).cloned();
+        // `Host` (shared with the request, no copy), or HTTP/2's `:authority`.
+        let host = req.headers().get(header::HOST).cloned();
+        let has_host = host.is_some();
+        let authority_value = host.or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let authority = authority_value.as_ref().and_then(|v| v.to_str().ok());
+        let upgrade = is_upgrade(&req);
+        // The decision borrows the snapshot's compiled policy, which `active` keeps alive.
+        let cors = match &active {
+            Some(active) => {
+                let request = CorsRequest::new(req.method(), req.headers())
+                    .with_own_origin(config.public_scheme, authority);
+                let decision = active.compiled.decide(&request);
+                let shadow = active.compiled.policy().mode() == Mode::Shadow;
+                let outcome = match (decision.allowed, shadow) {
+                    (true, _) => Outcome::Allowed,
+                    (false, false) => Outcome::Denied,
+                    (false, true) => Outcome::ShadowDenied,
+                };
+                config
+                    .observer
+                    .metrics
+                    .decided(decision.kind, outcome, decision.reason);
+                if !decision.allowed {
+                    log_denial(config, &active.compiled, &request, &decision);
+                    // Browsers do not apply CORS to WebSocket and other upgrades: the origin
+                    // check is the server's, so a refused origin never reaches the upstream
+                    // (except in shadow mode, which changes nothing).
+                    if upgrade && !shadow {
+                        return local(
+                            StatusCode::FORBIDDEN,
+                            HeaderMap::new(),
+                            "cross-origin upgrade refused\n",
+                        );
+                    }
+                }
+                match decision.action {
+                    Action::Respond(status) => {
+                        let headers = decision
+                            .headers
+                            .map(|h| h.to_header_map())
+                            .unwrap_or_default();
+                        return local(status, headers, "");
+                    }
+                    Action::Forward => decision.headers,
+                }
+            }
+            None => {
+                let cross_origin = req.headers().get(header::ORIGIN).is_some_and(|origin| {
+                    let same =
+                        authority
+                            .zip(origin.to_str().ok())
+                            .is_some_and(|(authority, origin)| {
+                                corsair_policy::is_same_origin(
+                                    origin,
+                                    config.public_scheme,
+                                    authority,
+                                )
+                            });
+                    !same
+                });
+                let deny = config.no_policy == NoPolicy::Deny && cross_origin;
+                config.observer.metrics.without_policy(deny);
+                if deny {
                     return local(
                         StatusCode::FORBIDDEN,
                         HeaderMap::new(),
-                        "cross-origin upgrade refused\n",
+                        "no CORS policy loaded yet\n",
                     );
                 }
+                None
             }
-            match decision.action {
-                Action::Respond(status) => {
-                    let headers = decision
-                        .headers
-                        .map(|h| h.to_header_map())
-                        .unwrap_or_default();
-                    return local(status, headers, "");
-                }
-                Action::Forward => decision.headers,
-            }
-        }
-        None => {
-            let cross_origin = req.headers().get(header::ORIGIN).is_some_and(|origin| {
-                let same =
-                    authority
-                        .zip(origin.to_str().ok())
-                        .is_some_and(|(authority, origin)| {
-                            corsair_policy::is_same_origin(origin, config.public_scheme, authority)
-                        });
-                !same
-            });
-            let deny = config.no_policy == NoPolicy::Deny && cross_origin;
-            config.observer.metrics.without_policy(deny);
-            if deny {
-                return local(
-                    StatusCode::FORBIDDEN,
-                    HeaderMap::new(),
-                    "no CORS policy loaded yet\n",
-                );
-            }
-            None
-        }
-    };
+        };
 
-    // An HTTP/1.1 `Upgrade` (WebSocket, …): once the upstream agrees (`101`), both
-    // connections are handed over and spliced byte for byte.
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    strip_hop_by_hop(req.headers_mut(), upgrade);
-    add_forwarded(
-        req.headers_mut(),
-        peer,
-        config.public_scheme,
-        authority_value.as_ref(),
-    );
-    // Origin-form over HTTP/1.1, whatever the client spoke (most HTTP/1 requests already
-    // are); HTTP/2 clients' `:authority` becomes `Host`.
-    let uri = req.uri();
-    if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
-        let path = uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
-    }
-    *req.version_mut() = http::Version::HTTP_11;
-    if let Some(host) = authority_value.as_ref()
-        && !has_host
-    {
-        req.headers_mut().insert(header::HOST, host.clone());
-    }
+        // An HTTP/1.1 `Upgrade` (WebSocket, …): once the upstream agrees (`101`), both
+        // connections are handed over and spliced byte for byte.
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        add_forwarded(
+            req.headers_mut(),
+            peer,
+            config.public_scheme,
+            authority_value.as_ref(),
+        );
+        // Origin-form over HTTP/1.1, whatever the client spoke (most HTTP/1 requests already
+        // are); HTTP/2 clients' `:authority` becomes `Host`.
+        let uri = req.uri();
+        if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
+            let path = uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
+        }
+        *req.version_mut() = http::Version::HTTP_11;
+        if let Some(host) = authority_value.as_ref()
+            && !has_host
+        {
+            req.headers_mut().insert(header::HOST, host.clone());
+        }
 
-    let response = match within(config.timeouts.response, timers, client.send(req)).await {
-        Some(result) => result,
-        None => {
-            config
-                .observer
-                .metrics
-                .upstream_error(UpstreamError::Timeout);
-            tracing::warn!(upstream = %config.upstream, timeout = ?config.timeouts.response, "upstream did not answer in time");
-            let mut headers = HeaderMap::new();
-            if let Some(cors) = &cors {
-                cors.apply(&mut headers);
+        // Each way constructs its own future in place: a future handed to a function that pins
+        // it would be stored twice in this one.
+        let timeout = config.timeouts.response;
+        let response = match timers {
+            Some(timers) => {
+                let mut deadline = timers.deadline(std::time::Instant::now() + timeout);
+                let mut send = std::pin::pin!(client.send(req));
+                std::future::poll_fn(|cx| match send.as_mut().poll(cx) {
+                    Poll::Ready(response) => Poll::Ready(Some(response)),
+                    Poll::Pending => Pin::new(&mut deadline).poll(cx).map(|()| None),
+                })
+                .await
             }
-            return local(StatusCode::GATEWAY_TIMEOUT, headers, "upstream timed out\n");
-        }
-    };
-    match response {
-        Ok(mut response) => {
-            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-            match client_upgrade {
-                Some(client_upgrade) if switching => {
-                    let upstream_upgrade = hyper::upgrade::on(&mut response);
-                    tokio::spawn(splice(
-                        client_upgrade,
-                        upstream_upgrade,
-                        config.observer.clone(),
-                        tunnels.clone(),
-                        config.timeouts.tunnel_idle,
-                    ));
+            None => tokio::time::timeout(timeout, client.send(req)).await.ok(),
+        };
+        let response = match response {
+            Some(result) => result,
+            None => {
+                config
+                    .observer
+                    .metrics
+                    .upstream_error(UpstreamError::Timeout);
+                tracing::warn!(upstream = %config.upstream, ?timeout, "upstream did not answer in time");
+                let mut headers = HeaderMap::new();
+                if let Some(cors) = &cors {
+                    cors.apply(&mut headers);
                 }
-                None if switching => {
-                    config
-                        .observer
-                        .metrics
-                        .upstream_error(UpstreamError::Unavailable);
-                    tracing::warn!(upstream = %config.upstream, "upstream switched protocols unasked");
-                    return local(
-                        StatusCode::BAD_GATEWAY,
-                        HeaderMap::new(),
-                        "upstream switched protocols unasked\n",
-                    );
+                return local(StatusCode::GATEWAY_TIMEOUT, headers, "upstream timed out\n");
+            }
+        };
+        match response {
+            Ok(mut response) => {
+                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                match client_upgrade {
+                    Some(client_upgrade) if switching => {
+                        let upstream_upgrade = hyper::upgrade::on(&mut response);
+                        tokio::spawn(splice(
+                            client_upgrade,
+                            upstream_upgrade,
+                            config.observer.clone(),
+                            tunnels.clone(),
+                            config.timeouts.tunnel_idle,
+                        ));
+                    }
+                    None if switching => {
+                        config
+                            .observer
+                            .metrics
+                            .upstream_error(UpstreamError::Unavailable);
+                        tracing::warn!(upstream = %config.upstream, "upstream switched protocols unasked");
+                        return local(
+                            StatusCode::BAD_GATEWAY,
+                            HeaderMap::new(),
+                            "upstream switched protocols unasked\n",
+                        );
+                    }
+                    _ => {}
                 }
-                _ => {}
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers, switching);
+                if let Some(cors) = &cors {
+                    cors.apply(&mut parts.headers);
+                }
+                Response::from_parts(parts, Body::Upstream(body))
             }
-            let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers, switching);
-            if let Some(cors) = &cors {
-                cors.apply(&mut parts.headers);
+            Err(error) => {
+                config
+                    .observer
+                    .metrics
+                    .upstream_error(UpstreamError::Unavailable);
+                tracing::warn!(%error, upstream = %config.upstream, "upstream request failed");
+                let mut headers = HeaderMap::new();
+                if let Some(cors) = &cors {
+                    cors.apply(&mut headers);
+                }
+                local(StatusCode::BAD_GATEWAY, headers, "upstream unavailable\n")
             }
-            Response::from_parts(parts, Body::Upstream(body))
-        }
-        Err(error) => {
-            config
-                .observer
-                .metrics
-                .upstream_error(UpstreamError::Unavailable);
-            tracing::warn!(%error, upstream = %config.upstream, "upstream request failed");
-            let mut headers = HeaderMap::new();
-            if let Some(cors) = &cors {
-                cors.apply(&mut headers);
-            }
-            local(StatusCode::BAD_GATEWAY, headers, "upstream unavailable\n")
         }
     }
 }

@@ -82,40 +82,44 @@ impl Upstream {
     }
 
     /// Sends `req` (origin-form URI, `Host` set) and returns the response head; the body
-    /// returns the connection to the pool once read to the end.
-    pub async fn send(
+    /// returns the connection to the pool once read to the end. Not an `async fn`, whose
+    /// future would store the request twice.
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        // One retry: a reused connection may have closed while idle, before taking the request.
-        let mut reused = true;
-        loop {
-            let (mut sender, was_idle) = match self.checkout().await {
-                Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
-            };
-            reused &= was_idle;
-            match sender.try_send_request(req).await {
-                Ok(response) => {
-                    let (parts, body) = response.into_parts();
-                    // An upgraded connection is the client's now; it never returns.
-                    let keep = parts.status != http::StatusCode::SWITCHING_PROTOCOLS;
-                    let mut body = PooledBody {
-                        inner: body,
-                        ret: keep.then(|| (sender, self.clone())),
-                    };
-                    if body.inner.is_end_stream() {
-                        body.finish();
+    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + '_ {
+        async move {
+            // One retry: a reused connection may have closed while idle, before taking the request.
+            let mut reused = true;
+            loop {
+                let (mut sender, was_idle) = match self.checkout().await {
+                    Some(sender) => (sender, true),
+                    None => (self.connect().await?, false),
+                };
+                reused &= was_idle;
+                match sender.try_send_request(req).await {
+                    Ok(response) => {
+                        let (parts, body) = response.into_parts();
+                        // An upgraded connection is the client's now; it never returns.
+                        let keep = parts.status != http::StatusCode::SWITCHING_PROTOCOLS;
+                        let mut body = PooledBody {
+                            inner: body,
+                            ret: keep.then(|| (sender, self.clone())),
+                        };
+                        if body.inner.is_end_stream() {
+                            body.finish();
+                        }
+                        return Ok(Response::from_parts(parts, body));
                     }
-                    return Ok(Response::from_parts(parts, body));
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) if reused => {
+                            req = unsent;
+                            reused = false;
+                        }
+                        _ => return Err(UpstreamError::Request(error.into_error())),
+                    },
                 }
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if reused => {
-                        req = unsent;
-                        reused = false;
-                    }
-                    _ => return Err(UpstreamError::Request(error.into_error())),
-                },
             }
         }
     }
