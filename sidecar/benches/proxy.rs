@@ -45,11 +45,11 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The upstream: a one-thread hyper server answering `hello` with a few headers, counting
-/// the connections it accepts and the requests it answers (`GET /__connections` gives both).
-fn upstream_main() {
-    use http_body_util::Full;
-    use hyper::body::{Bytes, Incoming};
+/// Runs `serve` on a one-thread runtime with a listener on a free loopback port, after
+/// printing that port's address on the first line of standard output for the parent process.
+fn serve_on_loopback<F: std::future::Future<Output = ()>>(
+    serve: impl FnOnce(tokio::net::TcpListener) -> F,
+) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -58,6 +58,16 @@ fn upstream_main() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("{}", listener.local_addr().unwrap());
         std::io::stdout().flush().unwrap();
+        serve(listener).await;
+    });
+}
+
+/// The upstream: a one-thread hyper server answering `hello` with a few headers, counting
+/// the connections it accepts and the requests it answers (`GET /__connections` gives both).
+fn upstream_main() {
+    use http_body_util::Full;
+    use hyper::body::{Bytes, Incoming};
+    serve_on_loopback(|listener| async move {
         let accepted = Arc::new(AtomicU64::new(0));
         let answered = Arc::new(AtomicU64::new(0));
         loop {
@@ -102,14 +112,7 @@ fn upstream_main() {
 /// floor under the sidecar's.
 fn bare_proxy_main(upstream: SocketAddr) {
     use hyper::body::Incoming;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", listener.local_addr().unwrap());
-        std::io::stdout().flush().unwrap();
+    serve_on_loopback(|listener| async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             stream.set_nodelay(true).unwrap();
@@ -139,6 +142,22 @@ fn bare_proxy_main(upstream: SocketAddr) {
             });
         }
     });
+}
+
+/// Starts a copy of this program in `role` (given `upstream`'s address, if any), and returns
+/// it with the address it serves on, which it prints first.
+fn spawn_role(role: &str, name: &'static str, upstream: Option<SocketAddr>) -> (Proc, SocketAddr) {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.env(ROLE, role).stdout(Stdio::piped());
+    if let Some(upstream) = upstream {
+        command.env("CORSAIR_BENCH_UPSTREAM", upstream.to_string());
+    }
+    let mut child = command.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (Proc { child, name }, line.trim().parse().unwrap())
 }
 
 /// A child process, killed when dropped.
@@ -545,20 +564,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
 
     // The upstream, a second copy of this program.
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .env(ROLE, "upstream")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let upstream_addr: SocketAddr = line.trim().parse().unwrap();
-    let upstream = Proc {
-        child,
-        name: "upstream",
-    };
+    let (upstream, upstream_addr) = spawn_role("upstream", "upstream", None);
     // Connections the upstream has accepted and requests it has answered so far, each
     // reading included (it comes on a connection of its own).
     let upstream_counts = move || {
@@ -659,21 +665,8 @@ fn main() {
     wait_until("nginx", || accepts(&nginx_addr) && pids(&nginx).len() > 1);
 
     // The bare hyper proxy, a third copy of this program.
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .env(ROLE, "bare proxy")
-        .env("CORSAIR_BENCH_UPSTREAM", upstream_addr.to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let bare_addr = line.trim().to_owned();
-    let bare = Proc {
-        child,
-        name: "bare hyper proxy",
-    };
+    let (bare, bare_addr) = spawn_role("bare proxy", "bare hyper proxy", Some(upstream_addr));
+    let bare_addr = bare_addr.to_string();
 
     let mut idle_rss = vec![
         (sidecar.name, rss_kib(&sidecar)),
