@@ -165,8 +165,8 @@ pub fn merge_vary(headers: &mut HeaderMap, vary: Vary) {
     if vary.is_empty() {
         return;
     }
-    if let http::header::Entry::Vacant(entry) = headers.entry(VARY) {
-        entry.insert(vary.value());
+    if !headers.contains_key(VARY) {
+        headers.insert(VARY, vary.value());
         return;
     }
     let existing = || vary_tokens(headers);

@@ -1038,18 +1038,38 @@ fn main_report(
         );
     }
     println!();
-    println!("- sidecar / nginx throughput: {:.2}×", side.rps / ngx.rps);
+    // The machine's speed drifts between rounds: a ratio of two targets' runs in the same
+    // round, medianed over the rounds, compares them under the same conditions.
+    let per_round = |a: &str, b: &str, of: fn(&Run) -> f64| {
+        let mut ratios: Vec<f64> = results[a]
+            .iter()
+            .zip(&results[b])
+            .map(|(a, b)| of(a) / of(b))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        (ratios[(ratios.len() - 1) / 2] + ratios[ratios.len() / 2]) / 2.0
+    };
+    let (rps, cpu) = (|r: &Run| r.rps, |r: &Run| r.cpu_us_per_request);
     println!(
-        "- bare hyper proxy / nginx throughput: {:.2}×; sidecar / bare hyper proxy: {:.2}×",
+        "- sidecar / nginx throughput: {:.2}× (per round: {:.2}×)",
+        side.rps / ngx.rps,
+        per_round("sidecar", "nginx", rps)
+    );
+    println!(
+        "- bare hyper proxy / nginx throughput: {:.2}× (per round: {:.2}×); sidecar / bare hyper proxy: {:.2}× (per round: {:.2}×)",
         bare.rps / ngx.rps,
-        side.rps / bare.rps
+        per_round("bare hyper proxy", "nginx", rps),
+        side.rps / bare.rps,
+        per_round("sidecar", "bare hyper proxy", rps)
     );
     if let Some(base) = results.get("baseline").map(|runs| median(runs)) {
         println!(
-            "- sidecar / baseline sidecar: throughput {:.3}×, CPU per request {:.1} µs against {:.1} µs, p99 {:.0} µs against {:.0} µs",
+            "- sidecar / baseline sidecar: throughput {:.3}× (per round: {:.3}×), CPU per request {:.1} µs against {:.1} µs (per round: {:.3}×), p99 {:.0} µs against {:.0} µs",
             side.rps / base.rps,
+            per_round("sidecar", "baseline", rps),
             side.cpu_us_per_request,
             base.cpu_us_per_request,
+            per_round("sidecar", "baseline", cpu),
             side.p99_us,
             base.p99_us
         );
