@@ -19,7 +19,9 @@
 //! and without swaps; default 24), `CORSAIR_CONTROL_PLANE_BIN`, and `CORSAIR_BENCH_BASELINE`:
 //! the path of another `corsair-sidecar` build, run beside this one and loaded in the same
 //! rounds, to compare two versions side by side (it stops before the swap runs).
-//! `CORSAIR_BENCH_ONLY=swaps` measures the swaps alone, `CORSAIR_BENCH_ONLY=main` all but them.
+//! `CORSAIR_BENCH_ONLY=swaps` measures the swaps alone, `CORSAIR_BENCH_ONLY=main` all but them,
+//! and `CORSAIR_BENCH_ONLY=instructions` counts each proxy's instructions per request under
+//! callgrind instead (needs Debian's `valgrind`).
 //! `CORSAIR_BENCH_SIDECAR` runs another `corsair-sidecar` build as the one under test.
 
 use std::collections::BTreeMap;
@@ -144,10 +146,32 @@ fn bare_proxy_main(upstream: SocketAddr) {
     });
 }
 
+/// A command running `bin`, or, given `callgrind` (its output file), valgrind's callgrind
+/// running it.
+fn command(bin: &Path, callgrind: Option<&Path>) -> Command {
+    match callgrind {
+        None => Command::new(bin),
+        Some(out) => {
+            let mut command = Command::new("valgrind");
+            command
+                .arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", out.display()))
+                .args(["--dump-instr=no", "--quiet"])
+                .arg(bin);
+            command
+        }
+    }
+}
+
 /// Starts a copy of this program in `role` (given `upstream`'s address, if any), and returns
 /// it with the address it serves on, which it prints first.
-fn spawn_role(role: &str, name: &'static str, upstream: Option<SocketAddr>) -> (Proc, SocketAddr) {
-    let mut command = Command::new(std::env::current_exe().unwrap());
+fn spawn_role(
+    role: &str,
+    name: &'static str,
+    upstream: Option<SocketAddr>,
+    callgrind: Option<&Path>,
+) -> (Proc, SocketAddr) {
+    let mut command = command(&std::env::current_exe().unwrap(), callgrind);
     command.env(ROLE, role).stdout(Stdio::piped());
     if let Some(upstream) = upstream {
         command.env("CORSAIR_BENCH_UPSTREAM", upstream.to_string());
@@ -305,7 +329,8 @@ fn get(addr: &str, path: &str) -> (u16, String) {
 }
 
 fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
-    for _ in 0..500 {
+    // Up to a minute: a target under callgrind starts slowly.
+    for _ in 0..3000 {
         if ready() {
             return;
         }
@@ -466,6 +491,219 @@ fn hold_connections(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
         .collect()
 }
 
+/// What the proxies share: the upstream, the control plane, the run's directory.
+struct Setup {
+    upstream: SocketAddr,
+    control_plane: String,
+    dir: PathBuf,
+}
+
+impl Setup {
+    /// Starts `bin` as a sidecar for `service` following the control plane, with one worker
+    /// thread like nginx's one worker, under callgrind if given its output file; returns it
+    /// with its proxy and admin addresses once it is ready.
+    fn sidecar(
+        &self,
+        bin: &Path,
+        name: &'static str,
+        service: &str,
+        callgrind: Option<&Path>,
+    ) -> (Proc, String, String) {
+        let (proxy_port, admin_port) = (free_port(), free_port());
+        let (addr, admin_addr) = (
+            format!("127.0.0.1:{proxy_port}"),
+            format!("127.0.0.1:{admin_port}"),
+        );
+        let sidecar = Proc {
+            child: command(bin, callgrind)
+                .args(["--listen", &addr, "--admin-listen", &admin_addr])
+                .args([
+                    "--upstream",
+                    &self.upstream.to_string(),
+                    "--service",
+                    service,
+                ])
+                .args(["--control-plane", &format!("http://{}", self.control_plane)])
+                .arg("--cache-file")
+                .arg(self.dir.join(format!("{proxy_port}.cache")))
+                .env("RUST_LOG", "warn")
+                .env("TOKIO_WORKER_THREADS", "1")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+            name,
+        };
+        wait_until(name, || {
+            accepts(&admin_addr) && get(&admin_addr, "/readyz").0 == 200
+        });
+        (sidecar, addr, admin_addr)
+    }
+
+    /// Starts nginx with one worker, and returns it with its address once it accepts. Under
+    /// callgrind (given its output file) it runs without a master process, the worker being
+    /// the process callgrind follows.
+    fn nginx(&self, callgrind: Option<&Path>) -> (Proc, String) {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut conf = NGINX_CONF
+            .replace("__DIR__", &self.dir.display().to_string())
+            .replace("__UPSTREAM__", &self.upstream.to_string())
+            .replace("__PORT__", &port.to_string());
+        if callgrind.is_some() {
+            conf = conf.replace("master_process on;", "master_process off;");
+        }
+        let conf_path = self.dir.join(format!("nginx-{port}.conf"));
+        std::fs::write(&conf_path, conf).unwrap();
+        let nginx = Proc {
+            child: command(Path::new("nginx"), callgrind)
+                .arg("-c")
+                .arg(&conf_path)
+                .arg("-p")
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nginx runs (install Debian's nginx-light)"),
+            name: "nginx",
+        };
+        let workers = if callgrind.is_some() { 1 } else { 2 };
+        wait_until("nginx", || accepts(&addr) && pids(&nginx).len() >= workers);
+        (nginx, addr)
+    }
+}
+
+/// The wrk scripts: an allowed cross-origin `GET`, and a preflight for `PUT` with `x-custom`.
+fn scripts(dir: &Path) -> [PathBuf; 2] {
+    let script = |name: &str, body: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    };
+    [
+        script(
+            "actual.lua",
+            &format!("wrk.method = \"GET\"\nwrk.headers[\"Origin\"] = \"{APP}\"\n"),
+        ),
+        script(
+            "preflight.lua",
+            &format!(
+                "wrk.method = \"OPTIONS\"\nwrk.headers[\"Origin\"] = \"{APP}\"\nwrk.headers[\"Access-Control-Request-Method\"] = \"PUT\"\nwrk.headers[\"Access-Control-Request-Headers\"] = \"x-custom\"\n"
+            ),
+        ),
+    ]
+}
+
+/// `CORSAIR_BENCH_ONLY=instructions`: the instructions each proxy's process runs per request,
+/// counted by callgrind. Unlike time on these shared cores, the count is the same from one run
+/// to the next, so it tells two builds apart where wall-clock figures cannot. It counts user
+/// space only: the kernel's work (about half of each proxy's CPU time) is left out. Each
+/// target runs alone under callgrind: 3 s of `wrk -c16` to warm up, then the count over 10 s.
+fn instructions_report(setup: &Setup) {
+    let [actual, preflight] = scripts(&setup.dir);
+    let mut rows = Vec::new();
+    let mut measure = |name: String, target: &Proc, addr: &str, out: &Path, preflights: bool| {
+        let url = format!("http://{addr}/api/items");
+        let mut counts = vec![count_instructions(target, &url, &actual, out)];
+        if preflights {
+            counts.push(count_instructions(target, &url, &preflight, out));
+        }
+        eprintln!("{name}: {counts:?} instructions per request");
+        rows.push((name, counts));
+    };
+    let mut sidecars = vec![("corsair-sidecar".to_owned(), sidecar_bin())];
+    if let Some(bin) = std::env::var_os("CORSAIR_BENCH_BASELINE") {
+        sidecars.push(("baseline sidecar".to_owned(), PathBuf::from(bin)));
+    }
+    for (i, (name, bin)) in sidecars.into_iter().enumerate() {
+        let out = setup.dir.join(format!("callgrind-sidecar-{i}"));
+        let (sidecar, addr, _) = setup.sidecar(&bin, "sidecar under callgrind", "shop", Some(&out));
+        measure(name, &sidecar, &addr, &out, true);
+    }
+    let out = setup.dir.join("callgrind-bare");
+    let (bare, addr) = spawn_role(
+        "bare proxy",
+        "bare hyper proxy",
+        Some(setup.upstream),
+        Some(&out),
+    );
+    measure(
+        "bare hyper proxy".into(),
+        &bare,
+        &addr.to_string(),
+        &out,
+        false,
+    );
+    drop(bare);
+    let out = setup.dir.join("callgrind-nginx");
+    let (nginx, addr) = setup.nginx(Some(&out));
+    measure("nginx".into(), &nginx, &addr, &out, true);
+    drop(nginx);
+
+    println!("\n## Instructions per request (callgrind, user space)\n");
+    println!("| target | proxied request | preflight |");
+    println!("|---|---|---|");
+    for (name, counts) in &rows {
+        let preflight = counts
+            .get(1)
+            .map_or_else(|| "–".to_owned(), |c| format!("{c:.0}"));
+        println!("| {name} | {:.0} | {preflight} |", counts[0]);
+    }
+}
+
+/// The instructions `target` (running under callgrind, writing `out`) runs per request of
+/// `script` against `url`, over 10 s of `wrk -c16` after 3 s of warm-up.
+fn count_instructions(target: &Proc, url: &str, script: &Path, out: &Path) -> f64 {
+    let pid = target.child.id().to_string();
+    let control = |what: &str| {
+        let status = Command::new("callgrind_control")
+            .args([what, &pid])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("callgrind_control runs (Debian's valgrind)");
+        assert!(status.success(), "callgrind_control {what} failed");
+    };
+    wrk(url, script, 3, 16, None);
+    control("-z");
+    let run = wrk(url, script, 10, 16, None);
+    // Dumps go to numbered files after `out`, the newest with the highest number.
+    let dumps = || {
+        let dir = out.parent().unwrap();
+        let prefix = format!("{}.", out.file_name().unwrap().to_string_lossy());
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                name.strip_prefix(&prefix)?
+                    .rsplit('.')
+                    .next()?
+                    .parse::<u32>()
+                    .ok()
+                    .map(|n| (n, dir.join(&name)))
+            })
+            .max()
+    };
+    let before = dumps().map(|(n, _)| n);
+    control("-d");
+    let mut dump = None;
+    wait_until("callgrind dump", || {
+        dump = dumps().filter(|(n, _)| Some(*n) != before);
+        dump.is_some()
+    });
+    let (_, path) = dump.unwrap();
+    // The dump is complete once its summary line is there.
+    let mut total = None;
+    wait_until("callgrind summary", || {
+        total = std::fs::read_to_string(&path).ok().and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("summary: "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+        total.is_some()
+    });
+    total.unwrap() as f64 / run.requests.max(1) as f64
+}
+
 /// The sidecar under test: this package's, or `CORSAIR_BENCH_SIDECAR`'s.
 fn sidecar_bin() -> PathBuf {
     std::env::var_os("CORSAIR_BENCH_SIDECAR").map_or_else(|| PathBuf::from(SIDECAR), PathBuf::from)
@@ -564,7 +802,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
 
     // The upstream, a second copy of this program.
-    let (upstream, upstream_addr) = spawn_role("upstream", "upstream", None);
+    let (upstream, upstream_addr) = spawn_role("upstream", "upstream", None, None);
     // Connections the upstream has accepted and requests it has answered so far, each
     // reading included (it comes on a connection of its own).
     let upstream_counts = move || {
@@ -604,37 +842,16 @@ fn main() {
         }))
         .unwrap();
 
-    // The sidecar, one worker thread like nginx's one worker.
-    let start_sidecar = |bin: &Path, name: &'static str, service: &str| {
-        let (proxy_port, admin_port) = (free_port(), free_port());
-        let (addr, admin_addr) = (
-            format!("127.0.0.1:{proxy_port}"),
-            format!("127.0.0.1:{admin_port}"),
-        );
-        let sidecar = Proc {
-            child: Command::new(bin)
-                .args(["--listen", &addr, "--admin-listen", &admin_addr])
-                .args([
-                    "--upstream",
-                    &upstream_addr.to_string(),
-                    "--service",
-                    service,
-                ])
-                .args(["--control-plane", &format!("http://{cp_addr}")])
-                .arg("--cache-file")
-                .arg(dir.path().join(format!("{proxy_port}.cache")))
-                .env("RUST_LOG", "warn")
-                .env("TOKIO_WORKER_THREADS", "1")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-            name,
-        };
-        wait_until(name, || {
-            accepts(&admin_addr) && get(&admin_addr, "/readyz").0 == 200
-        });
-        (sidecar, addr, admin_addr)
+    let setup = Setup {
+        upstream: upstream_addr,
+        control_plane: cp_addr.clone(),
+        dir: dir.path().to_owned(),
     };
+    if only == "instructions" {
+        return instructions_report(&setup);
+    }
+    let start_sidecar =
+        |bin: &Path, name: &'static str, service: &str| setup.sidecar(bin, name, service, None);
     let (sidecar, sidecar_addr, admin_addr) =
         start_sidecar(&sidecar_bin(), "corsair-sidecar", "shop");
     // Another build of the sidecar to compare with, if given.
@@ -642,30 +859,10 @@ fn main() {
         .map(|bin| start_sidecar(Path::new(&bin), "baseline sidecar", "shop"));
 
     // nginx, one worker.
-    let nginx_port = free_port();
-    let nginx_addr = format!("127.0.0.1:{nginx_port}");
-    let conf = NGINX_CONF
-        .replace("__DIR__", &dir.path().display().to_string())
-        .replace("__UPSTREAM__", &upstream_addr.to_string())
-        .replace("__PORT__", &nginx_port.to_string());
-    let conf_path = dir.path().join("nginx.conf");
-    std::fs::write(&conf_path, conf).unwrap();
-    let nginx = Proc {
-        child: Command::new("nginx")
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx runs (install Debian's nginx-light)"),
-        name: "nginx",
-    };
-    wait_until("nginx", || accepts(&nginx_addr) && pids(&nginx).len() > 1);
+    let (nginx, nginx_addr) = setup.nginx(None);
 
     // The bare hyper proxy, a third copy of this program.
-    let (bare, bare_addr) = spawn_role("bare proxy", "bare hyper proxy", Some(upstream_addr));
+    let (bare, bare_addr) = spawn_role("bare proxy", "bare hyper proxy", Some(upstream_addr), None);
     let bare_addr = bare_addr.to_string();
 
     let mut idle_rss = vec![
@@ -676,21 +873,7 @@ fn main() {
         idle_rss.push((baseline.name, rss_kib(baseline)));
     }
 
-    let script = |name: &str, body: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, body).unwrap();
-        path
-    };
-    let actual = script(
-        "actual.lua",
-        &format!("wrk.method = \"GET\"\nwrk.headers[\"Origin\"] = \"{APP}\"\n"),
-    );
-    let preflight = script(
-        "preflight.lua",
-        &format!(
-            "wrk.method = \"OPTIONS\"\nwrk.headers[\"Origin\"] = \"{APP}\"\nwrk.headers[\"Access-Control-Request-Method\"] = \"PUT\"\nwrk.headers[\"Access-Control-Request-Headers\"] = \"x-custom\"\n"
-        ),
-    );
+    let [actual, preflight] = scripts(dir.path());
 
     // Interleaved rounds: every configuration sees the same machine conditions.
     let targets: [(&str, &str, &Path, Option<&Proc>); 6] = [
