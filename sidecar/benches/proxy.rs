@@ -920,11 +920,11 @@ fn main() {
     for round in 0..if only_swaps { 0 } else { rounds } {
         for (name, addr, script, target) in &targets {
             let before = upstream_connections();
-            let sampler = (name == "sidecar").then(|| {
+            let sampler = (name == "sidecar" && seconds >= 2).then(|| {
                 std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_secs(1));
                     let start = upstream_counts();
-                    std::thread::sleep(Duration::from_millis(seconds * 1000 - 1500));
+                    std::thread::sleep(Duration::from_millis(seconds * 1000 - 1500)); // seconds ≥ 2
                     let end = upstream_counts();
                     // Less this sampler's second reading's own connection and request.
                     [end[0] - start[0] - 1, end[1] - start[1] - 1]

@@ -10,6 +10,7 @@
 //! leaves, and under full load a push applies a little later instead.
 
 use std::io;
+use std::thread::JoinHandle;
 
 use tokio::runtime::{Builder, Handle};
 
@@ -20,22 +21,48 @@ pub const THREAD_NAME: &str = "corsair-sync";
 /// The highest nice value Linux allows.
 const LOWEST_PRIORITY: i32 = 19;
 
+/// The background thread: where its work is spawned, and how it is stopped.
+#[derive(Debug)]
+pub struct Background {
+    handle: Handle,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Background {
+    /// The handle to spawn the thread's work on (or to enter while creating what spawns tasks
+    /// of its own, such as a lazy gRPC channel).
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Stops the thread and waits for it: its tasks are dropped, and its runtime waits for
+    /// the blocking calls in progress, such as a cache-file write, to finish.
+    pub fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
 /// Starts the background thread, `increment` nice steps below the calling thread's priority
-/// (0: the same; clamped at 19), and returns the handle to spawn its work on (or to enter
-/// while creating what spawns tasks of its own, such as a lazy gRPC channel). The thread
-/// lives as long as the process.
-pub fn start(increment: u8) -> io::Result<Handle> {
+/// (0: the same; clamped at 19). Linux keeps a nice value per thread; elsewhere, where it
+/// would lower the whole process, the increment is not applied.
+pub fn start(increment: u8) -> io::Result<Background> {
     let nice =
         (rustix::process::getpriority_process(None)? + i32::from(increment)).min(LOWEST_PRIORITY);
     let lower = move || {
-        // Linux keeps the nice value per thread: this lowers the calling thread only.
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        // On Linux this lowers the calling thread only.
         if let Err(error) = rustix::process::setpriority_process(None, nice) {
             tracing::warn!(%error, nice, "background work keeps the proxy's priority");
         }
     };
     // The runtime is built and dropped on its own thread, never in the caller's.
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
         .name(THREAD_NAME.into())
         .spawn(move || {
             lower();
@@ -47,15 +74,22 @@ pub fn start(increment: u8) -> io::Result<Handle> {
             match runtime {
                 Ok(runtime) => {
                     let _ = tx.send(Ok(runtime.handle().clone()));
-                    runtime.block_on(std::future::pending::<()>());
+                    // Until told to stop, or until nothing can tell it any more.
+                    let _ = runtime.block_on(stopped);
                 }
                 Err(error) => {
                     let _ = tx.send(Err(error));
                 }
             }
         })?;
-    rx.recv()
-        .map_err(|_| io::Error::other("the background thread ended before starting"))?
+    let handle = rx
+        .recv()
+        .map_err(|_| io::Error::other("the background thread ended before starting"))??;
+    Ok(Background {
+        handle,
+        stop,
+        thread,
+    })
 }
 
 #[cfg(test)]
@@ -69,7 +103,8 @@ mod tests {
     #[test]
     fn work_and_its_blocking_calls_run_below_the_callers_priority() {
         let ours = nice();
-        let handle = start(5).unwrap();
+        let background = start(5).unwrap();
+        let handle = background.handle();
         let (tx, rx) = std::sync::mpsc::channel();
         handle.spawn(async move {
             let blocking = tokio::task::spawn_blocking(nice).await.unwrap();
@@ -90,9 +125,31 @@ mod tests {
 
     #[test]
     fn the_increment_stops_at_the_lowest_priority() {
-        let handle = start(u8::MAX).unwrap();
+        let background = start(u8::MAX).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        handle.spawn(async move { tx.send(nice()).unwrap() });
+        background
+            .handle()
+            .spawn(async move { tx.send(nice()).unwrap() });
         assert_eq!(rx.recv().unwrap(), LOWEST_PRIORITY);
+    }
+
+    #[test]
+    fn shutdown_waits_for_the_blocking_call_in_progress() {
+        let background = start(0).unwrap();
+        let (started, running) = std::sync::mpsc::channel();
+        let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = finished.clone();
+        background.handle().spawn(async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                started.send(()).unwrap();
+                // Long enough that shutdown surely starts while this runs.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+            .await;
+        });
+        running.recv().unwrap();
+        background.shutdown();
+        assert!(finished.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

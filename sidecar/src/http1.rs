@@ -27,8 +27,9 @@
 //! it serves) are [`Deadline`]s: they register nothing with tokio's timer, but note their
 //! deadline with the connection, and the serving loop keeps one tokio timer at the earliest
 //! one. A timer per request in tokio's wheel costs a lock and a list insertion to arm it and
-//! the same to cancel it, for a timeout that almost never fires; here the one timer moves
-//! only when it fires, once per timeout at most.
+//! the same to cancel it, for a timeout that almost never fires. Here the one timer is set
+//! again only when it fires, or when a deadline earlier than it is noted: a few times per
+//! timeout period, not twice per request. Deadlines count on tokio's clock.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -86,7 +87,7 @@ const NO_DEADLINE: u64 = u64::MAX;
 impl Default for Exchanges {
     fn default() -> Self {
         Exchanges {
-            epoch: std::time::Instant::now(),
+            epoch: Instant::now().into_std(),
             due: AtomicU64::new(NO_DEADLINE),
             started: AtomicU64::default(),
             finished: AtomicU64::default(),
@@ -99,9 +100,10 @@ impl Default for Exchanges {
 }
 
 impl Exchanges {
-    /// A timer of this connection that is ready at `at`: for futures the connection's own
-    /// task polls (hyper's HTTP/1 server polls the service's futures in it). The connection
-    /// must be served by [`serve`], which wakes it when a deadline is due.
+    /// A timer of this connection that is ready at `at` (on tokio's clock): for futures the
+    /// connection's own task polls (hyper's HTTP/1 server polls the service's futures in
+    /// it). The connection must be served by [`serve`], which wakes it when a deadline is
+    /// due.
     pub fn deadline(self: &Arc<Self>, at: std::time::Instant) -> Deadline {
         Deadline {
             at,
@@ -177,7 +179,7 @@ impl Future for Deadline {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
-        if std::time::Instant::now() >= self.at {
+        if Instant::now().into_std() >= self.at {
             return Poll::Ready(());
         }
         self.exchanges.due.fetch_min(self.nanos, Relaxed);
@@ -194,11 +196,15 @@ struct ConnectionTimer(Arc<Exchanges>);
 
 impl hyper::rt::Timer for ConnectionTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(std::time::Instant::now() + duration)
+        self.sleep_until(self.now() + duration)
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
         Box::pin(self.0.deadline(deadline))
+    }
+
+    fn now(&self) -> std::time::Instant {
+        Instant::now().into_std()
     }
 }
 
@@ -243,7 +249,10 @@ impl Wake {
                 let at = exchanges.epoch + Duration::from_nanos(due);
                 self.sleep.as_mut().reset(at.into());
                 self.armed = due;
-                if self.sleep.as_mut().poll(cx).is_pending() {
+                // Outside tokio's budget: a poll refused for an exhausted budget would not
+                // register this task to be woken, and nothing polls the timer again.
+                let sleep = tokio::task::unconstrained(self.sleep.as_mut());
+                if std::pin::pin!(sleep).poll(cx).is_pending() {
                     return Poll::Pending;
                 }
             }
@@ -570,6 +579,8 @@ impl Future for Stopped {
             return Poll::Pending;
         }
         self.registered = true;
-        self.wait.as_mut().poll(cx)
+        // Outside tokio's budget, so that the first poll surely registers the waker.
+        let wait = tokio::task::unconstrained(self.wait.as_mut());
+        std::pin::pin!(wait).poll(cx)
     }
 }

@@ -17,6 +17,9 @@ use corsair_sidecar::sync::{Replica, SyncClient, SyncConfig};
 use http::uri::Authority;
 use tokio::sync::watch;
 
+/// The longest any of the timeouts may be: longer ones would overflow the clock.
+const A_YEAR_SECS: u64 = 365 * 86_400;
+
 /// Corsair sidecar: enforces a service's CORS policy in front of it.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -55,22 +58,22 @@ struct Args {
     #[arg(long, env = "CORSAIR_PUBLIC_SCHEME", value_enum, default_value_t = SchemeArg::Http)]
     public_scheme: SchemeArg,
     /// Seconds to connect to the upstream before answering 502.
-    #[arg(long, env = "CORSAIR_CONNECT_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORSAIR_CONNECT_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     connect_timeout_secs: u64,
     /// Seconds to wait for the upstream's response headers before answering 504.
-    #[arg(long, env = "CORSAIR_RESPONSE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORSAIR_RESPONSE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     response_timeout_secs: u64,
     /// Seconds a client has to send a request's headers before its connection is closed
     /// (against slow-header attacks).
-    #[arg(long, env = "CORSAIR_CLIENT_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORSAIR_CLIENT_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     client_header_timeout_secs: u64,
     /// Milliseconds: an idle HTTP/1 client connection gives back its buffers at once, unless
     /// its last gap between requests was shorter than this; then once idle this long.
-    #[arg(long, env = "CORSAIR_CLIENT_BUSY_GAP_MS", default_value_t = 1000)]
+    #[arg(long, env = "CORSAIR_CLIENT_BUSY_GAP_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(..=A_YEAR_SECS * 1000))]
     client_busy_gap_ms: u64,
     /// Seconds an upgraded connection (WebSocket, …) may pass no byte either way before it is
     /// closed.
-    #[arg(long, env = "CORSAIR_TUNNEL_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORSAIR_TUNNEL_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     tunnel_idle_timeout_secs: u64,
     /// How many nice steps below the proxy's priority the background work runs: following the
     /// control plane, writing the cache file, watching the policy file (0: the same priority;
@@ -93,7 +96,7 @@ struct Args {
     client_key: Option<PathBuf>,
     /// Seconds between HTTP/2 keepalive pings to the control plane; a control plane silent for
     /// as long again is taken as gone, and the sidecar reconnects.
-    #[arg(long, env = "CORSAIR_KEEPALIVE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORSAIR_KEEPALIVE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     keepalive_secs: u64,
     /// Token presented to the control plane (a `sidecar` token for --service); prefer the
     /// environment variable, which `ps` does not show.
@@ -292,7 +295,7 @@ async fn run() -> ExitCode {
         let mut replicas = Vec::new();
         for url in &args.control_plane {
             // Created there, the channel runs its connections on the background thread.
-            let _there = background.enter();
+            let _there = background.handle().enter();
             match control_plane_channel(&args, url) {
                 Ok(channel) => replicas.push(Replica {
                     address: url.clone(),
@@ -329,7 +332,7 @@ async fn run() -> ExitCode {
         }
         let mut state = client.state();
         let marker = source.clone();
-        background.spawn(async move {
+        background.handle().spawn(async move {
             while state.changed().await.is_ok() {
                 if matches!(*state.borrow(), corsair_sidecar::sync::SyncState::Connected { revision } if revision > 0)
                 {
@@ -338,7 +341,9 @@ async fn run() -> ExitCode {
             }
         });
         sync = Some(client.state());
-        background.spawn(client.run(until_stopped(stopped.clone())));
+        background
+            .handle()
+            .spawn(client.run(until_stopped(stopped.clone())));
     }
 
     let admin_state = AdminState {
@@ -357,13 +362,15 @@ async fn run() -> ExitCode {
 
     if let Some(path) = args.policy_file.clone() {
         *source.lock().expect("source lock") = "policy file";
-        background.spawn(corsair_sidecar::policy_file::watch(
-            path,
-            args.service.clone(),
-            policies.clone(),
-            corsair_sidecar::policy_file::DEFAULT_INTERVAL,
-            until_stopped(stopped.clone()),
-        ));
+        background
+            .handle()
+            .spawn(corsair_sidecar::policy_file::watch(
+                path,
+                args.service.clone(),
+                policies.clone(),
+                corsair_sidecar::policy_file::DEFAULT_INTERVAL,
+                until_stopped(stopped.clone()),
+            ));
     }
 
     let config = ProxyConfig {
@@ -395,6 +402,8 @@ async fn run() -> ExitCode {
         let _ = stop.send(true);
     };
     proxy::serve(listener, policies, config, signal).await;
+    // The sync client has stopped too; a cache-file write in progress finishes.
+    background.shutdown();
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -349,14 +349,13 @@ fn handle<'a>(
         // One snapshot for the whole request.
         let snapshot = policies.load();
         let active = snapshot.services.get(&config.service).cloned();
-        // `Host` (shared with the request, no copy), or HTTP/2's `:authority`.
-        let host = req.headers().get(header::HOST).cloned();
-        let has_host = host.is_some();
-        let authority_value = host.or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // The request target's authority where it has one (absolute form, HTTP/2's
+        // `:authority`), which wins over `Host` (RFC 9112 §3.2.2, RFC 9113 §8.3.1); otherwise
+        // `Host` (shared with the request, no copy).
+        let authority_value = match req.uri().authority() {
+            Some(target) => host_value(target),
+            None => req.headers().get(header::HOST).cloned(),
+        };
         let authority = authority_value.as_ref().and_then(|v| v.to_str().ok());
         let upgrade = is_upgrade(&req);
         // The decision borrows the snapshot's compiled policy, which `active` keeps alive.
@@ -447,8 +446,9 @@ fn handle<'a>(
             *req.uri_mut() = Uri::from(path);
         }
         *req.version_mut() = http::Version::HTTP_11;
+        // `Host` is the authority (added for HTTP/2, put back if `Connection` named it).
         if let Some(host) = authority_value.as_ref()
-            && !has_host
+            && req.headers().get(header::HOST) != Some(host)
         {
             req.headers_mut().insert(header::HOST, host.clone());
         }
@@ -458,7 +458,10 @@ fn handle<'a>(
         let timeout = config.timeouts.response;
         let response = match timers {
             Some(timers) => {
-                let mut deadline = timers.deadline(std::time::Instant::now() + timeout);
+                // Past the end of time (a timeout too long to add), a deadline that never comes.
+                let now = tokio::time::Instant::now().into_std();
+                let at = now.checked_add(timeout).unwrap_or(now + FOREVER);
+                let mut deadline = timers.deadline(at);
                 let mut send = std::pin::pin!(client.send(req));
                 std::future::poll_fn(|cx| match send.as_mut().poll(cx) {
                     Poll::Ready(response) => Poll::Ready(Some(response)),
@@ -735,6 +738,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// A timeout too long to add to the clock: some thirty years.
+const FOREVER: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 86_400);
+
+/// An authority as a `Host` value: without user information (`user@`), which `Host` never
+/// carries.
+fn host_value(authority: &Authority) -> Option<HeaderValue> {
+    let host = authority
+        .as_str()
+        .rsplit_once('@')
+        .map_or(authority.as_str(), |(_, h)| h);
+    HeaderValue::from_str(host).ok()
+}
 
 /// The client's address as an `X-Forwarded-For` entry, made once per connection.
 fn forwarded_for(peer: SocketAddr) -> HeaderValue {

@@ -240,14 +240,27 @@ async fn a_corrupt_cache_file_is_ignored_and_the_no_policy_setting_applies() {
 
 #[test]
 fn a_bad_flag_is_one_clear_line() {
-    let out = Command::new(BIN)
-        .args(["--service", "shop"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("--upstream"), "{stderr}");
+    // A missing flag, and a timeout too long for the clock (it would overflow it).
+    for (args, named) in [
+        (&["--service", "shop"][..], "--upstream"),
+        (
+            &[
+                "--service",
+                "shop",
+                "--upstream",
+                "127.0.0.1:1",
+                "--response-timeout-secs",
+                "18446744073709551615",
+            ][..],
+            "--response-timeout-secs",
+        ),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(named), "{stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

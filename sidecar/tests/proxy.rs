@@ -86,6 +86,10 @@ async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                                 .unwrap();
                             return Ok::<_, Infallible>(response);
                         }
+                        if req.uri().path() == "/hang" {
+                            // Never answers.
+                            std::future::pending::<()>().await;
+                        }
                         if req.uri().path() == "/early" {
                             // Answer before the request body has arrived, reading it later.
                             tokio::spawn(req.into_body().collect());
@@ -256,17 +260,25 @@ async fn http2_prior_knowledge_clients_are_served() {
 }
 
 /// The upstream gets every request in origin form with a `Host`: an HTTP/1 request in
-/// absolute form, an HTTP/2 request (whose authority becomes `Host`) and an ordinary one.
+/// absolute form, one whose `Connection` names `Host`, an HTTP/2 request (whose authority
+/// becomes `Host`) and an ordinary one.
 #[tokio::test]
 async fn requests_reach_the_upstream_in_origin_form_with_a_host() {
     let (up, _) = upstream().await;
     let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
     let mut raw = Raw::connect(sidecar.addr).await;
-    raw.send(b"GET http://shop.example/abs?q=1 HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+    // The absolute form's authority wins over `Host` (RFC 9112 §3.2.2), without user
+    // information.
+    raw.send(b"GET http://me@shop.example/abs?q=1 HTTP/1.1\r\nHost: other.example\r\n\r\n")
         .await;
     let (status, headers, _) = raw.response().await;
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "x-saw-uri"), Some("/abs?q=1"));
+    assert_eq!(header(&headers, "x-saw-host"), Some("shop.example"));
+    // `Host` stays, even named by `Connection`.
+    raw.send(b"GET /named HTTP/1.1\r\nHost: shop.example\r\nConnection: host\r\n\r\n")
+        .await;
+    let (_, headers, _) = raw.response().await;
     assert_eq!(header(&headers, "x-saw-host"), Some("shop.example"));
     raw.send(b"GET /plain?q=2 HTTP/1.1\r\nHost: shop.example\r\n\r\n")
         .await;
@@ -543,6 +555,37 @@ async fn an_upstream_that_never_answers_is_a_504() {
         assert_eq!(headers["access-control-allow-origin"], APP);
         assert_eq!(body, "upstream timed out\n");
     }
+}
+
+/// On a busy keep-alive connection, a response timeout longer than the header timeout still
+/// fires: the connection's timer, set for the header deadline hyper noted while waiting for
+/// the next request, fires first, and is set again for the response deadline.
+#[tokio::test]
+async fn a_response_timeout_after_a_shorter_header_deadline_still_fires() {
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::PassThrough,
+        proxy::Timeouts {
+            client_headers: std::time::Duration::from_millis(200),
+            response: std::time::Duration::from_millis(600),
+            client_busy_gap: std::time::Duration::from_secs(3600),
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    // Two requests close together: the connection then keeps its hyper connection, which
+    // waits for the next head with hyper's header timer running.
+    for path in ["/first", "/second"] {
+        raw.send(format!("GET {path} HTTP/1.1\r\nHost: shop\r\n\r\n").as_bytes())
+            .await;
+        assert_eq!(raw.response().await.0, 200);
+    }
+    sidecar.wait_for_connections(0, 1).await;
+    raw.send(b"GET /hang HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    let (status, _, body) = raw.response().await;
+    assert_eq!((status, body.as_str()), (504, "upstream timed out\n"));
 }
 
 #[tokio::test]
@@ -913,6 +956,40 @@ async fn shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
     assert!(response.ends_with("done"), "{response}");
     serving.await.unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+/// Shutdown closes keep-alive connections between requests: one that gave back its hyper
+/// connection, and a busy one that kept it.
+#[tokio::test]
+async fn keep_alive_connections_between_requests_are_closed_at_shutdown() {
+    let (up, _) = upstream().await;
+    let mut sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::PassThrough,
+        proxy::Timeouts {
+            // Nothing but shutdown closes them before the test ends.
+            client_headers: std::time::Duration::from_secs(3600),
+            client_busy_gap: std::time::Duration::from_secs(3600),
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    let mut released = Raw::connect(sidecar.addr).await;
+    released
+        .send(b"GET /one HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await;
+    assert_eq!(released.response().await.0, 200);
+    sidecar.wait_for_connections(1, 0).await;
+    let mut kept = Raw::connect(sidecar.addr).await;
+    for path in ["/one", "/two"] {
+        kept.send(format!("GET {path} HTTP/1.1\r\nHost: shop\r\n\r\n").as_bytes())
+            .await;
+        assert_eq!(kept.response().await.0, 200);
+    }
+    sidecar.wait_for_connections(1, 1).await;
+    sidecar.stop.take().unwrap().send(()).unwrap();
+    assert!(released.closed().await);
+    assert!(kept.closed().await);
 }
 
 /// A raw HTTP/1 client connection, to control exactly which bytes go out when.
