@@ -12,6 +12,9 @@ use corsair_control_plane::service::discovery::StreamConfig;
 use corsair_control_plane::store;
 use corsair_control_plane::tls::TlsFiles;
 
+/// The longest any of the durations may be: longer ones would overflow the clock.
+const A_YEAR_SECS: u64 = 365 * 86_400;
+
 /// Corsair control plane: stores CORS policies and serves the corsair.v1 gRPC API.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -57,7 +60,7 @@ struct Args {
     trust_domain: Option<String>,
     /// Seconds between HTTP/2 keepalive pings to clients; a client silent for as long again
     /// is dropped (its sidecar row turns DISCONNECTED).
-    #[arg(long, env = "CORSAIR_KEEPALIVE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORSAIR_KEEPALIVE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     keepalive_secs: u64,
     /// Allow --auth none on a non-loopback address (logged as a warning at start).
     #[arg(long, env = "CORSAIR_INSECURE")]
@@ -66,10 +69,10 @@ struct Args {
     #[arg(long, env = "CORSAIR_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     max_message_bytes: usize,
     /// Deadline for each call, in seconds.
-    #[arg(long, env = "CORSAIR_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORSAIR_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     request_timeout_secs: u64,
     /// Seconds shutdown waits for in-flight calls before it closes connections anyway.
-    #[arg(long, env = "CORSAIR_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "CORSAIR_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(..=A_YEAR_SECS))]
     shutdown_timeout_secs: u64,
     /// Address of the Prometheus `/metrics` listener; off when unset.
     #[arg(long, env = "CORSAIR_METRICS_LISTEN")]
@@ -78,21 +81,21 @@ struct Args {
     #[arg(long, env = "CORSAIR_REPLICA_ID")]
     replica_id: Option<String>,
     /// Seconds a sidecar has to acknowledge a push before its stream is reset.
-    #[arg(long, env = "CORSAIR_ACK_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORSAIR_ACK_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     ack_timeout_secs: u64,
     /// Maximum age of a sidecar stream in seconds (shortened by up to 10% at random), after
     /// which the sidecar reconnects, possibly to another replica.
-    #[arg(long, env = "CORSAIR_MAX_CONNECTION_AGE_SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORSAIR_MAX_CONNECTION_AGE_SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     max_connection_age_secs: u64,
     /// New sidecar streams admitted per second; beyond, RESOURCE_EXHAUSTED and the sidecars
     /// back off.
     #[arg(long, env = "CORSAIR_MAX_NEW_STREAMS_PER_SEC", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
     max_new_streams_per_sec: u32,
     /// Seconds disconnected sidecars stay in fleet status.
-    #[arg(long, env = "CORSAIR_FLEET_RETENTION_SECS", default_value_t = 3600)]
+    #[arg(long, env = "CORSAIR_FLEET_RETENTION_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     fleet_retention_secs: u64,
     /// Seconds between checks of the store for changes a lost notification would hide.
-    #[arg(long, env = "CORSAIR_ANTI_ENTROPY_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CORSAIR_ANTI_ENTROPY_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     anti_entropy_secs: u64,
     /// Largest page a listing returns.
     #[arg(long, env = "CORSAIR_MAX_PAGE_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]

@@ -164,14 +164,34 @@ fn without_authentication_only_loopback_unless_insecure() {
 
 #[test]
 fn a_bad_flag_is_one_clear_line() {
-    let out = Command::new(BIN)
-        .args(["--listen", "not-an-address"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("--listen"), "{stderr}");
+    // Not an address; a duration too long for the clock (it would overflow it); a zero
+    // retention, which would make the pruning interval zero.
+    for (args, named) in [
+        (&["--listen", "not-an-address"][..], "--listen"),
+        (
+            &["--request-timeout-secs", "18446744073709551615"][..],
+            "--request-timeout-secs",
+        ),
+        (
+            &["--fleet-retention-secs", "9223372036854775807"][..],
+            "--fleet-retention-secs",
+        ),
+        (
+            &["--fleet-retention-secs", "0"][..],
+            "--fleet-retention-secs",
+        ),
+    ] {
+        // An unsupported database, so that a flag let through ends the run too (with 1).
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--database-url", "mysql://x"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(named), "{stderr}");
+    }
 }
 
 #[test]

@@ -799,7 +799,12 @@ fn main() {
     let (only_swaps, only_main) = (only == "swaps", only == "main");
     let rounds = env_or("CORSAIR_BENCH_ROUNDS", 3) as usize;
     let connections = env_or("CORSAIR_BENCH_CONNECTIONS", 64);
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("CORSAIR_BENCH_KEEP").is_some() {
+        // For `callgrind_annotate` on the dumps, and the processes' logs.
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
 
     // The upstream, a second copy of this program.
     let (upstream, upstream_addr) = spawn_role("upstream", "upstream", None, None);

@@ -95,7 +95,10 @@ impl Fleet {
         tasks.spawn(
             async move {
                 let mut tick = tokio::time::interval(interval);
-                let mut prune = tokio::time::interval(Duration::from_secs(60).min(retention));
+                // At least a millisecond: a zero period would panic.
+                let period = Duration::from_secs(60).min(retention).max(Duration::from_millis(1));
+                let mut prune = tokio::time::interval(period);
+                let retention = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
@@ -104,7 +107,7 @@ impl Fleet {
                             }
                         }
                         _ = prune.tick() => {
-                            let before = now_micros() - retention.as_micros() as i64;
+                            let before = now_micros().saturating_sub(retention);
                             match fleet.store.prune_sidecars(before).await {
                                 Ok(0) | Err(_) => {}
                                 Ok(n) => tracing::info!(removed = n, "pruned disconnected sidecars"),
