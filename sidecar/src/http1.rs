@@ -26,7 +26,7 @@
 //! The connection's timers (hyper's header timeout, and the response timeout of each request
 //! it serves) are [`Deadline`]s: they register nothing with tokio's timer, but note their
 //! deadline with the connection, and the serving loop keeps one tokio timer at the earliest
-//! one. A timer per request in tokio's wheel costs a lock and a list insertion to arm it and
+//! one; a deadline is past once that timer has fired at it, so polling one reads no clock. A timer per request in tokio's wheel costs a lock and a list insertion to arm it and
 //! the same to cancel it, for a timeout that almost never fires. Here the one timer is set
 //! again only when it fires, or when a deadline earlier than it is noted: a few times per
 //! timeout period, not twice per request. Deadlines count on tokio's clock.
@@ -60,6 +60,9 @@ pub struct Exchanges {
     /// The earliest deadline a [`Deadline`] of the connection waits for, in nanoseconds after
     /// `epoch` (`NO_DEADLINE`: none): the serving loop wakes the connection then.
     due: AtomicU64,
+    /// Every deadline up to this one (in nanoseconds after `epoch`) has passed: the serving
+    /// loop's timer fired there. A [`Deadline`] asks this instead of reading the clock.
+    passed: AtomicU64,
     /// Requests handed to the service, on this client connection.
     started: AtomicU64,
     /// Of those, the ones whose response body hyper has finished with (or dropped).
@@ -89,6 +92,7 @@ impl Default for Exchanges {
         Exchanges {
             epoch: Instant::now().into_std(),
             due: AtomicU64::new(NO_DEADLINE),
+            passed: AtomicU64::default(),
             started: AtomicU64::default(),
             finished: AtomicU64::default(),
             kept: AtomicBool::default(),
@@ -106,7 +110,6 @@ impl Exchanges {
     /// due.
     pub fn deadline(self: &Arc<Self>, at: std::time::Instant) -> Deadline {
         Deadline {
-            at,
             nanos: self.nanos(at),
             exchanges: self.clone(),
         }
@@ -164,13 +167,13 @@ impl Exchanges {
     }
 }
 
-/// A timer of one client connection, ready once its deadline has passed (see the module's
-/// documentation). It is polled only from the connection's task, and it wakes that task
-/// through the serving loop's timer, not by a waker of its own.
+/// A timer of one client connection, ready once the serving loop's timer has fired at or
+/// after its deadline (see the module's documentation). It is polled only from the
+/// connection's task, and it wakes that task through the serving loop's timer, not by a
+/// waker of its own.
 #[derive(Debug)]
 pub struct Deadline {
-    at: std::time::Instant,
-    /// `at`, in nanoseconds after the connection's epoch.
+    /// The deadline, in nanoseconds after the connection's epoch.
     nanos: u64,
     exchanges: Arc<Exchanges>,
 }
@@ -179,7 +182,8 @@ impl Future for Deadline {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
-        if Instant::now().into_std() >= self.at {
+        // No clock read: the serving loop records how far its timer has come.
+        if self.nanos <= self.exchanges.passed.load(Relaxed) {
             return Poll::Ready(());
         }
         self.exchanges.due.fetch_min(self.nanos, Relaxed);
@@ -258,6 +262,7 @@ impl Wake {
             }
             // Due: forget the noted deadlines and poll the connection again, so that the
             // timers whose deadline has passed fire and the others note theirs again.
+            exchanges.passed.fetch_max(self.armed, Relaxed);
             self.armed = NO_DEADLINE;
             exchanges.due.store(NO_DEADLINE, Relaxed);
         }
