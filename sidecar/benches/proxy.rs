@@ -4,7 +4,8 @@
 //! - the real `corsair-sidecar` binary following the real `corsair-control-plane`,
 //! - nginx (one worker, upstream keepalive) configured to add the same CORS headers.
 //!
-//! Measured: throughput and p50/p99 latency for actual requests and for preflights, CPU time
+//! Measured: throughput and p50/p99 latency for actual requests and for preflights, latency
+//! at the same paced load for each (each connection waiting before each request), CPU time
 //! per request of the proxy process, RSS idle and with 1,000 open keep-alive connections, new
 //! upstream connections per request, and p99 and failures with 10 policy swaps per second
 //! pushed by the control plane during load: against the same load without writes and with
@@ -15,14 +16,16 @@
 //! Run: `cargo build --release -p corsair-control-plane && cargo bench -p corsair-sidecar --bench proxy`
 //! Needs `wrk` and `nginx` (Debian packages). Environment: `CORSAIR_BENCH_SECONDS` (per run,
 //! default 10), `CORSAIR_BENCH_ROUNDS` (default 3), `CORSAIR_BENCH_CONNECTIONS` (wrk's `-c`,
-//! default 64), `CORSAIR_BENCH_SWAP_ROUNDS` (rounds of three runs a fifth of that long, with
+//! default 64), `CORSAIR_BENCH_PACE_MS` (the paced runs' wait, default 4),
+//! `CORSAIR_BENCH_SWAP_ROUNDS` (rounds of three runs a fifth of that long, with
 //! and without swaps; default 24), `CORSAIR_CONTROL_PLANE_BIN`, and `CORSAIR_BENCH_BASELINE`:
 //! the path of another `corsair-sidecar` build, run beside this one and loaded in the same
 //! rounds, to compare two versions side by side (it stops before the swap runs).
 //! `CORSAIR_BENCH_ONLY=swaps` measures the swaps alone, `CORSAIR_BENCH_ONLY=main` all but them,
 //! and `CORSAIR_BENCH_ONLY=instructions` counts each proxy's instructions per request under
 //! callgrind instead (needs Debian's `valgrind`).
-//! `CORSAIR_BENCH_SIDECAR` runs another `corsair-sidecar` build as the one under test.
+//! `CORSAIR_BENCH_SIDECAR` runs another `corsair-sidecar` build as the one under test, and
+//! `CORSAIR_BENCH_KEEP=1` keeps the run's directory (callgrind dumps, configuration).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -370,9 +373,7 @@ struct Swaps {
 impl From<[Vec<Run>; 3]> for Swaps {
     fn from([calm, elsewhere, swapped]: [Vec<Run>; 3]) -> Self {
         let ratio = |a: &[Run], b: &[Run], of: fn(&Run) -> f64| {
-            let mut r: Vec<f64> = a.iter().zip(b).map(|(a, b)| of(a) / of(b)).collect();
-            r.sort_by(f64::total_cmp);
-            (r[(r.len() - 1) / 2] + r[r.len() / 2]) / 2.0
+            middle(a.iter().zip(b).map(|(a, b)| of(a) / of(b)).collect())
         };
         let p99 = |r: &Run| r.p99_us;
         Swaps {
@@ -572,23 +573,26 @@ impl Setup {
     }
 }
 
-/// The wrk scripts: an allowed cross-origin `GET`, and a preflight for `PUT` with `x-custom`.
-fn scripts(dir: &Path) -> [PathBuf; 2] {
+/// The wrk scripts: an allowed cross-origin `GET`, a preflight for `PUT` with `x-custom`, and
+/// the `GET` again with each connection waiting `pace_ms` before each request (wrk's `delay`).
+fn scripts(dir: &Path, pace_ms: u64) -> [PathBuf; 3] {
     let script = |name: &str, body: &str| {
         let path = dir.join(name);
         std::fs::write(&path, body).unwrap();
         path
     };
+    let actual = format!("wrk.method = \"GET\"\nwrk.headers[\"Origin\"] = \"{APP}\"\n");
     [
-        script(
-            "actual.lua",
-            &format!("wrk.method = \"GET\"\nwrk.headers[\"Origin\"] = \"{APP}\"\n"),
-        ),
+        script("actual.lua", &actual),
         script(
             "preflight.lua",
             &format!(
                 "wrk.method = \"OPTIONS\"\nwrk.headers[\"Origin\"] = \"{APP}\"\nwrk.headers[\"Access-Control-Request-Method\"] = \"PUT\"\nwrk.headers[\"Access-Control-Request-Headers\"] = \"x-custom\"\n"
             ),
+        ),
+        script(
+            "paced.lua",
+            &format!("{actual}function delay()\n  return {pace_ms}\nend\n"),
         ),
     ]
 }
@@ -599,7 +603,7 @@ fn scripts(dir: &Path) -> [PathBuf; 2] {
 /// space only: the kernel's work (about half of each proxy's CPU time) is left out. Each
 /// target runs alone under callgrind: 3 s of `wrk -c16` to warm up, then the count over 10 s.
 fn instructions_report(setup: &Setup) {
-    let [actual, preflight] = scripts(&setup.dir);
+    let [actual, preflight, _] = scripts(&setup.dir, 0);
     let mut rows = Vec::new();
     let mut measure = |name: String, target: &Proc, addr: &str, out: &Path, preflights: bool| {
         let url = format!("http://{addr}/api/items");
@@ -878,10 +882,11 @@ fn main() {
         idle_rss.push((baseline.name, rss_kib(baseline)));
     }
 
-    let [actual, preflight] = scripts(dir.path());
+    let pace_ms = env_or("CORSAIR_BENCH_PACE_MS", 4);
+    let [actual, preflight, paced] = scripts(dir.path(), pace_ms);
 
     // Interleaved rounds: every configuration sees the same machine conditions.
-    let targets: [(&str, &str, &Path, Option<&Proc>); 6] = [
+    let targets: [(&str, &str, &Path, Option<&Proc>); 10] = [
         (
             "direct",
             &upstream_addr.to_string(),
@@ -898,6 +903,17 @@ fn main() {
             Some(&sidecar),
         ),
         ("nginx preflight", &nginx_addr, &preflight, Some(&nginx)),
+        // The same load for each, well below any one's limit: latency without the queueing
+        // of a saturated proxy, which at saturation makes p99 a measure of throughput.
+        (
+            "direct paced",
+            &upstream_addr.to_string(),
+            &paced,
+            Some(&upstream),
+        ),
+        ("sidecar paced", &sidecar_addr, &paced, Some(&sidecar)),
+        ("nginx paced", &nginx_addr, &paced, Some(&nginx)),
+        ("bare hyper proxy paced", &bare_addr, &paced, Some(&bare)),
     ];
     let mut targets: Vec<(String, String, PathBuf, Option<&Proc>)> = targets
         .into_iter()
@@ -988,6 +1004,12 @@ fn main() {
             counted_connections,
             sidecar_requests,
             steady,
+        );
+        paced_report(
+            &results,
+            &format!(
+                "wrk -t1 -c{connections}, each connection waiting {pace_ms} ms before each request"
+            ),
         );
     }
     if only_main {
@@ -1229,14 +1251,14 @@ fn main_report(
     // The machine's speed drifts between rounds: a ratio of two targets' runs in the same
     // round, medianed over the rounds, compares them under the same conditions.
     let per_round = |a: &str, b: &str, of: fn(&Run) -> f64| {
-        let mut ratios: Vec<f64> = results[a]
+        let ratios: Vec<f64> = results[a]
             .iter()
             .zip(&results[b])
             .map(|(a, b)| of(a) / of(b))
             .collect();
-        ratios.sort_by(f64::total_cmp);
-        (ratios[(ratios.len() - 1) / 2] + ratios[ratios.len() / 2]) / 2.0
+        middle(ratios)
     };
+
     let (rps, cpu) = (|r: &Run| r.rps, |r: &Run| r.cpu_us_per_request);
     println!(
         "- sidecar / nginx throughput: {:.2}× (per round: {:.2}×)",
@@ -1291,6 +1313,58 @@ fn main_report(
         "- of them, from 1 s into each run to 0.5 s before its end: {steady_connections} for {steady_requests} requests ({} requests per new connection; the rest replace those closed with the requests in flight when wrk ends a run)",
         steady_requests / steady_connections.max(1)
     );
+}
+
+/// The paced runs: latency at the same load for every target, `load`.
+fn paced_report(results: &BTreeMap<String, Vec<Run>>, load: &str) {
+    let paced = |name: &str| median(&results[&format!("{name} paced")]);
+    let direct_paced = paced("direct");
+    println!("\nAt the same load for each ({load}):\n");
+    println!("| target | req/s | p50 | p99 | added p99 | CPU per request | failed |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, key) in [
+        ("upstream direct", "direct"),
+        ("corsair-sidecar", "sidecar"),
+        ("nginx", "nginx"),
+        ("bare hyper proxy", "bare hyper proxy"),
+    ] {
+        let run = paced(key);
+        let added = if key == "direct" {
+            "–".to_owned()
+        } else {
+            format!("{:.0} µs", run.p99_us - direct_paced.p99_us)
+        };
+        println!(
+            "| {name} | {:.0} | {:.0} µs | {:.0} µs | {added} | {:.1} µs | {} |",
+            run.rps, run.p50_us, run.p99_us, run.cpu_us_per_request, run.failed
+        );
+    }
+    println!();
+    // Added p99 per round: each proxy's p99 less the direct run's of the same round.
+    let added_per_round = |name: &str| -> Vec<f64> {
+        results[&format!("{name} paced")]
+            .iter()
+            .zip(&results["direct paced"])
+            .map(|(proxied, direct)| proxied.p99_us - direct.p99_us)
+            .collect()
+    };
+    let ratios: Vec<f64> = added_per_round("sidecar")
+        .iter()
+        .zip(added_per_round("nginx"))
+        .map(|(side, ngx)| side / ngx)
+        .collect();
+    println!(
+        "- added p99 at the same load, sidecar / nginx: {:.2}× (per round: {:.2}×)",
+        (paced("sidecar").p99_us - direct_paced.p99_us)
+            / (paced("nginx").p99_us - direct_paced.p99_us),
+        middle(ratios)
+    );
+}
+
+/// The median of `values`, the mean of the middle two for an even count.
+fn middle(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    (values[(values.len() - 1) / 2] + values[values.len() / 2]) / 2.0
 }
 
 /// The sidecar's idle client connections, from its metrics.
