@@ -10,8 +10,8 @@
 //! upstream connections per request, and p99 and failures with 10 policy swaps per second
 //! pushed by the control plane during load: against the same load without writes and with
 //! 10 writes a second to another service, first with the control plane at normal priority,
-//! then with it (and the other service's sidecar) at nice 19, standing in for a control plane
-//! on a machine of its own.
+//! then with it (and the other service's sidecar) at nice 19, then under `SCHED_IDLE`,
+//! standing in for a control plane on a machine of its own.
 //!
 //! Run: `cargo build --release -p corsair-control-plane && cargo bench -p corsair-sidecar --bench proxy`
 //! Needs `wrk` and `nginx` (Debian packages). Environment: `CORSAIR_BENCH_SECONDS` (per run,
@@ -287,18 +287,20 @@ fn pids(target: &Proc) -> Vec<u32> {
     pids
 }
 
-/// Lowers every thread of `target` to nice 19 (Linux sets priority per thread; threads
-/// started later inherit it from the thread that starts them).
-fn renice_19(target: &Proc) {
+/// Lowers every thread of `target` by running `lower` (a command, then its arguments) with
+/// each thread's id last: Linux sets priority and scheduling policy per thread, and threads
+/// started later inherit them from the thread that starts them.
+fn lower_threads(target: &Proc, lower: &[&str]) {
     let tasks = std::fs::read_dir(format!("/proc/{}/task", target.child.id())).unwrap();
     for task in tasks {
         let tid = task.unwrap().file_name().into_string().unwrap();
-        let status = Command::new("renice")
-            .args(["-n", "19", "-p", &tid])
+        let status = Command::new(lower[0])
+            .args(&lower[1..])
+            .arg(&tid)
             .stdout(Stdio::null())
             .status()
-            .expect("renice runs");
-        assert!(status.success(), "renice {tid} failed");
+            .unwrap_or_else(|e| panic!("{} runs: {e}", lower[0]));
+        assert!(status.success(), "{lower:?} {tid} failed");
     }
 }
 
@@ -1152,9 +1154,16 @@ fn main() {
     // machines of their own: at normal priority their work on these two saturated cores
     // (a commit with its fsync, the push, the other sidecar's apply) queues the loaded
     // sidecar's requests, whichever service is written.
-    renice_19(&cp);
-    renice_19(&other_sidecar);
+    let nice_19 = ["renice", "-n", "19", "-p"];
+    lower_threads(&cp, &nice_19);
+    lower_threads(&other_sidecar, &nice_19);
     let apart = under_writes("control plane at nice 19");
+    // Closer still to machines of their own: `SCHED_IDLE`, under which they run only on a
+    // core nothing else wants and never preempt the loaded sidecar, wrk or the upstream.
+    let sched_idle = ["chrt", "--idle", "-p", "0"];
+    lower_threads(&cp, &sched_idle);
+    lower_threads(&other_sidecar, &sched_idle);
+    let idle_apart = under_writes("control plane at SCHED_IDLE");
     stop.store(true, Ordering::Relaxed);
     swapper.join().unwrap();
     let committed = swaps.load(Ordering::Relaxed);
@@ -1181,6 +1190,10 @@ fn main() {
     for (setting, swaps) in [
         ("the control plane at normal priority", &shared),
         ("the control plane and the other sidecar at nice 19", &apart),
+        (
+            "the control plane and the other sidecar at SCHED_IDLE",
+            &idle_apart,
+        ),
     ] {
         let Swaps {
             calm,
