@@ -567,8 +567,9 @@ async fn a_response_timeout_after_a_shorter_header_deadline_still_fires() {
         up,
         NoPolicy::PassThrough,
         proxy::Timeouts {
-            client_headers: std::time::Duration::from_millis(200),
-            response: std::time::Duration::from_millis(600),
+            // Long enough that a slow machine sends the third request within it.
+            client_headers: std::time::Duration::from_secs(1),
+            response: std::time::Duration::from_secs(2),
             client_busy_gap: std::time::Duration::from_secs(3600),
             ..proxy::Timeouts::default()
         },
