@@ -107,31 +107,6 @@ impl CorsHeaders<'_> {
         }
     }
 
-    /// The `Access-Control-*` headers in the order they are written (`Vary` not included).
-    pub fn iter(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
-        let flag = |on: bool, name: HeaderName| on.then_some((name, TRUE));
-        [
-            self.allow_origin
-                .clone()
-                .map(|v| (ACCESS_CONTROL_ALLOW_ORIGIN, v)),
-            flag(self.allow_credentials, ACCESS_CONTROL_ALLOW_CREDENTIALS),
-            self.allow_methods
-                .map(|v| (ACCESS_CONTROL_ALLOW_METHODS, v.clone())),
-            self.allow_headers
-                .clone()
-                .map(|v| (ACCESS_CONTROL_ALLOW_HEADERS, v)),
-            self.expose_headers
-                .map(|v| (ACCESS_CONTROL_EXPOSE_HEADERS, v.clone())),
-            self.max_age.map(|v| (ACCESS_CONTROL_MAX_AGE, v.clone())),
-            flag(
-                self.allow_private_network,
-                ACCESS_CONTROL_ALLOW_PRIVATE_NETWORK,
-            ),
-        ]
-        .into_iter()
-        .flatten()
-    }
-
     /// Writes these headers into a response: removes every CORS header already there, sets
     /// Corsair's, and merges `Vary`.
     pub fn apply(&self, headers: &mut HeaderMap) {
@@ -145,8 +120,27 @@ impl CorsHeaders<'_> {
                 headers.remove(name);
             }
         }
-        for (name, value) in self.iter() {
-            headers.insert(name, value);
+        // The `Access-Control-*` headers, in the order they are written.
+        if let Some(v) = &self.allow_origin {
+            headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, v.clone());
+        }
+        if self.allow_credentials {
+            headers.insert(ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE);
+        }
+        if let Some(v) = self.allow_methods {
+            headers.insert(ACCESS_CONTROL_ALLOW_METHODS, v.clone());
+        }
+        if let Some(v) = &self.allow_headers {
+            headers.insert(ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
+        }
+        if let Some(v) = self.expose_headers {
+            headers.insert(ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+        }
+        if let Some(v) = self.max_age {
+            headers.insert(ACCESS_CONTROL_MAX_AGE, v.clone());
+        }
+        if self.allow_private_network {
+            headers.insert(ACCESS_CONTROL_ALLOW_PRIVATE_NETWORK, TRUE);
         }
         merge_vary(headers, self.vary);
     }
@@ -165,13 +159,17 @@ pub fn merge_vary(headers: &mut HeaderMap, vary: Vary) {
     if vary.is_empty() {
         return;
     }
-    if !headers.contains_key(VARY) {
-        headers.insert(VARY, vary.value());
-        return;
-    }
-    let existing = || vary_tokens(headers);
+    // One lookup: most upstream responses carry no `Vary`.
+    let mut entry = match headers.entry(VARY) {
+        http::header::Entry::Vacant(entry) => {
+            entry.insert(vary.value());
+            return;
+        }
+        http::header::Entry::Occupied(entry) => entry,
+    };
+    let existing = || vary_tokens(entry.iter());
     // A Vary value that is not text cannot be merged into: keep the upstream's as is.
-    if existing().any(|t| t == b"*") || headers.get_all(VARY).iter().any(|v| v.to_str().is_err()) {
+    if existing().any(|t| t == b"*") || entry.iter().any(|v| v.to_str().is_err()) {
         return;
     }
     let mut missing = vary
@@ -192,14 +190,12 @@ pub fn merge_vary(headers: &mut HeaderMap, vary: Vary) {
     missing.for_each(|t| push(t.as_bytes()));
     let merged =
         HeaderValue::try_from(merged).expect("joined Vary tokens are a valid header value");
-    headers.insert(VARY, merged);
+    entry.insert(merged);
 }
 
-/// The tokens of every `Vary` line, trimmed, empty items skipped.
-fn vary_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    headers
-        .get_all(VARY)
-        .into_iter()
+/// The tokens of `Vary` lines, trimmed, empty items skipped.
+fn vary_tokens<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> impl Iterator<Item = &'a [u8]> {
+    lines
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())

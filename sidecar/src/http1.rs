@@ -124,9 +124,12 @@ impl Exchanges {
     pub fn start(self: &Arc<Self>, request: &http::Request<Incoming>) -> Exchange {
         self.started.fetch_add(1, Relaxed);
         // Broader than the proxy's own upgrade test on purpose: any request hyper might hand
-        // over after its response keeps the hyper connection.
-        let upgrade = request.method() == http::Method::CONNECT
-            || request.headers().contains_key(http::header::UPGRADE);
+        // over after its response keeps the hyper connection. hyper marks those (a `CONNECT`,
+        // or HTTP/1.1 with `Upgrade`) with the extension that hands them over.
+        let upgrade = request
+            .extensions()
+            .get::<hyper::upgrade::OnUpgrade>()
+            .is_some();
         if upgrade || !request.body().is_end_stream() {
             self.kept.store(true, Relaxed);
         }
@@ -434,13 +437,11 @@ where
     // of each request. hyper enforces `header_timeout` for each head it reads itself; this
     // covers the time the connection waited on its own before.
     let mut deadline = opened + header_timeout;
-    let first_head = tokio::time::sleep_until(deadline);
-    tokio::pin!(first_head);
+    let mut first_head = Lazy::new(deadline);
     // One timer, for the deadline while the connection waits on its own, and for `busy_gap`
     // while a busy connection's hyper connection is idle. It is moved lazily, when it fires,
     // so a busy connection does not touch it for each request.
-    let timer = tokio::time::sleep_until(deadline);
-    tokio::pin!(timer);
+    let mut timer = Lazy::new(deadline);
     // Whether the last gap between requests was shorter than `busy_gap`.
     let mut busy = false;
     let mut requests = 0;
@@ -458,7 +459,7 @@ where
         exchanges.written.store(false, Relaxed);
         exchanges.idle.store(ACTIVE, Relaxed);
         open.set(ConnectionState::Serving);
-        first_head.as_mut().reset(deadline);
+        first_head.reset(deadline);
         let before = exchanges.started.load(Relaxed);
         // When the hyper connection last went idle, and the requests started by then.
         let mut idle_since = None;
@@ -484,7 +485,7 @@ where
                     let watching = idle_since.is_some();
                     idle_since = Some((now, exchanges.started.load(Relaxed)));
                     if !watching || timer.is_elapsed() || timer.deadline() > now + busy_gap {
-                        timer.as_mut().reset(now + busy_gap);
+                        timer.reset(now + busy_gap);
                     }
                 }
                 () = &mut timer, if idle_since.is_some() => {
@@ -494,7 +495,7 @@ where
                     } else if since.elapsed() >= busy_gap {
                         break;
                     } else {
-                        timer.as_mut().reset(since + busy_gap);
+                        timer.reset(since + busy_gap);
                     }
                 }
                 () = &mut first_head, if headless => {
@@ -529,7 +530,7 @@ where
         }
         open.set(ConnectionState::Idle);
         if timer.is_elapsed() || timer.deadline() > deadline {
-            timer.as_mut().reset(deadline);
+            timer.reset(deadline);
         }
         loop {
             tokio::select! {
@@ -543,12 +544,56 @@ where
                     if Instant::now() >= deadline {
                         return Ok(());
                     }
-                    timer.as_mut().reset(deadline);
+                    timer.reset(deadline);
                 }
                 () = &mut stop => return Ok(()),
             }
         }
         busy = idle_start.elapsed() < busy_gap;
+    }
+}
+
+/// A tokio timer, for a future polled at every wake of its task: after the poll that
+/// registers the task's waker with it (the first after each reset), it is polled again only
+/// once it has fired (one load), not through tokio's timer entry every time.
+struct Lazy {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    registered: bool,
+}
+
+impl Lazy {
+    fn new(at: Instant) -> Self {
+        Lazy {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            registered: false,
+        }
+    }
+
+    fn reset(&mut self, at: Instant) {
+        self.sleep.as_mut().reset(at);
+        self.registered = false;
+    }
+
+    fn is_elapsed(&self) -> bool {
+        self.sleep.is_elapsed()
+    }
+
+    fn deadline(&self) -> Instant {
+        self.sleep.deadline()
+    }
+}
+
+impl Future for Lazy {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.registered && !self.sleep.is_elapsed() {
+            return Poll::Pending;
+        }
+        self.registered = true;
+        // Outside tokio's budget, so that the poll surely registers the waker.
+        let sleep = tokio::task::unconstrained(self.sleep.as_mut());
+        std::pin::pin!(sleep).poll(cx)
     }
 }
 

@@ -348,18 +348,22 @@ fn handle<'a>(
         } = connection;
         // One snapshot for the whole request.
         let snapshot = policies.load();
-        let active = snapshot.services.get(&config.service).cloned();
+        let active = snapshot.services.get(&config.service);
         // The request target's authority where it has one (absolute form, HTTP/2's
         // `:authority`), which wins over `Host` (RFC 9112 §3.2.2, RFC 9113 §8.3.1); otherwise
         // `Host` (shared with the request, no copy).
+        let from_target = req.uri().authority().is_some();
         let authority_value = match req.uri().authority() {
             Some(target) => host_value(target),
             None => req.headers().get(header::HOST).cloned(),
         };
         let authority = authority_value.as_ref().and_then(|v| v.to_str().ok());
-        let upgrade = is_upgrade(&req);
-        // The decision borrows the snapshot's compiled policy, which `active` keeps alive.
-        let cors = match &active {
+        // One pass over the names: most requests carry no hop-by-hop header, and so neither
+        // an upgrade nor anything to strip.
+        let hop_by_hop = req.headers().keys().any(is_hop_by_hop);
+        let upgrade = hop_by_hop && is_upgrade(&req);
+        // The decision borrows the snapshot's compiled policy, which `snapshot` keeps alive.
+        let cors = match active {
             Some(active) => {
                 let request = CorsRequest::new(req.method(), req.headers())
                     .with_own_origin(config.public_scheme, authority);
@@ -428,7 +432,9 @@ fn handle<'a>(
         // An HTTP/1.1 `Upgrade` (WebSocket, …): once the upstream agrees (`101`), both
         // connections are handed over and spliced byte for byte.
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        strip_hop_by_hop(req.headers_mut(), upgrade);
+        if hop_by_hop {
+            strip_hop_by_hop(req.headers_mut(), upgrade);
+        }
         add_forwarded(
             req.headers_mut(),
             peer,
@@ -446,8 +452,10 @@ fn handle<'a>(
             *req.uri_mut() = Uri::from(path);
         }
         *req.version_mut() = http::Version::HTTP_11;
-        // `Host` is the authority (added for HTTP/2, put back if `Connection` named it).
+        // `Host` is the authority (added for HTTP/2, put back if `Connection` named it; one
+        // that came from `Host` and was not stripped is there already).
         if let Some(host) = authority_value.as_ref()
+            && (from_target || hop_by_hop)
             && req.headers().get(header::HOST) != Some(host)
         {
             req.headers_mut().insert(header::HOST, host.clone());
@@ -515,7 +523,11 @@ fn handle<'a>(
                     _ => {}
                 }
                 let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers, switching);
+                // Most responses carry none: one pass over the names is cheaper than a
+                // lookup for each.
+                if parts.headers.keys().any(is_hop_by_hop) {
+                    strip_hop_by_hop(&mut parts.headers, switching);
+                }
                 if let Some(cors) = &cors {
                     cors.apply(&mut parts.headers);
                 }
@@ -711,10 +723,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers, including every header `Connection` names. `Upgrade` is kept
 /// only for an upgrade (`upgrading`) that `Connection` asks for, so upgrades pass through.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
-    // Most messages carry none: one pass over the names is cheaper than a lookup for each.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
