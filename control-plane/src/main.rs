@@ -65,9 +65,10 @@ struct Args {
     /// Allow --auth none on a non-loopback address (logged as a warning at start).
     #[arg(long, env = "CORSAIR_INSECURE")]
     insecure: bool,
-    /// Largest request message, in bytes.
-    #[arg(long, env = "CORSAIR_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
-    max_message_bytes: usize,
+    /// Largest request message, in bytes: at least 1 KiB (less would refuse every write), at
+    /// most what gRPC's length prefix can state.
+    #[arg(long, env = "CORSAIR_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=u64::from(u32::MAX)))]
+    max_message_bytes: u64,
     /// Deadline for each call, in seconds.
     #[arg(long, env = "CORSAIR_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     request_timeout_secs: u64,
@@ -229,7 +230,7 @@ async fn main() -> ExitCode {
             per_sec: f64::from(args.max_writes_per_sec),
             burst: args.max_writes_per_sec.saturating_mul(2),
         }),
-        max_message_bytes: args.max_message_bytes,
+        max_message_bytes: usize::try_from(args.max_message_bytes).unwrap_or(usize::MAX),
         request_timeout: Duration::from_secs(args.request_timeout_secs),
         pages: PageLimits {
             default: 50.min(args.max_page_size),

@@ -165,7 +165,7 @@ fn without_authentication_only_loopback_unless_insecure() {
 #[test]
 fn a_bad_flag_is_one_clear_line() {
     // Not an address; a duration too long for the clock (it would overflow it); a zero
-    // retention, which would make the pruning interval zero.
+    // retention, which would make the pruning interval zero; a zero message limit.
     for (args, named) in [
         (&["--listen", "not-an-address"][..], "--listen"),
         (
@@ -180,6 +180,8 @@ fn a_bad_flag_is_one_clear_line() {
             &["--fleet-retention-secs", "0"][..],
             "--fleet-retention-secs",
         ),
+        // A message limit no write fits in.
+        (&["--max-message-bytes", "0"][..], "--max-message-bytes"),
     ] {
         // An unsupported database, so that a flag let through ends the run too (with 1).
         let out = Command::new(BIN)
