@@ -463,15 +463,24 @@ where
         let before = exchanges.started.load(Relaxed);
         // When the hyper connection last went idle, and the requests started by then.
         let mut idle_since = None;
+        // The connection has just been polled and found idle, in this same poll of the task:
+        // its wakers are set, and polling it again before it is woken would repeat the work
+        // of a whole poll of hyper's connection for each request.
+        let mut polled = false;
         loop {
             let headless = exchanges.started.load(Relaxed) == before;
             tokio::select! {
                 // The connection first: it is what wakes the task nearly every time.
                 biased;
-                ended = poll_fn(|cx| match wake.poll(&mut connection, &exchanges, cx) {
-                    Poll::Ready(ended) => Poll::Ready(Some(ended)),
-                    Poll::Pending if exchanges.note_idle() => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
+                ended = poll_fn(|cx| {
+                    if std::mem::take(&mut polled) {
+                        return Poll::Pending;
+                    }
+                    match wake.poll(&mut connection, &exchanges, cx) {
+                        Poll::Ready(ended) => Poll::Ready(Some(ended)),
+                        Poll::Pending if exchanges.note_idle() => Poll::Ready(None),
+                        Poll::Pending => Poll::Pending,
+                    }
                 }) => {
                     if let Some(ended) = ended {
                         return ended;
@@ -487,6 +496,7 @@ where
                     if !watching || timer.is_elapsed() || timer.deadline() > now + busy_gap {
                         timer.reset(now + busy_gap);
                     }
+                    polled = true;
                 }
                 () = &mut timer, if idle_since.is_some() => {
                     let (since, started) = idle_since.expect("checked by the branch");
