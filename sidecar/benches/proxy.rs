@@ -22,8 +22,10 @@
 //! the path of another `corsair-sidecar` build, run beside this one and loaded in the same
 //! rounds, to compare two versions side by side (it stops before the swap runs).
 //! `CORSAIR_BENCH_ONLY=swaps` measures the swaps alone, `CORSAIR_BENCH_ONLY=main` all but them,
-//! and `CORSAIR_BENCH_ONLY=instructions` counts each proxy's instructions per request under
-//! callgrind instead (needs Debian's `valgrind`).
+//! `CORSAIR_BENCH_ONLY=instructions` counts each proxy's instructions per request under
+//! callgrind instead (needs Debian's `valgrind`), and `CORSAIR_BENCH_ONLY=large` loads each
+//! proxy with 256 KiB downloads, then uploads, instead (`CORSAIR_BENCH_LARGE_CONNECTIONS`
+//! clients, default 128): throughput, CPU per exchange and peak RSS.
 //! `CORSAIR_BENCH_SIDECAR` runs another `corsair-sidecar` build as the one under test, and
 //! `CORSAIR_BENCH_KEEP=1` keeps the run's directory (callgrind dumps, configuration).
 
@@ -67,19 +69,24 @@ fn serve_on_loopback<F: std::future::Future<Output = ()>>(
     });
 }
 
-/// The upstream: a one-thread hyper server answering `hello` with a few headers, counting
-/// the connections it accepts and the requests it answers (`GET /__connections` gives both).
+/// The body of the upstream's `/large` responses.
+const LARGE_BYTES: usize = 256 * 1024;
+
+/// The upstream: a one-thread hyper server answering `hello` with a few headers (and
+/// `LARGE_BYTES` at `/large`; a `POST`'s body is read to its end first), counting the
+/// connections it accepts and the requests it answers (`GET /__connections` gives both).
 fn upstream_main() {
     use http_body_util::Full;
     use hyper::body::{Bytes, Incoming};
     serve_on_loopback(|listener| async move {
         let accepted = Arc::new(AtomicU64::new(0));
         let answered = Arc::new(AtomicU64::new(0));
+        let large = Bytes::from(vec![b'x'; LARGE_BYTES]);
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             stream.set_nodelay(true).unwrap();
             accepted.fetch_add(1, Ordering::Relaxed);
-            let (accepted, answered) = (accepted.clone(), answered.clone());
+            let (accepted, answered, large) = (accepted.clone(), answered.clone(), large.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                     answered.fetch_add(1, Ordering::Relaxed);
@@ -89,10 +96,17 @@ fn upstream_main() {
                             accepted.load(Ordering::Relaxed),
                             answered.load(Ordering::Relaxed)
                         ))
+                    } else if req.uri().path() == "/large" {
+                        large.clone()
                     } else {
                         Bytes::from_static(b"hello world\n")
                     };
+                    // An upload (`CORSAIR_BENCH_ONLY=large`) is read to its end.
+                    let upload = (req.method() == http::Method::POST).then(|| req.into_body());
                     async move {
+                        if let Some(upload) = upload {
+                            let _ = http_body_util::BodyExt::collect(upload).await;
+                        }
                         Ok::<_, Infallible>(
                             http::Response::builder()
                                 .header("content-type", "text/plain")
@@ -886,6 +900,25 @@ fn main() {
 
     let pace_ms = env_or("CORSAIR_BENCH_PACE_MS", 4);
     let [actual, preflight, paced] = scripts(dir.path(), pace_ms);
+    if only == "large" {
+        let mut targets = vec![
+            ("corsair-sidecar", sidecar_addr.clone(), &sidecar),
+            ("nginx", nginx_addr.clone(), &nginx),
+            ("bare hyper proxy", bare_addr.clone(), &bare),
+        ];
+        if let Some((baseline, addr, _)) = &baseline {
+            targets.insert(1, ("baseline sidecar", addr.clone(), baseline));
+        }
+        let upload = dir.path().join("upload.lua");
+        std::fs::write(
+            &upload,
+            format!(
+                "wrk.method = \"POST\"\nwrk.headers[\"Origin\"] = \"{APP}\"\nwrk.body = string.rep(\"x\", {LARGE_BYTES})\n"
+            ),
+        )
+        .unwrap();
+        return large_report(&targets, &actual, &upload, seconds, rounds);
+    }
 
     // Interleaved rounds: every configuration sees the same machine conditions.
     let targets: [(&str, &str, &Path, Option<&Proc>); 10] = [
@@ -1375,6 +1408,94 @@ fn paced_report(results: &BTreeMap<String, Vec<Run>>, load: &str) {
 }
 
 /// The median of `values`, the mean of the middle two for an even count.
+/// `CORSAIR_BENCH_ONLY=large`: each target loaded in turn, in interleaved rounds, from
+/// `CORSAIR_BENCH_LARGE_CONNECTIONS` connections (default 128), with GETs of the upstream's
+/// 256 KiB `/large` (downloads), then with `POST`s of 256 KiB (uploads): throughput, CPU per
+/// exchange, and peak RSS (`VmHWM`) over the downloads, then over both.
+fn large_report(
+    targets: &[(&str, String, &Proc)],
+    download: &Path,
+    upload: &Path,
+    seconds: u64,
+    rounds: usize,
+) {
+    for (what, path, script) in [
+        ("downloads", "/large", download),
+        ("uploads", "/upload", upload),
+    ] {
+        large_runs(targets, what, path, script, seconds, rounds);
+    }
+}
+
+fn large_runs(
+    targets: &[(&str, String, &Proc)],
+    what: &str,
+    path: &str,
+    script: &Path,
+    seconds: u64,
+    rounds: usize,
+) {
+    let connections = env_or("CORSAIR_BENCH_LARGE_CONNECTIONS", 128);
+    let mut results: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
+    for round in 0..rounds {
+        for (name, addr, target) in targets {
+            let url = format!("http://{addr}{path}");
+            let run = wrk(&url, script, seconds, connections, Some(target));
+            eprintln!(
+                "round {round} {what} {name:<18} {:>8.0}/s  cpu {:>6.1} µs each  failed {}",
+                run.rps, run.cpu_us_per_request, run.failed
+            );
+            results.entry(name).or_default().push(run);
+        }
+    }
+    let hwm_kib = |target: &Proc| -> u64 {
+        pids(target)
+            .into_iter()
+            .map(|pid| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                    .unwrap()
+            })
+            .sum()
+    };
+    println!(
+        "\n## 256 KiB {what} ({rounds} rounds of {seconds} s, wrk -t1 -c{connections}; medians)\n"
+    );
+    println!("| target | {what}/s | MiB/s | CPU per exchange | peak RSS | RSS after | failed |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, _, target) in targets {
+        let run = median(&results[name]);
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.1} µs | {:.1} MiB | {:.1} MiB | {} |",
+            run.rps,
+            run.rps * LARGE_BYTES as f64 / (1024.0 * 1024.0),
+            run.cpu_us_per_request,
+            hwm_kib(target) as f64 / 1024.0,
+            rss_kib(target) as f64 / 1024.0,
+            results[name].iter().map(|r| r.failed).sum::<u64>(),
+        );
+    }
+    if results.contains_key("baseline sidecar") {
+        let per_round = |f: fn(&Run) -> f64| {
+            middle(
+                results["corsair-sidecar"]
+                    .iter()
+                    .zip(&results["baseline sidecar"])
+                    .map(|(a, b)| f(a) / f(b))
+                    .collect(),
+            )
+        };
+        println!(
+            "\n- sidecar / baseline sidecar, per round: throughput {:.3}×, CPU per exchange {:.3}×",
+            per_round(|r| r.rps),
+            per_round(|r| r.cpu_us_per_request)
+        );
+    }
+}
+
 fn middle(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     (values[(values.len() - 1) / 2] + values[values.len() / 2]) / 2.0

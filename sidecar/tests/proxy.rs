@@ -505,6 +505,33 @@ async fn without_a_policy_the_setting_decides() {
     assert_eq!(hits.load(Ordering::SeqCst), 3);
 }
 
+/// A body many times hyper's buffers (8 KiB at first, about 400 KiB at most) streams through
+/// to the upstream and back, byte for byte.
+#[tokio::test]
+async fn bodies_many_times_the_buffers_stream_through_whole() {
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
+    sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
+    let sent: Bytes = (0..4 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let request = Request::post(format!("http://{}/echo", sidecar.addr))
+        .header("origin", APP)
+        .body(Full::new(sent.clone()))
+        .unwrap();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["access-control-allow-origin"], APP);
+    let echoed = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        echoed == sent,
+        "{} bytes back of {}",
+        echoed.len(),
+        sent.len()
+    );
+}
+
 #[tokio::test]
 async fn a_dead_upstream_is_a_502() {
     let dead = TcpListener::bind("127.0.0.1:0")
