@@ -12,9 +12,11 @@
 //! A hyper connection is not taken apart while it holds the start of a request head: it reads
 //! the rest itself, however slowly it comes, within its header timeout. It is kept for the
 //! rest of its life once it has read a request with a body, since the response can be
-//! complete while the body is still arriving and only hyper knows where the body ends; and
-//! once it has read a request asking to upgrade the connection, which hyper hands over after
-//! the response.
+//! complete while the body is still arriving and only hyper knows where the body ends. A
+//! request asking to upgrade the connection needs nothing of the kind: hyper hands the
+//! connection over in the same poll that flushes a `101` (or a `CONNECT`'s `2xx`), with its
+//! reading closed, so it is never found waiting in between; any other answer leaves an
+//! ordinary keep-alive connection.
 //!
 //! A connection whose requests come close together would rebuild hyper's state for each one,
 //! which costs about a tenth of the throughput: so one whose last gap between requests was
@@ -67,8 +69,8 @@ pub struct Exchanges {
     started: AtomicU64,
     /// Of those, the ones whose response body hyper has finished with (or dropped).
     finished: AtomicU64,
-    /// The current hyper connection has read a request with a body, or one asking to upgrade
-    /// the connection: it serves the connection to the end.
+    /// The current hyper connection has read a request with a body: it serves the connection
+    /// to the end.
     kept: AtomicBool,
     /// The current hyper connection has written since it last flushed.
     written: AtomicBool,
@@ -123,14 +125,7 @@ impl Exchanges {
     /// guard, carried by the response body, marks the exchange finished when dropped.
     pub fn start(self: &Arc<Self>, request: &http::Request<Incoming>) -> Exchange {
         self.started.fetch_add(1, Relaxed);
-        // Broader than the proxy's own upgrade test on purpose: any request hyper might hand
-        // over after its response keeps the hyper connection. hyper marks those (a `CONNECT`,
-        // or HTTP/1.1 with `Upgrade`) with the extension that hands them over.
-        let upgrade = request
-            .extensions()
-            .get::<hyper::upgrade::OnUpgrade>()
-            .is_some();
-        if upgrade || !request.body().is_end_stream() {
+        if !request.body().is_end_stream() {
             self.kept.store(true, Relaxed);
         }
         self.partial.store(false, Relaxed);

@@ -1179,6 +1179,33 @@ async fn idle_keep_alive_connections_give_back_their_buffers_and_carry_on() {
     assert!(raw.closed().await);
 }
 
+/// A request asking to upgrade that the upstream answers without switching leaves an
+/// ordinary keep-alive connection: it gives back its buffers once idle, and serves the next
+/// request.
+#[tokio::test]
+async fn a_refused_upgrade_leaves_an_ordinary_keep_alive_connection() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
+    sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(
+        format!(
+            "GET /upgrade HTTP/1.1\r\nHost: shop\r\nOrigin: {APP}\r\nConnection: upgrade\r\nUpgrade: other\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (status, _, body) = raw.response().await;
+    assert_eq!(status, 400);
+    assert_eq!(body, "no upgrade asked\n");
+    sidecar.wait_for_connections(1, 0).await;
+    raw.send(b"GET /next HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    let (status, headers, _) = raw.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-saw-path"), Some("/next"));
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
 /// A request head that arrives in parts is read by the hyper connection that began it, and
 /// the pause inside it is no gap between requests: the connection still gives back its
 /// buffers at once after the response, where a busy one would wait for the busy gap (an hour
