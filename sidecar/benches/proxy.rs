@@ -233,20 +233,24 @@ fn free_port() -> u16 {
 }
 
 fn proc_stat(pid: u32) -> ([u64; 2], u64) {
-    // utime and stime (fields 14 and 15), in clock ticks, and RSS from status.
+    // utime and stime (fields 14 and 15), in clock ticks, and RSS.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
     let ticks = [
         fields[11].parse::<u64>().unwrap(),
         fields[12].parse::<u64>().unwrap(),
     ];
+    (ticks, status_kib(pid, "VmRSS"))
+}
+
+/// A size in `/proc/{pid}/status` (`VmRSS`, `VmHWM`, …), in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = status
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    (ticks, rss)
+        .unwrap()
 }
 
 /// CPU time used so far by each thread of `target` now alive, in nanoseconds (scheduler
@@ -1407,7 +1411,6 @@ fn paced_report(results: &BTreeMap<String, Vec<Run>>, load: &str) {
     );
 }
 
-/// The median of `values`, the mean of the middle two for an even count.
 /// `CORSAIR_BENCH_ONLY=large`: each target loaded in turn, in interleaved rounds, from
 /// `CORSAIR_BENCH_LARGE_CONNECTIONS` connections (default 128), with GETs of the upstream's
 /// 256 KiB `/large` (downloads), then with `POST`s of 256 KiB (uploads): throughput, CPU per
@@ -1427,6 +1430,7 @@ fn large_report(
     }
 }
 
+/// One half of [`large_report`]: `script` against `path` on each target, and its table.
 fn large_runs(
     targets: &[(&str, String, &Proc)],
     what: &str,
@@ -1451,14 +1455,7 @@ fn large_runs(
     let hwm_kib = |target: &Proc| -> u64 {
         pids(target)
             .into_iter()
-            .map(|pid| {
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
-                    .unwrap()
-            })
+            .map(|pid| status_kib(pid, "VmHWM"))
             .sum()
     };
     println!(
@@ -1496,6 +1493,7 @@ fn large_runs(
     }
 }
 
+/// The median of `values`, the mean of the middle two for an even count.
 fn middle(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     (values[(values.len() - 1) / 2] + values[values.len() / 2]) / 2.0
