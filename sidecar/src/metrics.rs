@@ -75,6 +75,7 @@ pub struct Metrics {
     decisions: Vec<Counter>,
     without_policy: [Counter; 2],
     upstream_errors: [Counter; 2],
+    client_body_errors: Counter,
     upgrades: Counter,
     client_connections: [Gauge; 2],
     denial_logs_suppressed: Counter,
@@ -190,6 +191,12 @@ impl Default for Metrics {
             "Upstream failures: unavailable (answered 502) and timeout (answered 504)",
             errors_family,
         );
+        let client_body_errors = Counter::default();
+        registry.register(
+            "client_body_errors",
+            "Requests whose body failed to arrive from the client, cut short or malformed, before the upstream answered (answered 400 where the client still listens)",
+            client_body_errors.clone(),
+        );
         let upgrades = Counter::default();
         registry.register(
             "upgrades",
@@ -240,6 +247,7 @@ impl Default for Metrics {
             decisions,
             without_policy,
             upstream_errors,
+            client_body_errors,
             upgrades,
             client_connections,
             denial_logs_suppressed,
@@ -262,6 +270,11 @@ impl Metrics {
     /// Counts one request that arrived with no policy loaded.
     pub fn without_policy(&self, denied: bool) {
         self.without_policy[usize::from(denied)].inc();
+    }
+
+    /// Counts one request whose body failed to arrive from the client.
+    pub fn client_body_error(&self) {
+        self.client_body_errors.inc();
     }
 
     /// Counts one upstream failure.

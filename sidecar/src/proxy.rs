@@ -533,6 +533,17 @@ fn handle<'a>(
                 }
                 Response::from_parts(parts, Body::Upstream(body))
             }
+            Err(error @ crate::upstream::UpstreamError::RequestBody(_)) => {
+                // Most often a client gone mid-upload; it is theirs to see, not the
+                // operator's, so no warning and no upstream error.
+                config.observer.metrics.client_body_error();
+                tracing::debug!(%error, "request body failed");
+                let mut headers = HeaderMap::new();
+                if let Some(cors) = &cors {
+                    cors.apply(&mut headers);
+                }
+                local(StatusCode::BAD_REQUEST, headers, "bad request body\n")
+            }
             Err(error) => {
                 config
                     .observer

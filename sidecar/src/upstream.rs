@@ -6,6 +6,7 @@
 //! Nothing is spawned per request. A request that a reused connection could not take (it
 //! closed while idle) is retried once on another.
 
+use std::error::Error as _;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -26,7 +27,29 @@ pub enum UpstreamError {
     Connect(String),
     /// The connection failed while sending the request or reading the response head.
     #[error("upstream request failed: {0}")]
-    Request(#[from] hyper::Error),
+    Request(hyper::Error),
+    /// The request's body failed to arrive from the client: cut short, or malformed (a bad
+    /// chunk, say). The client's fault, not the upstream's.
+    #[error("the request's body failed: {}", cause(.0))]
+    RequestBody(hyper::Error),
+}
+
+impl UpstreamError {
+    /// Sorts out a failed exchange: hyper reports a failure of the request's body as an
+    /// error of the caller's body stream, caused by the client connection's own error.
+    fn of_exchange(error: hyper::Error) -> UpstreamError {
+        let from_client = error.source().is_some_and(|c| c.is::<hyper::Error>());
+        if error.is_user() && from_client {
+            UpstreamError::RequestBody(error)
+        } else {
+            UpstreamError::Request(error)
+        }
+    }
+}
+
+/// What caused `error`, the client connection's own error for a failed request body.
+fn cause(error: &hyper::Error) -> String {
+    error.source().map_or_else(String::new, ToString::to_string)
 }
 
 struct Idle {
@@ -117,7 +140,7 @@ impl Upstream {
                             req = unsent;
                             reused = false;
                         }
-                        _ => return Err(UpstreamError::Request(error.into_error())),
+                        _ => return Err(UpstreamError::of_exchange(error.into_error())),
                     },
                 }
             }
@@ -154,7 +177,8 @@ impl Upstream {
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
-            .await?;
+            .await
+            .map_err(UpstreamError::Request)?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%error, "upstream connection ended with an error");

@@ -1265,6 +1265,59 @@ async fn a_body_still_arriving_after_the_response_is_never_parsed_as_a_request()
     assert_eq!(hits.load(Ordering::SeqCst), 2);
 }
 
+/// A chunked body whose trailer section ends in a bare LF is refused with a `400`, counted as
+/// the client's error, not the upstream's. Read leniently, the sidecar and a front end before
+/// it could disagree on where the request ends (request smuggling): here the bytes after it,
+/// a request of their own to such a front end, would be taken as more trailer.
+#[tokio::test]
+async fn a_chunked_trailer_ending_in_a_bare_lf_is_the_clients_error() {
+    use tokio::io::AsyncReadExt;
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(
+        b"POST /echo HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nX: value\n\n\
+          GET /smuggled HTTP/1.1\r\nHost: shop\r\n\r\n",
+    )
+    .await;
+    let (status, _, body) = raw.response().await;
+    assert_eq!((status, body.as_str()), (400, "bad request body\n"));
+    // Nothing more is read from that connection.
+    let mut rest = Vec::new();
+    raw.stream.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&rest), "");
+    assert!(hits.load(Ordering::SeqCst) <= 1);
+    let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
+    for line in [
+        "corsair_sidecar_client_body_errors_total 1",
+        r#"corsair_sidecar_upstream_errors_total{kind="unavailable"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+}
+
+/// A client gone in the middle of its request's body is no upstream error.
+#[tokio::test]
+async fn a_body_cut_short_by_the_client_is_no_upstream_error() {
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"POST /echo HTTP/1.1\r\nHost: shop\r\nContent-Length: 10\r\n\r\nhalf")
+        .await;
+    drop(raw);
+    let metrics = &sidecar.observer.metrics;
+    while !metrics
+        .render(&sidecar.set, None)
+        .contains("corsair_sidecar_client_body_errors_total 1")
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let metrics = metrics.render(&sidecar.set, None);
+    let line = r#"corsair_sidecar_upstream_errors_total{kind="unavailable"} 0"#;
+    assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+}
+
 /// A sidecar with a 300 ms header timeout, and a keep-alive connection to it that has had one
 /// request answered.
 async fn answered_once_with_header_timeout_300ms() -> (Sidecar, Raw) {
