@@ -60,7 +60,7 @@ struct Args {
     /// Seconds to connect to the upstream before answering 502.
     #[arg(long, env = "CORSAIR_CONNECT_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     connect_timeout_secs: u64,
-    /// Seconds to wait for the upstream's response headers before answering 504.
+    /// Seconds to wait for the upstream's response headers, once the request's body has been sent, before answering 504; also the longest pause allowed within a request's body (then 408).
     #[arg(long, env = "CORSAIR_RESPONSE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     response_timeout_secs: u64,
     /// Seconds a client has to send a request's headers before its connection is closed

@@ -194,7 +194,7 @@ impl Default for Metrics {
         let client_body_errors = Counter::default();
         registry.register(
             "client_body_errors",
-            "Requests whose body failed to arrive from the client, cut short or malformed, before the upstream answered (answered 400 where the client still listens)",
+            "Requests whose body failed to arrive from the client before the upstream answered: cut short or malformed (answered 400 where the client still listens), or stalled for the response timeout (answered 408)",
             client_body_errors.clone(),
         );
         let upgrades = Counter::default();

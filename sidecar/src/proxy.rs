@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use crate::http1;
 use crate::metrics::{Observer, OpenConnection, Outcome, UpstreamError};
 use crate::policies::PolicySet;
-use crate::upstream::{PooledBody, Upstream};
+use crate::upstream::{Outgoing, PooledBody, Progress, Upstream};
 
 /// A response body: the upstream's, streamed, or a short one of the sidecar's own.
 #[derive(Debug)]
@@ -104,7 +104,8 @@ pub struct ProxyConfig {
 pub struct Timeouts {
     /// Connecting to the upstream (then `502`).
     pub connect: std::time::Duration,
-    /// From sending a request upstream to its response headers (then `504`).
+    /// From the end of a request's body (sent upstream) to its response headers (then
+    /// `504`); also the longest pause within the body on its way (then `408`).
     pub response: std::time::Duration,
     /// A client sending its request headers (then the connection is closed).
     pub client_headers: std::time::Duration,
@@ -461,27 +462,55 @@ fn handle<'a>(
             req.headers_mut().insert(header::HOST, host.clone());
         }
 
+        // The response timeout counts from the end of the request's body, and is also the
+        // longest pause allowed within it.
+        let mut progress = None;
+        let req = req.map(|body| {
+            let (body, noted) = Outgoing::new(body);
+            progress = noted;
+            body
+        });
         // Each way constructs its own future in place: a future handed to a function that pins
         // it would be stored twice in this one.
         let timeout = config.timeouts.response;
+        let now = tokio::time::Instant::now();
+        // Past the end of time (a timeout too long to add), a deadline that never comes.
+        let mut due = now.checked_add(timeout).unwrap_or(now + FOREVER);
         let response = match timers {
             Some(timers) => {
-                // Past the end of time (a timeout too long to add), a deadline that never comes.
-                let now = tokio::time::Instant::now().into_std();
-                let at = now.checked_add(timeout).unwrap_or(now + FOREVER);
-                let mut deadline = timers.deadline(at);
                 let mut send = std::pin::pin!(client.send(req));
-                std::future::poll_fn(|cx| match send.as_mut().poll(cx) {
-                    Poll::Ready(response) => Poll::Ready(Some(response)),
-                    Poll::Pending => Pin::new(&mut deadline).poll(cx).map(|()| None),
+                let mut deadline = timers.deadline(due.into_std());
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(response) = send.as_mut().poll(cx) {
+                        return Poll::Ready(Ok(response));
+                    }
+                    loop {
+                        std::task::ready!(Pin::new(&mut deadline).poll(cx));
+                        due = next_due(progress.as_deref(), due, timeout)?;
+                        deadline = timers.deadline(due.into_std());
+                    }
                 })
                 .await
             }
-            None => tokio::time::timeout(timeout, client.send(req)).await.ok(),
+            None => {
+                let mut send = std::pin::pin!(client.send(req));
+                let mut sleep = std::pin::pin!(tokio::time::sleep_until(due));
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(response) = send.as_mut().poll(cx) {
+                        return Poll::Ready(Ok(response));
+                    }
+                    loop {
+                        std::task::ready!(sleep.as_mut().poll(cx));
+                        due = next_due(progress.as_deref(), due, timeout)?;
+                        sleep.as_mut().reset(due);
+                    }
+                })
+                .await
+            }
         };
         let response = match response {
-            Some(result) => result,
-            None => {
+            Ok(result) => result,
+            Err(Late::Upstream) => {
                 config
                     .observer
                     .metrics
@@ -492,6 +521,19 @@ fn handle<'a>(
                     cors.apply(&mut headers);
                 }
                 return local(StatusCode::GATEWAY_TIMEOUT, headers, "upstream timed out\n");
+            }
+            Err(Late::Body) => {
+                config.observer.metrics.client_body_error();
+                tracing::debug!(?timeout, "request body stalled");
+                let mut headers = HeaderMap::new();
+                if let Some(cors) = &cors {
+                    cors.apply(&mut headers);
+                }
+                return local(
+                    StatusCode::REQUEST_TIMEOUT,
+                    headers,
+                    "request body timed out\n",
+                );
             }
         };
         match response {
@@ -557,6 +599,38 @@ fn handle<'a>(
                 local(StatusCode::BAD_GATEWAY, headers, "upstream unavailable\n")
             }
         }
+    }
+}
+
+/// Why the wait for a response head is over without one.
+enum Late {
+    /// The upstream had the whole request, or stopped taking its body, and did not answer
+    /// within the response timeout.
+    Upstream,
+    /// The client paused its request's body for longer than the response timeout.
+    Body,
+}
+
+/// At `due`, the deadline of the wait for a response head: the next deadline, if the
+/// request's body has moved since the one before (the timeout counts from its last move), or
+/// why the wait is over.
+fn next_due(
+    progress: Option<&Progress>,
+    due: tokio::time::Instant,
+    timeout: std::time::Duration,
+) -> Result<tokio::time::Instant, Late> {
+    // Without a body, or before the upstream connection took it, the wait is the upstream's.
+    let Some((last, clients_turn)) = progress.and_then(Progress::last) else {
+        return Err(Late::Upstream);
+    };
+    match last.checked_add(timeout) {
+        // An upstream that stopped reading the body is late, not the client.
+        Some(next) if next <= due => Err(if clients_turn {
+            Late::Body
+        } else {
+            Late::Upstream
+        }),
+        next => Ok(next.unwrap_or(last + FOREVER)),
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::error::Error as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -53,7 +54,7 @@ fn cause(error: &hyper::Error) -> String {
 }
 
 struct Idle {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<Outgoing>,
     since: Instant,
 }
 
@@ -110,7 +111,7 @@ impl Upstream {
     #[allow(clippy::manual_async_fn)]
     pub fn send(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<Outgoing>,
     ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + '_ {
         async move {
             // One retry: a reused connection may have closed while idle, before taking the request.
@@ -147,7 +148,7 @@ impl Upstream {
         }
     }
 
-    async fn checkout(&self) -> Option<SendRequest<Incoming>> {
+    async fn checkout(&self) -> Option<SendRequest<Outgoing>> {
         loop {
             let idle = self.idle.lock().expect("pool lock").pop()?;
             if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
@@ -162,7 +163,7 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn connect(&self) -> Result<SendRequest<Outgoing>, UpstreamError> {
         let connect = tokio::net::TcpStream::connect(self.authority.as_str());
         let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(stream)) => stream,
@@ -187,7 +188,7 @@ impl Upstream {
         Ok(sender)
     }
 
-    fn put(&self, sender: SendRequest<Incoming>) {
+    fn put(&self, sender: SendRequest<Outgoing>) {
         if !sender.is_closed() {
             self.idle.lock().expect("pool lock").push(Idle {
                 sender,
@@ -197,12 +198,105 @@ impl Upstream {
     }
 }
 
+/// A request's body on its way to the upstream. A body that is more than its end notes when
+/// it last moved, for the response timeout, which counts from the body's end.
+pub struct Outgoing {
+    inner: Incoming,
+    progress: Option<Arc<Progress>>,
+    polled: bool,
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing").finish_non_exhaustive()
+    }
+}
+
+impl Outgoing {
+    /// `body`, with its [`Progress`] if it has more than its end.
+    pub fn new(body: Incoming) -> (Outgoing, Option<Arc<Progress>>) {
+        let progress = (!body.is_end_stream()).then(|| {
+            Arc::new(Progress {
+                start: tokio::time::Instant::now(),
+                last: AtomicU64::new(Progress::UNPOLLED),
+                clients_turn: AtomicBool::new(false),
+            })
+        });
+        let outgoing = Outgoing {
+            inner: body,
+            progress: progress.clone(),
+            polled: false,
+        };
+        (outgoing, progress)
+    }
+}
+
+impl Body for Outgoing {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(progress) = &this.progress {
+            // Its time counts from when the upstream connection first asks for it.
+            if polled.is_ready() || !this.polled {
+                progress.moved();
+            }
+            this.polled = true;
+            progress.clients_turn.store(polled.is_pending(), Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// When a request's body last moved (a chunk, or its end) on its way upstream, and whose turn
+/// it is: the client's, while the upstream connection waits for more of the body, or the
+/// upstream's, while it has not asked for more (writing, or the body has ended). Before the
+/// first chunk, the body counts as moved when the upstream connection first asked for it.
+#[derive(Debug)]
+pub struct Progress {
+    start: tokio::time::Instant,
+    /// Nanoseconds after `start` of the last move; [`Progress::UNPOLLED`] before the upstream
+    /// connection first asks for the body.
+    last: AtomicU64,
+    clients_turn: AtomicBool,
+}
+
+impl Progress {
+    const UNPOLLED: u64 = u64::MAX;
+
+    fn moved(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos.min(Self::UNPOLLED - 1), Relaxed);
+    }
+
+    /// When the body last moved, and whether the client was to send more; `None` before the
+    /// upstream connection has asked for it.
+    pub fn last(&self) -> Option<(tokio::time::Instant, bool)> {
+        let last = self.last.load(Relaxed);
+        let clients_turn = self.clients_turn.load(Relaxed);
+        (last != Self::UNPOLLED).then(|| (self.start + Duration::from_nanos(last), clients_turn))
+    }
+}
+
 /// An upstream response body that returns its connection to the pool when read to the end.
 /// Dropped early, it takes the connection with it (hyper closes a connection whose response
 /// was not read).
 pub struct PooledBody {
     inner: Incoming,
-    ret: Option<(SendRequest<Incoming>, Arc<Upstream>)>,
+    ret: Option<(SendRequest<Outgoing>, Arc<Upstream>)>,
 }
 
 impl std::fmt::Debug for PooledBody {

@@ -616,6 +616,109 @@ async fn a_response_timeout_after_a_shorter_header_deadline_still_fires() {
     assert_eq!((status, body.as_str()), (504, "upstream timed out\n"));
 }
 
+/// The response timeout counts from the end of the request's body: an upload that takes
+/// longer than it, arriving steadily, is answered by the upstream.
+#[tokio::test]
+async fn a_slow_upload_outlasting_the_response_timeout_is_answered() {
+    let (up, _) = upstream().await;
+    let response = std::time::Duration::from_millis(400);
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::PassThrough,
+        proxy::Timeouts {
+            response,
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"POST /echo HTTP/1.1\r\nHost: shop\r\nContent-Length: 6\r\n\r\n")
+        .await;
+    // A slow client: a part of the body every third of the timeout, for twice the timeout.
+    for part in [b"sl", b"ow", b"ly"] {
+        tokio::time::sleep(response * 2 / 3).await;
+        raw.send(part).await;
+    }
+    let (status, _, body) = raw.response().await;
+    assert_eq!((status, body.as_str()), (200, "slowly"));
+}
+
+/// Over HTTP/2 the response timeout is kept the same way: a slow upload is answered, an
+/// upstream that never answers is a `504`.
+#[tokio::test]
+async fn over_http2_the_response_timeout_counts_from_the_end_of_the_body() {
+    let (up, _) = upstream().await;
+    let response = std::time::Duration::from_millis(400);
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::PassThrough,
+        proxy::Timeouts {
+            response,
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let (parts, rx) = tokio::sync::mpsc::channel::<Result<_, Infallible>>(1);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let upload = client.request(
+        Request::post(format!("http://{}/echo", sidecar.addr))
+            .body(body)
+            .unwrap(),
+    );
+    let slowly = async move {
+        for part in ["sl", "ow", "ly"] {
+            tokio::time::sleep(response * 2 / 3).await;
+            let part = hyper::body::Frame::data(Bytes::from_static(part.as_bytes()));
+            parts.send(Ok(part)).await.unwrap();
+        }
+    };
+    let (response, ()) = tokio::join!(upload, slowly);
+    let response = response.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "slowly");
+    let hang = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let (status, _, body) = sidecar.send_with(hang, Method::GET, "/hang", &[], "").await;
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::GATEWAY_TIMEOUT, &b"upstream timed out\n"[..])
+    );
+}
+
+/// A request body that stops arriving is ended after the response timeout without a byte: a
+/// `408`, the client's error, not the upstream's.
+#[tokio::test]
+async fn a_stalled_upload_is_a_408_after_the_response_timeout() {
+    let (up, _) = upstream().await;
+    let sidecar = Sidecar::with_timeouts(
+        up,
+        NoPolicy::PassThrough,
+        proxy::Timeouts {
+            response: std::time::Duration::from_millis(200),
+            ..proxy::Timeouts::default()
+        },
+    )
+    .await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"POST /echo HTTP/1.1\r\nHost: shop\r\nContent-Length: 6\r\n\r\nhal")
+        .await;
+    let (status, _, body) = raw.response().await;
+    assert_eq!((status, body.as_str()), (408, "request body timed out\n"));
+    assert!(raw.closed().await);
+    let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
+    for line in [
+        "corsair_sidecar_client_body_errors_total 1",
+        r#"corsair_sidecar_upstream_errors_total{kind="timeout"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+}
+
 #[tokio::test]
 async fn upgrades_are_spliced_to_the_upstream() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
