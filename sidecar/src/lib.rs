@@ -12,7 +12,7 @@
 //! - [`background`]: the lower-priority thread that runs the sync client and the watchers.
 //! - [`proxy`]: the hyper proxy that enforces the policy set in front of one upstream.
 //! - [`http1`]: HTTP/1 client connections that hold no buffers while idle.
-//! - [`upstream`]: the keep-alive connection pool to the upstream.
+//! - [`upstream`]: keep-alive HTTP/1.1 connections to the upstream and the exchanges on them.
 //! - [`sim`]: a fleet of lightweight simulated sidecars, for load tests and benchmarks.
 
 pub mod admin;

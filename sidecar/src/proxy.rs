@@ -18,10 +18,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use corsair_policy::{Action, CompiledPolicy, Decision, Mode, Request as CorsRequest, Scheme};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery};
-use http::{Request, Response, StatusCode, Uri};
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use crate::http1;
 use crate::metrics::{Observer, OpenConnection, Outcome, UpstreamError};
 use crate::policies::PolicySet;
-use crate::upstream::{Outgoing, PooledBody, Progress, Upstream};
+use crate::upstream::{ExchangeError, PooledBody, Progress, Upstream, UpstreamError as SendError};
 
 /// A response body: the upstream's, streamed, or a short one of the sidecar's own.
 #[derive(Debug)]
@@ -43,12 +43,12 @@ pub enum Body {
 
 impl hyper::body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ExchangeError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         match self.get_mut() {
             Body::Upstream(body) => Pin::new(body).poll_frame(cx),
             Body::Local(body) => Pin::new(body)
@@ -143,6 +143,7 @@ pub async fn serve(
         config.upstream.clone(),
         config.timeouts.connect,
         config.timeouts.upstream_idle,
+        config.timeouts.response,
     ));
     client.reap_idle();
     let client_headers = config.timeouts.client_headers;
@@ -442,17 +443,6 @@ fn handle<'a>(
             config.public_scheme,
             authority_value.as_ref(),
         );
-        // Origin-form over HTTP/1.1, whatever the client spoke (most HTTP/1 requests already
-        // are); HTTP/2 clients' `:authority` becomes `Host`.
-        let uri = req.uri();
-        if uri.scheme().is_some() || uri.authority().is_some() || uri.path_and_query().is_none() {
-            let path = uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            *req.uri_mut() = Uri::from(path);
-        }
-        *req.version_mut() = http::Version::HTTP_11;
         // `Host` is the authority (added for HTTP/2, put back if `Connection` named it; one
         // that came from `Host` and was not stripped is there already).
         if let Some(host) = authority_value.as_ref()
@@ -464,12 +454,8 @@ fn handle<'a>(
 
         // The response timeout counts from the end of the request's body, and is also the
         // longest pause allowed within it.
-        let mut progress = None;
-        let req = req.map(|body| {
-            let (body, noted) = Outgoing::new(body);
-            progress = noted;
-            body
-        });
+        let progress = (!req.body().is_end_stream()).then(Progress::default);
+        let progress = progress.as_ref();
         // Each way constructs its own future in place: a future handed to a function that pins
         // it would be stored twice in this one.
         let timeout = config.timeouts.response;
@@ -478,7 +464,7 @@ fn handle<'a>(
         let mut due = now.checked_add(timeout).unwrap_or(now + FOREVER);
         let response = match timers {
             Some(timers) => {
-                let mut send = std::pin::pin!(client.send(req));
+                let mut send = std::pin::pin!(client.send(req, progress));
                 let mut deadline = timers.deadline(due.into_std());
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(response) = send.as_mut().poll(cx) {
@@ -486,14 +472,14 @@ fn handle<'a>(
                     }
                     loop {
                         std::task::ready!(Pin::new(&mut deadline).poll(cx));
-                        due = next_due(progress.as_deref(), due, timeout)?;
+                        due = next_due(progress, due, timeout)?;
                         deadline = timers.deadline(due.into_std());
                     }
                 })
                 .await
             }
             None => {
-                let mut send = std::pin::pin!(client.send(req));
+                let mut send = std::pin::pin!(client.send(req, progress));
                 let mut sleep = std::pin::pin!(tokio::time::sleep_until(due));
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(response) = send.as_mut().poll(cx) {
@@ -501,7 +487,7 @@ fn handle<'a>(
                     }
                     loop {
                         std::task::ready!(sleep.as_mut().poll(cx));
-                        due = next_due(progress.as_deref(), due, timeout)?;
+                        due = next_due(progress, due, timeout)?;
                         sleep.as_mut().reset(due);
                     }
                 })
@@ -537,20 +523,12 @@ fn handle<'a>(
             }
         };
         match response {
-            Ok(mut response) => {
-                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                match client_upgrade {
-                    Some(client_upgrade) if switching => {
-                        let upstream_upgrade = hyper::upgrade::on(&mut response);
-                        tokio::spawn(splice(
-                            client_upgrade,
-                            upstream_upgrade,
-                            config.observer.clone(),
-                            tunnels.clone(),
-                            config.timeouts.tunnel_idle,
-                        ));
-                    }
-                    None if switching => {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                let body = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                    let (Some(client_upgrade), Some(upstream)) =
+                        (client_upgrade, body.into_upgraded())
+                    else {
                         config
                             .observer
                             .metrics
@@ -561,21 +539,25 @@ fn handle<'a>(
                             HeaderMap::new(),
                             "upstream switched protocols unasked\n",
                         );
-                    }
-                    _ => {}
-                }
-                let (mut parts, body) = response.into_parts();
-                // Most responses carry none: one pass over the names is cheaper than a
-                // lookup for each.
-                if parts.headers.keys().any(is_hop_by_hop) {
-                    strip_hop_by_hop(&mut parts.headers, switching);
-                }
+                    };
+                    tokio::spawn(splice(
+                        client_upgrade,
+                        upstream,
+                        config.observer.clone(),
+                        tunnels.clone(),
+                        config.timeouts.tunnel_idle,
+                    ));
+                    Body::Local(Full::new(Bytes::new()))
+                } else {
+                    Body::Upstream(body)
+                };
+                // Hop-by-hop fields are not in the upstream's response head as it arrives.
                 if let Some(cors) = &cors {
                     cors.apply(&mut parts.headers);
                 }
-                Response::from_parts(parts, Body::Upstream(body))
+                Response::from_parts(parts, body)
             }
-            Err(error @ crate::upstream::UpstreamError::RequestBody(_)) => {
+            Err(error @ SendError::RequestBody(_)) => {
                 // Most often a client gone mid-upload; it is theirs to see, not the
                 // operator's, so no warning and no upstream error.
                 config.observer.metrics.client_body_error();
@@ -638,13 +620,13 @@ fn next_due(
 /// either side closes, no byte has passed either way for `idle`, or serving stops.
 async fn splice(
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+    upstream: crate::upstream::Upgraded,
     observer: Observer,
     mut stop: tokio::sync::watch::Receiver<bool>,
     idle: std::time::Duration,
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(both) => both,
+    let client = match client.await {
+        Ok(client) => client,
         Err(error) => {
             tracing::debug!(%error, "upgrade did not complete");
             return;
@@ -656,7 +638,17 @@ async fn splice(
         inner: TokioIo::new(client),
         moved: moved.clone(),
     };
-    let mut upstream = TokioIo::new(upstream);
+    let crate::upstream::Upgraded {
+        stream: mut upstream,
+        unread,
+    } = upstream;
+    // What the upstream sent right after its `101` goes first.
+    if !unread.is_empty()
+        && let Err(error) = tokio::io::AsyncWriteExt::write_all(&mut client, &unread).await
+    {
+        tracing::debug!(%error, "upgraded connection ended with an error");
+        return;
+    }
     // Checked four times per `idle`, without a clock read per transfer: closed after four
     // checks in a row saw nothing move.
     let quiet = async {

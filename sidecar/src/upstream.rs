@@ -1,24 +1,44 @@
-//! The pool of keep-alive HTTP/1.1 connections to the one upstream.
+//! The upstream side: keep-alive HTTP/1.1 connections to the one upstream, and the exchanges
+//! on them.
 //!
 //! A proxy in front of one service needs one pool with one key, so this is a stack of idle
 //! connections behind a mutex: a request pops the most recently used connection (or opens
 //! one), and its response body puts the connection back when it has been read to the end.
-//! Nothing is spawned per request. A request that a reused connection could not take (it
-//! closed while idle) is retried once on another.
+//!
+//! An exchange runs in the task of the request it serves, with no task or channel of its own:
+//! the request's future writes the head and the body to the upstream socket and reads the
+//! response head from it ([`codec`]), and the response body reads the rest as the client
+//! connection asks for it. hyper's client would run each upstream connection as a task of its
+//! own, with channels to the request and the response body between them: a third of the
+//! proxy's instructions per request went there (see BENCHMARKS.md).
+//!
+//! A connection whose request has a body keeps forwarding it while the response streams, so
+//! an upstream may answer before it has read the whole body. A connection goes back to the
+//! pool only at a message boundary on both sides: the request written whole, the response read
+//! whole, nothing unasked for after it, and neither side closing. A pooled connection the
+//! upstream has closed is noticed when it is taken (its socket reads end of stream); a request
+//! without a body that finds its reused connection closed before any byte of an answer is
+//! sent again on another, once, if resending it is safe (its method is idempotent, or it could
+//! not be written at all).
 
-use std::error::Error as _;
+mod codec;
+
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::uri::Authority;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+pub use codec::Malformed;
+use codec::{Asked, ChunkLine, Chunked, Decoded, Framing, RequestFraming};
 
 /// Why the upstream did not answer.
 #[derive(Debug, thiserror::Error)]
@@ -26,35 +46,111 @@ pub enum UpstreamError {
     /// Connecting failed or took too long.
     #[error("cannot connect to the upstream: {0}")]
     Connect(String),
-    /// The connection failed while sending the request or reading the response head.
+    /// The connection failed while sending the request or reading the response head, or the
+    /// head was malformed.
     #[error("upstream request failed: {0}")]
-    Request(hyper::Error),
+    Request(ExchangeError),
     /// The request's body failed to arrive from the client: cut short, or malformed (a bad
     /// chunk, say). The client's fault, not the upstream's.
-    #[error("the request's body failed: {}", cause(.0))]
+    #[error("the request's body failed: {0}")]
     RequestBody(hyper::Error),
 }
 
-impl UpstreamError {
-    /// Sorts out a failed exchange: hyper reports a failure of the request's body as an
-    /// error of the caller's body stream, caused by the client connection's own error.
-    fn of_exchange(error: hyper::Error) -> UpstreamError {
-        let from_client = error.source().is_some_and(|c| c.is::<hyper::Error>());
-        if error.is_user() && from_client {
-            UpstreamError::RequestBody(error)
-        } else {
-            UpstreamError::Request(error)
+/// What went wrong on an upstream connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// Reading or writing the socket failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The upstream closed the connection before the response ended.
+    #[error("the upstream closed the connection before the response ended")]
+    Closed,
+    /// The response is not one that can be forwarded.
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
+    /// The request's body failed to arrive from the client (while the response streamed).
+    #[error("the request's body failed: {0}")]
+    RequestBody(hyper::Error),
+}
+
+impl From<ExchangeError> for UpstreamError {
+    fn from(error: ExchangeError) -> Self {
+        match error {
+            ExchangeError::RequestBody(error) => UpstreamError::RequestBody(error),
+            error => UpstreamError::Request(error),
         }
     }
 }
 
-/// What caused `error`, the client connection's own error for a failed request body.
-fn cause(error: &hyper::Error) -> String {
-    error.source().map_or_else(String::new, ToString::to_string)
+/// The first read buffer of a connection, and how far it grows for a body that arrives
+/// faster than it is sent on.
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 128 * 1024;
+
+/// One connection to the upstream, with its buffers.
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    /// Bytes read and not yet taken.
+    read: BytesMut,
+    /// How much room to make before the next read: grows while reads fill it.
+    read_size: usize,
+    /// The request head being written.
+    head: Vec<u8>,
+    /// Whether it was taken from the pool (rather than opened for this request).
+    reused: bool,
+}
+
+impl Conn {
+    fn new(stream: TcpStream) -> Self {
+        Conn {
+            stream,
+            read: BytesMut::new(),
+            read_size: READ_MIN,
+            head: Vec::new(),
+            reused: false,
+        }
+    }
+
+    /// Reads more into `read`: the number of bytes, 0 at the end of the stream.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < self.read_size / 2 {
+            self.read.reserve(self.read_size);
+        }
+        let room = self.read.capacity() - self.read.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.stream),
+            cx,
+            &mut self.read
+        ))?;
+        if n == room && self.read_size < READ_MAX {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Whether the connection can take a request: nothing unasked for has arrived, and the
+    /// upstream has not closed it. A connection with nothing to read reads nothing: its
+    /// socket is known not to be readable.
+    fn is_open(&self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Ready to go back to the pool: the read buffer shrinks back if a large body grew it.
+    fn rest(&mut self) {
+        if self.read_size > READ_MIN {
+            self.read_size = READ_MIN;
+            self.read = BytesMut::new();
+        }
+    }
 }
 
 struct Idle {
-    sender: SendRequest<Outgoing>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -63,6 +159,9 @@ pub struct Upstream {
     authority: Authority,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// The longest pause allowed within the rest of a request's body, forwarded after its
+    /// response has ended.
+    body_pause: Duration,
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -75,18 +174,26 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// A pool for `authority`; idle connections close after `idle_timeout`.
-    pub fn new(authority: Authority, connect_timeout: Duration, idle_timeout: Duration) -> Self {
+    /// A pool for `authority`; idle connections close after `idle_timeout`. The rest of a
+    /// request's body that is still arriving when its response has ended is forwarded as
+    /// long as it never pauses for `body_pause`.
+    pub fn new(
+        authority: Authority,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        body_pause: Duration,
+    ) -> Self {
         Upstream {
             authority,
             connect_timeout,
             idle_timeout,
+            body_pause,
             idle: Mutex::new(Vec::new()),
         }
     }
 
-    /// Closes connections idle for longer than the idle timeout, every half of it, for as long
-    /// as the pool exists.
+    /// Closes connections idle for longer than the idle timeout, or closed by the upstream,
+    /// every half of the timeout, for as long as the pool exists.
     pub fn reap_idle(self: &Arc<Self>) {
         let pool = Arc::downgrade(self);
         let every = self.idle_timeout / 2;
@@ -100,71 +207,108 @@ impl Upstream {
                 pool.idle
                     .lock()
                     .expect("pool lock")
-                    .retain(|idle| idle.since.elapsed() < timeout && !idle.sender.is_closed());
+                    .retain(|idle| idle.since.elapsed() < timeout && idle.conn.is_open());
             }
         });
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) and returns the response head; the body
-    /// returns the connection to the pool once read to the end. Not an `async fn`, whose
-    /// future would store the request twice.
+    /// Sends `req` (origin-form URI, `Host` set, hop-by-hop fields gone) and returns the
+    /// response head; the body reads the rest and returns the connection to the pool once
+    /// read to the end. `progress`, given for a request with a body, notes how the body moves
+    /// until the response head has arrived. Not an `async fn`, whose future would store the
+    /// request twice.
     #[allow(clippy::manual_async_fn)]
-    pub fn send(
-        self: &Arc<Self>,
-        mut req: Request<Outgoing>,
-    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + '_ {
+    pub fn send<'a>(
+        self: &'a Arc<Self>,
+        req: Request<Incoming>,
+        progress: Option<&'a Progress>,
+    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + 'a {
         async move {
-            // One retry: a reused connection may have closed while idle, before taking the request.
-            let mut reused = true;
+            let (parts, body) = req.into_parts();
+            let asked = Asked::of(&parts.method);
+            // Resent if its connection turns out closed: only what the upstream cannot have
+            // acted on, or may act on twice.
+            let idempotent = matches!(
+                parts.method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::TRACE
+                    | Method::PUT
+                    | Method::DELETE
+            );
+            let framing = if body.is_end_stream() {
+                if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+                    RequestFraming::Length(0)
+                } else {
+                    RequestFraming::None
+                }
+            } else {
+                match body.size_hint().exact() {
+                    Some(n) => RequestFraming::Length(n),
+                    None => RequestFraming::Chunked,
+                }
+            };
+            let mut forward = (!body.is_end_stream())
+                .then(|| Forward::new(body, framing == RequestFraming::Chunked));
+            let mut conn = self.take().await?;
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            codec::encode_request(
+                &mut conn.head,
+                &parts.method,
+                target,
+                &parts.headers,
+                framing,
+            );
+            drop(parts);
             loop {
-                let (mut sender, was_idle) = match self.checkout().await {
-                    Some(sender) => (sender, true),
-                    None => (self.connect().await?, false),
-                };
-                reused &= was_idle;
-                match sender.try_send_request(req).await {
-                    Ok(response) => {
-                        let (parts, body) = response.into_parts();
-                        // An upgraded connection is the client's now; it never returns.
-                        let keep = parts.status != http::StatusCode::SWITCHING_PROTOCOLS;
-                        let mut body = PooledBody {
-                            inner: body,
-                            ret: keep.then(|| (sender, self.clone())),
-                        };
-                        if body.inner.is_end_stream() {
-                            body.finish();
-                        }
-                        return Ok(Response::from_parts(parts, body));
+                let mut exchange = Exchange::new(asked);
+                let head = std::future::poll_fn(|cx| {
+                    exchange.poll(&mut conn, forward.as_mut(), progress, cx)
+                })
+                .await;
+                match head {
+                    Ok(head) => {
+                        // Answered before the request was written whole (or could be): the
+                        // connection is not at a request's end, and the rest is not sent.
+                        let sent = !exchange.write_failed && exchange.written == conn.head.len();
+                        let forward = forward.filter(|_| sent);
+                        return Ok(self.respond(head, conn, forward, sent));
                     }
-                    Err(mut error) => match error.take_message() {
-                        Some(unsent) if reused => {
-                            req = unsent;
-                            reused = false;
+                    Err(error) => {
+                        let resend = conn.reused
+                            && forward.is_none()
+                            && !exchange.received
+                            && (idempotent || exchange.write_failed)
+                            && matches!(error, ExchangeError::Io(_) | ExchangeError::Closed);
+                        if !resend {
+                            return Err(error.into());
                         }
-                        _ => return Err(UpstreamError::of_exchange(error.into_error())),
-                    },
+                        let mut next = self.take().await?;
+                        std::mem::swap(&mut next.head, &mut conn.head);
+                        conn = next;
+                    }
                 }
             }
         }
     }
 
-    async fn checkout(&self) -> Option<SendRequest<Outgoing>> {
+    /// A connection for one exchange: the most recently pooled one still open, or a new one.
+    async fn take(&self) -> Result<Conn, UpstreamError> {
         loop {
-            let idle = self.idle.lock().expect("pool lock").pop()?;
-            if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
-                continue;
-            }
-            let mut sender = idle.sender;
-            // Ready once its connection has finished the previous exchange: at once, or
-            // after one turn of the connection's task.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            let idle = self.idle.lock().expect("pool lock").pop();
+            let Some(idle) = idle else { break };
+            if idle.since.elapsed() < self.idle_timeout && idle.conn.is_open() {
+                let mut conn = idle.conn;
+                conn.reused = true;
+                return Ok(conn);
             }
         }
+        self.connect().await
     }
 
-    async fn connect(&self) -> Result<SendRequest<Outgoing>, UpstreamError> {
-        let connect = tokio::net::TcpStream::connect(self.authority.as_str());
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
+        let connect = TcpStream::connect(self.authority.as_str());
         let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(UpstreamError::Connect(error.to_string())),
@@ -176,88 +320,368 @@ impl Upstream {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Request)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(stream))
     }
 
-    fn put(&self, sender: SendRequest<Outgoing>) {
-        if !sender.is_closed() {
-            self.idle.lock().expect("pool lock").push(Idle {
-                sender,
-                since: Instant::now(),
+    fn put(&self, mut conn: Conn) {
+        conn.rest();
+        self.idle.lock().expect("pool lock").push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    /// A response has been read whole from `conn`. The connection goes back to the pool if
+    /// the response allows it (`keep_alive`), nothing else has arrived, and the request has
+    /// been written whole; with the request's body still arriving, once that is forwarded.
+    fn finish(self: &Arc<Self>, conn: Conn, forward: Option<Forward>, keep_alive: bool) {
+        match forward.filter(|f| !f.is_done()) {
+            Some(forward) => {
+                tokio::spawn(self.clone().forward_rest(conn, forward, keep_alive));
+            }
+            None if keep_alive && conn.read.is_empty() => self.put(conn),
+            None => {}
+        }
+    }
+
+    /// Forwards the rest of a request's body whose response has ended: the client connection
+    /// keeps reading it (never as a request of its own), and the upstream connection is
+    /// pooled again after it. A body that pauses for `body_pause`, or fails, closes both.
+    async fn forward_rest(self: Arc<Self>, mut conn: Conn, mut forward: Forward, keep_alive: bool) {
+        while !forward.is_done() {
+            let written = forward.written;
+            let step = std::future::poll_fn(|cx| {
+                forward.poll_forward(&mut conn, cx)?;
+                if forward.is_done() || forward.written != written {
+                    Poll::Ready(Ok::<_, ExchangeError>(()))
+                } else {
+                    Poll::Pending
+                }
             });
-        }
-    }
-}
-
-/// A request's body on its way to the upstream. A body that is more than its end notes when
-/// it last moved, for the response timeout, which counts from the body's end.
-pub struct Outgoing {
-    inner: Incoming,
-    progress: Option<Arc<Progress>>,
-    polled: bool,
-}
-
-impl std::fmt::Debug for Outgoing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outgoing").finish_non_exhaustive()
-    }
-}
-
-impl Outgoing {
-    /// `body`, with its [`Progress`] if it has more than its end.
-    pub fn new(body: Incoming) -> (Outgoing, Option<Arc<Progress>>) {
-        let progress = (!body.is_end_stream()).then(|| {
-            Arc::new(Progress {
-                start: tokio::time::Instant::now(),
-                last: AtomicU64::new(Progress::UNPOLLED),
-                clients_turn: AtomicBool::new(false),
-            })
-        });
-        let outgoing = Outgoing {
-            inner: body,
-            progress: progress.clone(),
-            polled: false,
-        };
-        (outgoing, progress)
-    }
-}
-
-impl Body for Outgoing {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Some(progress) = &this.progress {
-            // Its time counts from when the upstream connection first asks for it.
-            if polled.is_ready() || !this.polled {
-                progress.moved();
+            if !matches!(
+                tokio::time::timeout(self.body_pause, step).await,
+                Ok(Ok(()))
+            ) {
+                return;
             }
-            this.polled = true;
-            progress.clients_turn.store(polled.is_pending(), Relaxed);
         }
-        polled
+        if keep_alive && conn.is_open() {
+            self.put(conn);
+        }
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    /// The response for `head`, its body reading the rest from `conn`. `sent`: the request's
+    /// head was written whole, and its body could be (`forward` has the rest).
+    fn respond(
+        self: &Arc<Self>,
+        head: codec::Head,
+        mut conn: Conn,
+        forward: Option<Forward>,
+        sent: bool,
+    ) -> Response<PooledBody> {
+        let keep_alive = head.keep_alive && sent;
+        // A request body written whole no longer needs forwarding.
+        let forward = forward.filter(|f| !f.is_done());
+        let body = match head.framing {
+            _ if head.status == http::StatusCode::SWITCHING_PROTOCOLS => {
+                let unread = conn.read.split().freeze();
+                PooledBody(Inner::Upgraded(Box::new(Upgraded {
+                    stream: conn.stream,
+                    unread,
+                })))
+            }
+            Framing::Empty => {
+                self.finish(conn, forward, keep_alive);
+                PooledBody(Inner::Full(None))
+            }
+            // Most responses arrive whole with their head: the connection goes back at once.
+            Framing::Length(n) if conn.read.len() as u64 >= n => {
+                let data = conn.read.split_to(n as usize).freeze();
+                self.finish(conn, forward, keep_alive);
+                PooledBody(Inner::Full(Some(data)))
+            }
+            framing => PooledBody(Inner::Streaming(Box::new(Streaming {
+                conn: Some(conn),
+                framing: match framing {
+                    Framing::Length(n) => Reading::Length(n),
+                    Framing::Chunked => Reading::Chunked(Chunked::default()),
+                    _ => Reading::Close,
+                },
+                forward,
+                keep_alive,
+                pool: self.clone(),
+            }))),
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        if let Some(reason) = head.reason
+            && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason)
+        {
+            response.extensions_mut().insert(reason);
+        }
+        response
+    }
+}
+
+/// Where an exchange stands until its response head has arrived.
+#[derive(Debug)]
+struct Exchange {
+    /// What the request was, for the response's framing.
+    asked: Asked,
+    /// Bytes of the request head written so far.
+    written: usize,
+    /// Writing failed: the head or the body is not all there. A response may still have come.
+    write_failed: bool,
+    write_error: Option<io::Error>,
+    /// Some byte of a response has arrived.
+    received: bool,
+}
+
+impl Exchange {
+    fn new(asked: Asked) -> Self {
+        Exchange {
+            asked,
+            written: 0,
+            write_failed: false,
+            write_error: None,
+            received: false,
+        }
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    /// Writes what it can of the request, then reads the response head.
+    fn poll(
+        &mut self,
+        conn: &mut Conn,
+        forward: Option<&mut Forward>,
+        progress: Option<&Progress>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<codec::Head, ExchangeError>> {
+        if !self.write_failed
+            && let Err(error) = self.poll_write(conn, forward, progress, cx)
+        {
+            match error {
+                ExchangeError::Io(error) => {
+                    // The upstream may have answered before it stopped reading: look first.
+                    self.write_failed = true;
+                    self.write_error = Some(error);
+                }
+                error => return Poll::Ready(Err(error)),
+            }
+        }
+        loop {
+            if !conn.read.is_empty() {
+                self.received = true;
+                if let Some(head) = codec::parse_response(&mut conn.read, self.asked)? {
+                    return Poll::Ready(Ok(head));
+                }
+            }
+            match conn.poll_read(cx) {
+                Poll::Pending if self.write_failed => {
+                    return Poll::Ready(Err(self
+                        .write_error
+                        .take()
+                        .map_or(ExchangeError::Closed, ExchangeError::Io)));
+                }
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(match self.write_error.take() {
+                        Some(error) => ExchangeError::Io(error),
+                        None => ExchangeError::Closed,
+                    }));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(error)) => {
+                    return Poll::Ready(Err(match self.write_error.take() {
+                        Some(write) => ExchangeError::Io(write),
+                        None => ExchangeError::Io(error),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Writes the request head and as much of the body as is there and the socket takes;
+    /// never pending (what it waits for will wake the task).
+    fn poll_write(
+        &mut self,
+        conn: &mut Conn,
+        mut forward: Option<&mut Forward>,
+        progress: Option<&Progress>,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ExchangeError> {
+        loop {
+            if let Some(forward) = forward.as_deref_mut() {
+                forward.fill(cx, progress)?;
+            }
+            let head = &conn.head[self.written..];
+            let mut slices = [io::IoSlice::new(&[]); 4];
+            slices[0] = io::IoSlice::new(head);
+            let count = match forward.as_deref() {
+                Some(forward) => 1 + forward.slices(&mut slices[1..]),
+                None => 1,
+            };
+            let total: usize = slices[..count].iter().map(|s| s.len()).sum();
+            if total == 0 {
+                return Ok(());
+            }
+            let written = match Pin::new(&mut conn.stream).poll_write_vectored(cx, &slices[..count])
+            {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(error)) => return Err(error.into()),
+            };
+            let from_head = written.min(head.len());
+            self.written += from_head;
+            if let Some(forward) = forward.as_deref_mut() {
+                forward.advance(written - from_head);
+            }
+        }
+    }
+}
+
+/// A request's body on its way to the upstream, framed: what is taken from the client and
+/// not yet written.
+#[derive(Debug)]
+struct Forward {
+    body: Incoming,
+    chunked: bool,
+    /// The body's end has been taken (and its framing queued).
+    ended: bool,
+    /// The framing before `data`: a chunk-size line.
+    line: Option<ChunkLine>,
+    line_at: usize,
+    data: Bytes,
+    /// The framing after `data`: CRLF after a chunk, the last chunk and the end of the body.
+    tail: &'static [u8],
+    /// Bytes written so far, framing included.
+    written: u64,
+}
+
+impl Forward {
+    fn new(body: Incoming, chunked: bool) -> Self {
+        Forward {
+            body,
+            chunked,
+            ended: false,
+            line: None,
+            line_at: 0,
+            data: Bytes::new(),
+            tail: &[],
+            written: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.line.is_none() && self.data.is_empty() && self.tail.is_empty()
+    }
+
+    /// Written whole, end included.
+    fn is_done(&self) -> bool {
+        self.ended && self.is_empty()
+    }
+
+    /// With nothing left to write, takes the body's next frame, if it has one ready.
+    fn fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        progress: Option<&Progress>,
+    ) -> Result<(), ExchangeError> {
+        while self.is_empty() && !self.ended {
+            let polled = Pin::new(&mut self.body).poll_frame(cx);
+            if let Some(progress) = progress {
+                // Its time counts from when the upstream connection first asks for it.
+                if polled.is_ready() || progress.last.load(Relaxed) == Progress::UNPOLLED {
+                    progress.moved();
+                }
+                progress.clients_turn.store(polled.is_pending(), Relaxed);
+            }
+            match polled {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Some(Err(error))) => return Err(ExchangeError::RequestBody(error)),
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    if self.chunked {
+                        self.tail = b"0\r\n\r\n";
+                    }
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => {
+                        if self.chunked {
+                            self.line = Some(ChunkLine::new(data.len()));
+                            self.line_at = 0;
+                            self.tail = b"\r\n";
+                        }
+                        self.data = data;
+                    }
+                    Err(frame) => {
+                        // Trailers end the body; only the chunked coding can carry them.
+                        self.ended = true;
+                        if self.chunked {
+                            let trailers = frame.into_trailers().unwrap_or_default();
+                            self.line = Some(ChunkLine::new(0));
+                            self.line_at = 0;
+                            self.data = codec::encode_trailers(&trailers);
+                        }
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes waiting to be written, in order, into `slices`; how many it used.
+    fn slices<'a>(&'a self, slices: &mut [io::IoSlice<'a>]) -> usize {
+        let mut used = 0;
+        let line = self
+            .line
+            .as_ref()
+            .map_or(&[][..], |l| &l.as_bytes()[self.line_at..]);
+        for part in [line, &self.data[..], self.tail] {
+            if !part.is_empty() {
+                slices[used] = io::IoSlice::new(part);
+                used += 1;
+            }
+        }
+        used
+    }
+
+    /// `n` bytes of [`Forward::slices`] have been written.
+    fn advance(&mut self, mut n: usize) {
+        self.written += n as u64;
+        if let Some(line) = &self.line {
+            let left = line.as_bytes().len() - self.line_at;
+            let took = n.min(left);
+            self.line_at += took;
+            n -= took;
+            if took == left {
+                self.line = None;
+            }
+        }
+        let took = n.min(self.data.len());
+        self.data.advance(took);
+        n -= took;
+        self.tail = &self.tail[n.min(self.tail.len())..];
+    }
+
+    /// Writes what it can of the rest of the body, as the response streams.
+    fn poll_forward(&mut self, conn: &mut Conn, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
+        loop {
+            self.fill(cx, None)?;
+            let mut slices = [io::IoSlice::new(&[]); 3];
+            let count = self.slices(&mut slices);
+            if count == 0 {
+                return Ok(());
+            }
+            match Pin::new(&mut conn.stream).poll_write_vectored(cx, &slices[..count]) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Poll::Ready(Ok(n)) => self.advance(n),
+                Poll::Ready(Err(error)) => return Err(error.into()),
+            }
+        }
     }
 }
 
@@ -272,6 +696,16 @@ pub struct Progress {
     /// connection first asks for the body.
     last: AtomicU64,
     clients_turn: AtomicBool,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            start: tokio::time::Instant::now(),
+            last: AtomicU64::new(Progress::UNPOLLED),
+            clients_turn: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Progress {
@@ -291,51 +725,185 @@ impl Progress {
     }
 }
 
-/// An upstream response body that returns its connection to the pool when read to the end.
-/// Dropped early, it takes the connection with it (hyper closes a connection whose response
-/// was not read).
-pub struct PooledBody {
-    inner: Incoming,
-    ret: Option<(SendRequest<Outgoing>, Arc<Upstream>)>,
+/// An upstream response's body. Read to the end, it returns its connection to the pool;
+/// dropped before, it closes it.
+#[derive(Debug)]
+pub struct PooledBody(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    /// The whole body (or none), read with the head; the connection is back in the pool.
+    Full(Option<Bytes>),
+    /// The body still arriving.
+    Streaming(Box<Streaming>),
+    /// A `101`: the connection is no longer HTTP's.
+    Upgraded(Box<Upgraded>),
 }
 
-impl std::fmt::Debug for PooledBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledBody").finish_non_exhaustive()
-    }
+/// An upstream connection switched to another protocol, and the bytes read past the `101`.
+#[derive(Debug)]
+pub struct Upgraded {
+    /// The connection.
+    pub stream: TcpStream,
+    /// What the upstream sent after the `101`, for the client first.
+    pub unread: Bytes,
 }
 
 impl PooledBody {
+    /// The connection, if the response switched protocols.
+    pub fn into_upgraded(self) -> Option<Upgraded> {
+        match self.0 {
+            Inner::Upgraded(upgraded) => Some(*upgraded),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Streaming {
+    /// The connection, until the body has ended.
+    conn: Option<Conn>,
+    framing: Reading,
+    /// The rest of the request's body, still being forwarded.
+    forward: Option<Forward>,
+    /// The response allows the connection to be reused.
+    keep_alive: bool,
+    pool: Arc<Upstream>,
+}
+
+/// How the rest of a body is read.
+#[derive(Debug)]
+enum Reading {
+    /// This many bytes to go.
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the upstream closes.
+    Close,
+}
+
+impl Streaming {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Some(forward) = &mut self.forward {
+            if let Err(error) = forward.poll_forward(conn, cx) {
+                self.conn = None;
+                return Poll::Ready(Some(Err(error)));
+            }
+            if forward.is_done() {
+                self.forward = None;
+            }
+        }
+        loop {
+            let frame = match &mut self.framing {
+                Reading::Length(left) if !conn.read.is_empty() => {
+                    let take = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(conn.read.len());
+                    *left -= take as u64;
+                    Some(Frame::data(conn.read.split_to(take).freeze()))
+                }
+                Reading::Length(_) => None,
+                Reading::Chunked(chunked) => match chunked.decode(&mut conn.read) {
+                    Ok(Decoded::Data(data)) => Some(Frame::data(data)),
+                    Ok(Decoded::Trailers(trailers)) => Some(Frame::trailers(trailers)),
+                    Ok(Decoded::End) => {
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::More) => None,
+                    Err(malformed) => {
+                        self.conn = None;
+                        return Poll::Ready(Some(Err(malformed.into())));
+                    }
+                },
+                Reading::Close if !conn.read.is_empty() => {
+                    Some(Frame::data(conn.read.split().freeze()))
+                }
+                Reading::Close => None,
+            };
+            if let Some(frame) = frame {
+                if self.is_read() {
+                    self.finish();
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            match ready!(conn.poll_read(cx)) {
+                Ok(0) if matches!(self.framing, Reading::Close) => {
+                    self.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(ExchangeError::Closed)));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(error.into())));
+                }
+            }
+        }
+    }
+
+    /// Whether the body has been read to its end.
+    fn is_read(&self) -> bool {
+        match self.framing {
+            Reading::Length(left) => left == 0,
+            Reading::Chunked(chunked) => chunked == Chunked::Done,
+            Reading::Close => false,
+        }
+    }
+
+    /// The response has been read whole: the connection goes back to the pool if both
+    /// messages ended where they should and nothing else has arrived.
     fn finish(&mut self) {
-        if let Some((sender, pool)) = self.ret.take() {
-            pool.put(sender);
+        if let Some(conn) = self.conn.take() {
+            self.pool.finish(conn, self.forward.take(), self.keep_alive);
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            _ if self.conn.is_none() => SizeHint::with_exact(0),
+            Reading::Length(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ExchangeError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.finish(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
-            Poll::Ready(Some(Err(_))) => self.ret = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        match &mut self.0 {
+            Inner::Full(data) => Poll::Ready(data.take().map(|data| Ok(Frame::data(data)))),
+            Inner::Streaming(streaming) => streaming.poll_frame(cx),
+            Inner::Upgraded(_) => Poll::Ready(None),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Inner::Full(data) => data.is_none(),
+            Inner::Streaming(streaming) => streaming.conn.is_none(),
+            Inner::Upgraded(_) => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.0 {
+            Inner::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Inner::Streaming(streaming) => streaming.size_hint(),
+            Inner::Upgraded(_) => SizeHint::with_exact(0),
+        }
     }
 }

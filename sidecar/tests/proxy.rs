@@ -1506,3 +1506,207 @@ async fn a_trickled_head_is_closed_after_the_header_timeout() {
         let _ = raw.stream.get_mut().write_all(line.as_bytes()).await;
     }
 }
+
+/// What a [`scripted_upstream`] does with the next request it reads.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// Writes these bytes, then reads on.
+    Keep(&'static str),
+    /// Writes these bytes, then closes the connection.
+    Close(&'static str),
+}
+
+/// An upstream that reads each request head (requests without a body) and answers with the
+/// next of `answers`, raw bytes, whatever connection it came on; it counts the connections it
+/// accepts and records the request lines.
+async fn scripted_upstream(
+    answers: Vec<Answer>,
+) -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let answers = Arc::new(std::sync::Mutex::new(answers.into_iter()));
+    let (counter, lines) = (accepted.clone(), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            let (answers, lines) = (answers.clone(), lines.clone());
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    lines.lock().unwrap().push(line.trim_end().to_owned());
+                    while line != "\r\n" {
+                        line.clear();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                    let next = answers.lock().unwrap().next();
+                    match next.expect("an answer for every request") {
+                        Answer::Keep(bytes) => {
+                            stream.get_mut().write_all(bytes.as_bytes()).await.unwrap();
+                        }
+                        Answer::Close(bytes) => {
+                            let _ = stream.get_mut().write_all(bytes.as_bytes()).await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted, seen)
+}
+
+/// Bodies framed each way the upstream may frame them reach the client whole: by length, in
+/// chunks (with extensions and trailers), and until the upstream closes; a connection is
+/// reused after the first two, not after the last.
+#[tokio::test]
+async fn upstream_bodies_are_read_by_length_chunks_or_close() {
+    let (up, accepted, _) = scripted_upstream(vec![
+        Answer::Keep("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nlength"),
+        Answer::Keep(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+             4;ext=1\r\nchun\r\n3\r\nked\r\n0\r\nX-Trailer: t\r\n\r\n",
+        ),
+        Answer::Close("HTTP/1.1 200 OK\r\nX-Framing: none\r\n\r\nuntil close"),
+        Answer::Keep("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh"),
+    ])
+    .await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    for expected in ["length", "chunked", "until close", "fresh"] {
+        let (status, headers, body) = sidecar.send(Method::GET, "/", &[], "").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, expected.as_bytes()));
+        assert!(
+            !headers.contains_key("transfer-encoding")
+                || expected == "chunked"
+                || expected == "until close"
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// A response the sidecar cannot be sure where it ends, or cannot read at all, is a `502`,
+/// counted as the upstream's error, and its connection is not used again.
+#[tokio::test]
+async fn malformed_upstream_responses_are_a_502() {
+    let big = Box::leak(
+        format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(70_000)).into_boxed_str(),
+    );
+    let answers = [
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        "SSH-2.0-OpenSSH_9.2\r\n\r\n",
+        big,
+    ];
+    let script: Vec<Answer> = answers.iter().map(|a| Answer::Keep(a)).collect();
+    let (up, accepted, _) = scripted_upstream(script).await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    for answer in answers {
+        let (status, _, body) = sidecar.send(Method::GET, "/", &[], "").await;
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::BAD_GATEWAY, &b"upstream unavailable\n"[..]),
+            "{}",
+            &answer[..answer.len().min(60)]
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), answers.len());
+    let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
+    let line = format!(
+        r#"corsair_sidecar_upstream_errors_total{{kind="unavailable"}} {}"#,
+        answers.len()
+    );
+    assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
+}
+
+/// `100 Continue` and `103 Early Hints` from the upstream are passed over for the final
+/// response.
+#[tokio::test]
+async fn interim_responses_are_passed_over() {
+    let (up, _, _) = scripted_upstream(vec![Answer::Keep(
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+         HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\ncreated",
+    )])
+    .await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let (status, headers, body) = sidecar.send(Method::GET, "/", &[], "").await;
+    assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"created"[..]));
+    assert!(!headers.contains_key("link"));
+}
+
+/// A reused connection the upstream closes on reading the next request (its idle timeout
+/// racing the request): a request that is safe to send twice goes again on a new connection,
+/// a `POST` is answered `502`, never sent twice.
+#[tokio::test]
+async fn a_request_on_a_connection_closed_under_it_is_resent_only_if_safe() {
+    let (up, accepted, seen) = scripted_upstream(vec![
+        Answer::Keep("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none"),
+        Answer::Close(""),
+        Answer::Keep("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo"),
+        Answer::Close(""),
+    ])
+    .await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let (_, _, body) = sidecar.send(Method::GET, "/1", &[], "").await;
+    assert_eq!(body, "one");
+    let (status, _, body) = sidecar.send(Method::GET, "/2", &[], "").await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"two"[..]));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "resent on a new connection"
+    );
+    let (status, _, _) = sidecar.send(Method::POST, "/3", &[], "").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            "GET /1 HTTP/1.1",
+            "GET /2 HTTP/1.1",
+            "GET /2 HTTP/1.1",
+            "POST /3 HTTP/1.1"
+        ]
+    );
+}
+
+/// A connection is pooled again only when the response has ended where its framing says and
+/// nothing more has come: bytes after a response, `Connection: close`, and a `HEAD`'s length
+/// (which announces a body that never comes) each do the right thing.
+#[tokio::test]
+async fn only_connections_at_a_message_boundary_are_reused() {
+    let (up, accepted, _) = scripted_upstream(vec![
+        Answer::Keep("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokJUNK"),
+        Answer::Keep("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"),
+        Answer::Keep("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 4\r\n\r\nlast"),
+        Answer::Keep("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nnew"),
+    ])
+    .await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let (_, _, body) = sidecar.send(Method::GET, "/", &[], "").await;
+    assert_eq!(body, "ok");
+    // A new connection: the first had unasked-for bytes after its response.
+    let (status, headers, body) = sidecar.send(Method::HEAD, "/", &[], "").await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 0));
+    assert_eq!(headers["content-length"], "100");
+    // The same connection again: a HEAD's response has no body.
+    let (_, _, body) = sidecar.send(Method::GET, "/", &[], "").await;
+    assert_eq!(body, "last");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // A new one after `Connection: close`.
+    let (_, _, body) = sidecar.send(Method::GET, "/", &[], "").await;
+    assert_eq!(body, "new");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
