@@ -109,7 +109,7 @@ pub struct Timeouts {
     pub response: std::time::Duration,
     /// A client sending its request headers (then the connection is closed).
     pub client_headers: std::time::Duration,
-    /// An idle pooled upstream connection is closed after this.
+    /// An idle pooled upstream connection is closed after this (within a quarter more).
     pub upstream_idle: std::time::Duration,
     /// An idle HTTP/1 client connection gives back its buffers at once, unless its last gap
     /// between requests was shorter than this; then once it has been idle this long.
@@ -360,9 +360,10 @@ fn handle<'a>(
             None => req.headers().get(header::HOST).cloned(),
         };
         let authority = authority_value.as_ref().and_then(|v| v.to_str().ok());
-        // One pass over the names: most requests carry no hop-by-hop header, and so neither
-        // an upgrade nor anything to strip.
-        let hop_by_hop = req.headers().keys().any(is_hop_by_hop);
+        // One pass over the names: most requests carry no hop-by-hop header (and so neither an
+        // upgrade nor anything to strip), and no `X-Forwarded-*` of their own.
+        let names = Names::of(req.headers());
+        let hop_by_hop = names.hop_by_hop;
         let upgrade = hop_by_hop && is_upgrade(&req);
         // The decision borrows the snapshot's compiled policy, which `snapshot` keeps alive.
         let cors = match active {
@@ -437,12 +438,27 @@ fn handle<'a>(
         if hop_by_hop {
             strip_hop_by_hop(req.headers_mut(), upgrade);
         }
-        add_forwarded(
-            req.headers_mut(),
-            peer,
-            config.public_scheme,
-            authority_value.as_ref(),
-        );
+        // `X-Forwarded-*` go after the request's own headers as its head is written, or, when
+        // it brought some of its own, into its header map, joined or replaced.
+        let proto = HeaderValue::from_static(config.public_scheme.as_str());
+        let forwarded: [(&HeaderName, &HeaderValue); 3];
+        let appended: &[(&HeaderName, &HeaderValue)] = if names.forwarded {
+            add_forwarded(
+                req.headers_mut(),
+                peer,
+                config.public_scheme,
+                authority_value.as_ref(),
+            );
+            &[]
+        } else {
+            let host = authority_value.as_ref();
+            forwarded = [
+                (&X_FORWARDED_FOR, peer),
+                (&X_FORWARDED_PROTO, &proto),
+                (&X_FORWARDED_HOST, host.unwrap_or(&proto)),
+            ];
+            &forwarded[..if host.is_some() { 3 } else { 2 }]
+        };
         // `Host` is the authority (added for HTTP/2, put back if `Connection` named it; one
         // that came from `Host` and was not stripped is there already).
         if let Some(host) = authority_value.as_ref()
@@ -464,7 +480,7 @@ fn handle<'a>(
         let mut due = now.checked_add(timeout).unwrap_or(now + FOREVER);
         let response = match timers {
             Some(timers) => {
-                let mut send = std::pin::pin!(client.send(req, progress));
+                let mut send = std::pin::pin!(client.send(req, progress, appended));
                 let mut deadline = timers.deadline(due.into_std());
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(response) = send.as_mut().poll(cx) {
@@ -479,7 +495,7 @@ fn handle<'a>(
                 .await
             }
             None => {
-                let mut send = std::pin::pin!(client.send(req, progress));
+                let mut send = std::pin::pin!(client.send(req, progress, appended));
                 let mut sleep = std::pin::pin!(tokio::time::sleep_until(due));
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(response) = send.as_mut().poll(cx) {
@@ -781,6 +797,28 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// What a request's header names call for, from one pass over them.
+struct Names {
+    /// Some are hop-by-hop.
+    hop_by_hop: bool,
+    /// Some are `X-Forwarded-*`.
+    forwarded: bool,
+}
+
+impl Names {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut names = Names {
+            hop_by_hop: false,
+            forwarded: false,
+        };
+        for name in headers.keys() {
+            names.hop_by_hop |= is_hop_by_hop(name);
+            names.forwarded |= name.as_str().starts_with("x-forwarded-");
+        }
+        names
+    }
+}
+
 /// Whether `name` is in [`HOP_BY_HOP`] or is `Upgrade`.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
@@ -820,9 +858,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// A timeout too long to add to the clock: some thirty years.
 const FOREVER: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 86_400);
@@ -851,7 +889,7 @@ fn add_forwarded(
     scheme: Scheme,
     host: Option<&HeaderValue>,
 ) {
-    match headers.entry(X_FORWARDED_FOR) {
+    match headers.entry(&X_FORWARDED_FOR) {
         header::Entry::Vacant(entry) => {
             entry.insert(peer.clone());
         }
@@ -868,9 +906,12 @@ fn add_forwarded(
             }
         }
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(scheme.as_str()),
+    );
     if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host.clone());
+        headers.insert(&X_FORWARDED_HOST, host.clone());
     }
 }
 

@@ -28,9 +28,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -151,8 +152,13 @@ impl Conn {
 
 struct Idle {
     conn: Conn,
-    since: Instant,
+    /// The pool's epoch when the connection went idle.
+    since: u64,
 }
+
+/// Ticks of the pool's epoch (a quarter of the idle timeout each) after which an idle
+/// connection is closed: it has been idle for the whole timeout, and at most a quarter more.
+const IDLE_TICKS: u64 = 5;
 
 /// Keep-alive connections to one upstream.
 pub struct Upstream {
@@ -163,6 +169,9 @@ pub struct Upstream {
     /// response has ended.
     body_pause: Duration,
     idle: Mutex<Vec<Idle>>,
+    /// How long connections have been idle, counted without reading the clock per request:
+    /// [`Upstream::reap_idle`] advances it every quarter of the idle timeout.
+    epoch: AtomicU64,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -189,39 +198,41 @@ impl Upstream {
             idle_timeout,
             body_pause,
             idle: Mutex::new(Vec::new()),
+            epoch: AtomicU64::new(0),
         }
     }
 
-    /// Closes connections idle for longer than the idle timeout, or closed by the upstream,
-    /// every half of the timeout, for as long as the pool exists.
+    /// Closes connections idle for the idle timeout (within a quarter more), or closed by the
+    /// upstream, checking every quarter of the timeout, for as long as the pool exists.
     pub fn reap_idle(self: &Arc<Self>) {
         let pool = Arc::downgrade(self);
-        let every = self.idle_timeout / 2;
+        let every = (self.idle_timeout / 4).max(Duration::from_millis(1));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+            let mut tick = tokio::time::interval(every);
             tick.tick().await;
             loop {
                 tick.tick().await;
                 let Some(pool) = pool.upgrade() else { return };
-                let timeout = pool.idle_timeout;
+                let epoch = pool.epoch.fetch_add(1, Relaxed) + 1;
                 pool.idle
                     .lock()
                     .expect("pool lock")
-                    .retain(|idle| idle.since.elapsed() < timeout && idle.conn.is_open());
+                    .retain(|idle| epoch - idle.since < IDLE_TICKS && idle.conn.is_open());
             }
         });
     }
 
-    /// Sends `req` (origin-form URI, `Host` set, hop-by-hop fields gone) and returns the
-    /// response head; the body reads the rest and returns the connection to the pool once
-    /// read to the end. `progress`, given for a request with a body, notes how the body moves
-    /// until the response head has arrived. Not an `async fn`, whose future would store the
-    /// request twice.
+    /// Sends `req` (`Host` set, hop-by-hop fields gone; the target goes in origin form), with
+    /// `appended` written after its own headers, and returns the response head; the body reads
+    /// the rest and returns the connection to the pool once read to the end. `progress`, given
+    /// for a request with a body, notes how the body moves until the response head has
+    /// arrived. Not an `async fn`, whose future would store the request twice.
     #[allow(clippy::manual_async_fn)]
     pub fn send<'a>(
         self: &'a Arc<Self>,
         req: Request<Incoming>,
         progress: Option<&'a Progress>,
+        appended: &'a [(&'a HeaderName, &'a HeaderValue)],
     ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + 'a {
         async move {
             let (parts, body) = req.into_parts();
@@ -258,6 +269,7 @@ impl Upstream {
                 &parts.method,
                 target,
                 &parts.headers,
+                appended,
                 framing,
             );
             drop(parts);
@@ -298,7 +310,7 @@ impl Upstream {
         loop {
             let idle = self.idle.lock().expect("pool lock").pop();
             let Some(idle) = idle else { break };
-            if idle.since.elapsed() < self.idle_timeout && idle.conn.is_open() {
+            if self.epoch.load(Relaxed) - idle.since < IDLE_TICKS && idle.conn.is_open() {
                 let mut conn = idle.conn;
                 conn.reused = true;
                 return Ok(conn);
@@ -327,7 +339,7 @@ impl Upstream {
         conn.rest();
         self.idle.lock().expect("pool lock").push(Idle {
             conn,
-            since: Instant::now(),
+            since: self.epoch.load(Relaxed),
         });
     }
 

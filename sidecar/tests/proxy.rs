@@ -50,6 +50,7 @@ async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                             .header("vary", "Accept-Encoding")
                             .header("x-saw-forwarded-for", saw("x-forwarded-for"))
                             .header("x-saw-forwarded-proto", saw("x-forwarded-proto"))
+                            .header("x-saw-forwarded-host", saw("x-forwarded-host"))
                             .header("x-saw-secret", saw("x-secret"))
                             .header("x-saw-connection", saw("connection"))
                             .header("x-saw-path", req.uri().path())
@@ -381,10 +382,36 @@ async fn actual_requests_get_the_policy_headers_over_the_upstream_ones() {
     assert_eq!(headers["x-saw-forwarded-for"], "127.0.0.1");
     assert_eq!(headers["x-saw-forwarded-proto"], "http");
     assert_eq!(
+        headers["x-saw-forwarded-host"],
+        sidecar.addr.to_string().as_str()
+    );
+    assert_eq!(
         headers["x-saw-secret"], "-",
         "headers named in Connection are hop-by-hop"
     );
     assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    // A request that comes through another proxy: its `X-Forwarded-For` is extended, the
+    // others replaced.
+    let (_, headers, _) = sidecar
+        .send(
+            Method::GET,
+            "/",
+            &[
+                ("x-forwarded-for", "203.0.113.9"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "spoofed.example"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(headers["x-saw-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(headers["x-saw-forwarded-proto"], "http");
+    assert_eq!(
+        headers["x-saw-forwarded-host"],
+        sidecar.addr.to_string().as_str()
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
 
     // A disallowed origin in standard mode is forwarded, with the upstream's ACAO removed;
     // CORS headers go on error statuses too.

@@ -43,22 +43,23 @@ pub(crate) enum RequestFraming {
 }
 
 /// Writes the request head into `out` (cleared first): `target` must be in origin form, and
-/// `headers` are written as they are, except `Content-Length` and `Transfer-Encoding`, which
-/// `framing` replaces.
+/// `headers` are written as they are, then `appended`, except `Content-Length` and
+/// `Transfer-Encoding`, which `framing` replaces.
 pub(crate) fn encode_request(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    appended: &[(&HeaderName, &HeaderValue)],
     framing: RequestFraming,
 ) {
     out.clear();
-    out.reserve(64 + target.len() + headers.len() * 32);
+    out.reserve(64 + target.len() + (headers.len() + appended.len()) * 32);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    for (name, value) in headers.iter().chain(appended.iter().copied()) {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }

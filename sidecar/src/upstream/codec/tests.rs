@@ -1,5 +1,5 @@
 use bytes::{BufMut, BytesMut};
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use proptest::prelude::*;
 
 use super::*;
@@ -22,11 +22,23 @@ fn request_heads_carry_their_own_framing() {
         ),
         (RequestFraming::Chunked, "transfer-encoding: chunked\r\n"),
     ];
+    let appended = HeaderValue::from_static("10.0.0.1");
+    let appended = [(&HeaderName::from_static("x-forwarded-for"), &appended)];
     for (framing, line) in cases {
-        encode_request(&mut out, &Method::PUT, "/a?b=c", &headers, framing);
+        encode_request(
+            &mut out,
+            &Method::PUT,
+            "/a?b=c",
+            &headers,
+            &appended,
+            framing,
+        );
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
-            format!("PUT /a?b=c HTTP/1.1\r\nhost: shop\r\nx-a: 1\r\nx-a: 2\r\n{line}\r\n"),
+            format!(
+                "PUT /a?b=c HTTP/1.1\r\nhost: shop\r\nx-a: 1\r\nx-a: 2\r\n\
+                 x-forwarded-for: 10.0.0.1\r\n{line}\r\n"
+            ),
         );
     }
 }
