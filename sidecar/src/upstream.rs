@@ -31,7 +31,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -272,11 +272,15 @@ impl Upstream {
                 appended,
                 framing,
             );
-            drop(parts);
+            // The request's header map, emptied, takes the response's fields: hyper keeps a
+            // response's map for the next request it reads, so one allocation serves every
+            // exchange on a client connection.
+            let mut spare = parts.headers;
+            spare.clear();
             loop {
                 let mut exchange = Exchange::new(asked);
                 let head = std::future::poll_fn(|cx| {
-                    exchange.poll(&mut conn, forward.as_mut(), progress, cx)
+                    exchange.poll(&mut conn, forward.as_mut(), progress, &mut spare, cx)
                 })
                 .await;
                 match head {
@@ -467,6 +471,7 @@ impl Exchange {
         conn: &mut Conn,
         forward: Option<&mut Forward>,
         progress: Option<&Progress>,
+        spare: &mut HeaderMap,
         cx: &mut Context<'_>,
     ) -> Poll<Result<codec::Head, ExchangeError>> {
         if !self.write_failed
@@ -484,7 +489,7 @@ impl Exchange {
         loop {
             if !conn.read.is_empty() {
                 self.received = true;
-                if let Some(head) = codec::parse_response(&mut conn.read, self.asked)? {
+                if let Some(head) = codec::parse_response(&mut conn.read, self.asked, spare)? {
                     return Poll::Ready(Ok(head));
                 }
             }

@@ -199,9 +199,14 @@ struct Field {
 }
 
 /// Reads the response head at the start of `buf`, taking it (and any interim `1xx` responses
-/// before it but a `101`) out of `buf`, which keeps what follows. `Ok(None)`: the head is not
-/// complete yet.
-pub(crate) fn parse_response(buf: &mut BytesMut, asked: Asked) -> Result<Option<Head>, Malformed> {
+/// before it but a `101`) out of `buf`, which keeps what follows. Its fields go into `spare`,
+/// an empty map taken for the head, so that its allocation serves again. `Ok(None)`: the head
+/// is not complete yet.
+pub(crate) fn parse_response(
+    buf: &mut BytesMut,
+    asked: Asked,
+    spare: &mut HeaderMap,
+) -> Result<Option<Head>, Malformed> {
     loop {
         let mut fields = [Field::default(); MAX_HEADERS];
         let (len, count, code, version, reason) = {
@@ -253,7 +258,9 @@ pub(crate) fn parse_response(buf: &mut BytesMut, asked: Asked) -> Result<Option<
             continue;
         }
         let head = buf.split_to(len).freeze();
-        return build_head(&head, &fields[..count], status, version, reason, asked).map(Some);
+        let fields = &fields[..count];
+        let headers = std::mem::take(spare);
+        return build_head(&head, fields, headers, status, version, reason, asked).map(Some);
     }
 }
 
@@ -261,6 +268,7 @@ pub(crate) fn parse_response(buf: &mut BytesMut, asked: Asked) -> Result<Option<
 fn build_head(
     head: &Bytes,
     fields: &[Field],
+    mut headers: HeaderMap,
     status: StatusCode,
     version: u8,
     reason: Option<(u32, u32)>,
@@ -324,7 +332,8 @@ fn build_head(
     let closes = connection.close || (http10 && !connection.keep_alive);
     let keep_alive = !closes && !tunnel && framing != Framing::Close;
 
-    let mut headers = HeaderMap::with_capacity(fields.len() + ADDED_HEADERS);
+    debug_assert!(headers.is_empty());
+    headers.reserve(fields.len() + ADDED_HEADERS);
     for field in fields {
         let name = bytes(field.name);
         let upgrade = switching && name.eq_ignore_ascii_case(b"upgrade");

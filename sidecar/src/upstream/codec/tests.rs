@@ -242,7 +242,7 @@ fn response_heads_are_framed_or_refused() {
     ];
     for case in cases {
         let mut buf = BytesMut::from(case.raw);
-        let got = parse_response(&mut buf, case.asked)
+        let got = parse_response(&mut buf, case.asked, &mut HeaderMap::new())
             .map(|head| {
                 let head = head.unwrap_or_else(|| panic!("{}: incomplete", case.name));
                 Expect {
@@ -268,7 +268,9 @@ fn what_was_asked_decides_whether_there_is_a_body() {
     let head = "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n";
     let framing = |asked| {
         let mut buf = BytesMut::from(head);
-        let head = parse_response(&mut buf, asked).unwrap().unwrap();
+        let head = parse_response(&mut buf, asked, &mut HeaderMap::new())
+            .unwrap()
+            .unwrap();
         (head.framing, head.keep_alive)
     };
     assert_eq!(framing(Asked::Other), (Framing::Length(12), true));
@@ -283,7 +285,7 @@ fn a_head_is_read_once_whole() {
     let mut buf = BytesMut::new();
     for (i, byte) in raw.iter().enumerate() {
         buf.put_u8(*byte);
-        let parsed = parse_response(&mut buf, Asked::Other).unwrap();
+        let parsed = parse_response(&mut buf, Asked::Other, &mut HeaderMap::new()).unwrap();
         assert_eq!(
             parsed.is_some(),
             i + 1 >= raw.len() - 2,
@@ -301,7 +303,7 @@ fn oversized_heads_are_refused() {
     let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nX-Big: ");
     buf.put_bytes(b'a', MAX_HEAD);
     assert_eq!(
-        parse_response(&mut buf, Asked::Other).unwrap_err(),
+        parse_response(&mut buf, Asked::Other, &mut HeaderMap::new()).unwrap_err(),
         Malformed("response head too large")
     );
     let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\n");
@@ -310,7 +312,7 @@ fn oversized_heads_are_refused() {
     }
     buf.put_slice(b"\r\n");
     assert_eq!(
-        parse_response(&mut buf, Asked::Other).unwrap_err(),
+        parse_response(&mut buf, Asked::Other, &mut HeaderMap::new()).unwrap_err(),
         Malformed("too many header fields")
     );
 }
@@ -319,7 +321,7 @@ fn oversized_heads_are_refused() {
 fn reason_phrases_other_than_the_usual_are_kept() {
     let reason = |raw: &str| {
         let mut buf = BytesMut::from(raw);
-        parse_response(&mut buf, Asked::Other)
+        parse_response(&mut buf, Asked::Other, &mut HeaderMap::new())
             .unwrap()
             .unwrap()
             .reason
@@ -433,4 +435,17 @@ proptest! {
         prop_assert!(trailers.is_empty());
         prop_assert_eq!(after, b"after".to_vec());
     }
+}
+
+#[test]
+fn the_fields_go_into_the_spare_map() {
+    let mut spare = HeaderMap::with_capacity(64);
+    let capacity = spare.capacity();
+    let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n");
+    let head = parse_response(&mut buf, Asked::Other, &mut spare)
+        .unwrap()
+        .unwrap();
+    assert_eq!(head.headers.capacity(), capacity);
+    assert_eq!(head.headers["x-a"], "1");
+    assert!(spare.is_empty() && spare.capacity() == 0);
 }
