@@ -226,7 +226,11 @@ impl Upstream {
     /// `appended` written after its own headers, and returns the response head; the body reads
     /// the rest and returns the connection to the pool once read to the end. `progress`, given
     /// for a request with a body, notes how the body moves until the response head has
-    /// arrived. Not an `async fn`, whose future would store the request twice.
+    /// arrived.
+    ///
+    /// hyper moves this future (within the request's) into place for every request, so it is
+    /// kept small: the request is taken apart before it, not stored again inside it, and what
+    /// few requests need (a body to forward, a new connection) is boxed.
     #[allow(clippy::manual_async_fn)]
     pub fn send<'a>(
         self: &'a Arc<Self>,
@@ -234,8 +238,22 @@ impl Upstream {
         progress: Option<&'a Progress>,
         appended: &'a [(&'a HeaderName, &'a HeaderValue)],
     ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + 'a {
+        let (mut parts, body) = req.into_parts();
+        let framing = if body.is_end_stream() {
+            if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+                RequestFraming::Length(0)
+            } else {
+                RequestFraming::None
+            }
+        } else {
+            match body.size_hint().exact() {
+                Some(n) => RequestFraming::Length(n),
+                None => RequestFraming::Chunked,
+            }
+        };
+        let mut forward = (!body.is_end_stream())
+            .then(|| Box::new(Forward::new(body, framing == RequestFraming::Chunked)));
         async move {
-            let (parts, body) = req.into_parts();
             let asked = Asked::of(&parts.method);
             // Resent if its connection turns out closed: only what the upstream cannot have
             // acted on, or may act on twice.
@@ -248,21 +266,10 @@ impl Upstream {
                     | Method::PUT
                     | Method::DELETE
             );
-            let framing = if body.is_end_stream() {
-                if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
-                    RequestFraming::Length(0)
-                } else {
-                    RequestFraming::None
-                }
-            } else {
-                match body.size_hint().exact() {
-                    Some(n) => RequestFraming::Length(n),
-                    None => RequestFraming::Chunked,
-                }
+            let mut conn = match self.take() {
+                Some(conn) => conn,
+                None => Box::pin(self.connect()).await?,
             };
-            let mut forward = (!body.is_end_stream())
-                .then(|| Forward::new(body, framing == RequestFraming::Chunked));
-            let mut conn = self.take().await?;
             let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             codec::encode_request(
                 &mut conn.head,
@@ -275,12 +282,12 @@ impl Upstream {
             // The request's header map, emptied, takes the response's fields: hyper keeps a
             // response's map for the next request it reads, so one allocation serves every
             // exchange on a client connection.
-            let mut spare = parts.headers;
+            let spare = &mut parts.headers;
             spare.clear();
             loop {
                 let mut exchange = Exchange::new(asked);
                 let head = std::future::poll_fn(|cx| {
-                    exchange.poll(&mut conn, forward.as_mut(), progress, &mut spare, cx)
+                    exchange.poll(&mut conn, forward.as_deref_mut(), progress, spare, cx)
                 })
                 .await;
                 match head {
@@ -300,7 +307,10 @@ impl Upstream {
                         if !resend {
                             return Err(error.into());
                         }
-                        let mut next = self.take().await?;
+                        let mut next = match self.take() {
+                            Some(conn) => conn,
+                            None => Box::pin(self.connect()).await?,
+                        };
                         std::mem::swap(&mut next.head, &mut conn.head);
                         conn = next;
                     }
@@ -309,18 +319,16 @@ impl Upstream {
         }
     }
 
-    /// A connection for one exchange: the most recently pooled one still open, or a new one.
-    async fn take(&self) -> Result<Conn, UpstreamError> {
+    /// The most recently pooled connection still open, if any.
+    fn take(&self) -> Option<Conn> {
         loop {
-            let idle = self.idle.lock().expect("pool lock").pop();
-            let Some(idle) = idle else { break };
+            let idle = self.idle.lock().expect("pool lock").pop()?;
             if self.epoch.load(Relaxed) - idle.since < IDLE_TICKS && idle.conn.is_open() {
                 let mut conn = idle.conn;
                 conn.reused = true;
-                return Ok(conn);
+                return Some(conn);
             }
         }
-        self.connect().await
     }
 
     async fn connect(&self) -> Result<Conn, UpstreamError> {
@@ -350,7 +358,7 @@ impl Upstream {
     /// A response has been read whole from `conn`. The connection goes back to the pool if
     /// the response allows it (`keep_alive`), nothing else has arrived, and the request has
     /// been written whole; with the request's body still arriving, once that is forwarded.
-    fn finish(self: &Arc<Self>, conn: Conn, forward: Option<Forward>, keep_alive: bool) {
+    fn finish(self: &Arc<Self>, conn: Conn, forward: Option<Box<Forward>>, keep_alive: bool) {
         match forward.filter(|f| !f.is_done()) {
             Some(forward) => {
                 tokio::spawn(self.clone().forward_rest(conn, forward, keep_alive));
@@ -363,7 +371,12 @@ impl Upstream {
     /// Forwards the rest of a request's body whose response has ended: the client connection
     /// keeps reading it (never as a request of its own), and the upstream connection is
     /// pooled again after it. A body that pauses for `body_pause`, or fails, closes both.
-    async fn forward_rest(self: Arc<Self>, mut conn: Conn, mut forward: Forward, keep_alive: bool) {
+    async fn forward_rest(
+        self: Arc<Self>,
+        mut conn: Conn,
+        mut forward: Box<Forward>,
+        keep_alive: bool,
+    ) {
         while !forward.is_done() {
             let written = forward.written;
             let step = std::future::poll_fn(|cx| {
@@ -392,7 +405,7 @@ impl Upstream {
         self: &Arc<Self>,
         head: codec::Head,
         mut conn: Conn,
-        forward: Option<Forward>,
+        forward: Option<Box<Forward>>,
         sent: bool,
     ) -> Response<PooledBody> {
         let keep_alive = head.keep_alive && sent;
@@ -782,7 +795,7 @@ struct Streaming {
     conn: Option<Conn>,
     framing: Reading,
     /// The rest of the request's body, still being forwarded.
-    forward: Option<Forward>,
+    forward: Option<Box<Forward>>,
     /// The response allows the connection to be reused.
     keep_alive: bool,
     pool: Arc<Upstream>,
