@@ -567,7 +567,8 @@ fn handle<'a>(
                 } else {
                     Body::Upstream(body)
                 };
-                // Hop-by-hop fields are not in the upstream's response head as it arrives.
+                // No hop-by-hop field of the upstream's is left: the upstream side drops them
+                // as it reads the head.
                 if let Some(cors) = &cors {
                     cors.apply(&mut parts.headers);
                 }
@@ -819,20 +820,10 @@ impl Names {
     }
 }
 
-/// Whether `name` is in [`HOP_BY_HOP`] or is `Upgrade`.
+/// Whether `name` is in [`HOP_BY_HOP`] or is `Upgrade`: the list the upstream's responses are
+/// read with too.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+    crate::upstream::is_hop_by_hop(name.as_str().as_bytes())
 }
 
 /// Removes hop-by-hop headers, including every header `Connection` names. `Upgrade` is kept

@@ -39,6 +39,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 pub use codec::Malformed;
+pub(crate) use codec::is_hop_by_hop;
 use codec::{Asked, ChunkLine, Chunked, Decoded, Framing, RequestFraming};
 
 /// Why the upstream did not answer.

@@ -412,8 +412,8 @@ fn at(head: &[u8], (start, end): (u32, u32)) -> &[u8] {
     &head[start as usize..end as usize]
 }
 
-/// Whether `name` is one of the fields that concern only one connection (RFC 9110 §7.6.1),
-/// in any case. The same list as the proxy's for requests.
+/// Whether `name`, in any case, is one of the fields that concern only one connection
+/// (RFC 9110 §7.6.1), or `Upgrade`: for requests and responses alike.
 pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
     const NAMES: [&[u8]; 9] = [
         b"connection",
