@@ -348,6 +348,14 @@ fn handle<'a>(
             timers,
             tunnels,
         } = connection;
+        // A tunnel to wherever the client names is a forward proxy's business, not this one's.
+        if req.method() == http::Method::CONNECT {
+            return local(
+                StatusCode::NOT_IMPLEMENTED,
+                HeaderMap::new(),
+                "CONNECT is not supported\n",
+            );
+        }
         // One snapshot for the whole request.
         let snapshot = policies.load();
         let active = snapshot.services.get(&config.service);

@@ -12,14 +12,18 @@
 //! own, with channels to the request and the response body between them: a third of the
 //! proxy's instructions per request went there (see BENCHMARKS.md).
 //!
-//! A connection whose request has a body keeps forwarding it while the response streams, so
-//! an upstream may answer before it has read the whole body. A connection goes back to the
-//! pool only at a message boundary on both sides: the request written whole, the response read
-//! whole, nothing unasked for after it, and neither side closing. A pooled connection the
-//! upstream has closed is noticed when it is taken (its socket reads end of stream); a request
-//! without a body that finds its reused connection closed before any byte of an answer is
-//! sent again on another, once, if resending it is safe (its method is idempotent, or it could
-//! not be written at all).
+//! An upstream may answer before it has read the whole of a request's body. Then the exchange
+//! becomes a task of its own, which goes on forwarding the body while it hands the response's
+//! frames over through a channel: a client may send all of its request before it reads any of
+//! the response, and the body must not wait for the response to be read. A body that ends
+//! short of its declared length is the client's error, and closes the connection.
+//!
+//! A connection goes back to the pool only at a message boundary on both sides: the request
+//! written whole, the response read whole, nothing unasked for after it, and neither side
+//! closing. A pooled connection the upstream has closed is noticed when it is taken (its
+//! socket reads end of stream); a request without a body that finds its reused connection
+//! closed before any byte of an answer is sent again, once, on a new connection, if resending
+//! it is safe (its method is idempotent, or it could not be written at all).
 
 mod codec;
 
@@ -55,7 +59,24 @@ pub enum UpstreamError {
     /// The request's body failed to arrive from the client: cut short, or malformed (a bad
     /// chunk, say). The client's fault, not the upstream's.
     #[error("the request's body failed: {0}")]
-    RequestBody(hyper::Error),
+    RequestBody(BodyError),
+}
+
+/// Why a request's body did not arrive whole.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client's connection failed it: cut short, or malformed.
+    #[error(transparent)]
+    Client(hyper::Error),
+    /// It ended (an HTTP/2 stream reset without an error ends a body cleanly) before the
+    /// length it declared, or ran past it.
+    #[error("{sent} bytes of a body of {declared}")]
+    Length {
+        /// Its `Content-Length`.
+        declared: u64,
+        /// What it brought.
+        sent: u64,
+    },
 }
 
 /// What went wrong on an upstream connection.
@@ -72,7 +93,7 @@ pub enum ExchangeError {
     Malformed(#[from] Malformed),
     /// The request's body failed to arrive from the client (while the response streamed).
     #[error("the request's body failed: {0}")]
-    RequestBody(hyper::Error),
+    RequestBody(BodyError),
 }
 
 impl From<ExchangeError> for UpstreamError {
@@ -252,8 +273,7 @@ impl Upstream {
                 None => RequestFraming::Chunked,
             }
         };
-        let mut forward = (!body.is_end_stream())
-            .then(|| Box::new(Forward::new(body, framing == RequestFraming::Chunked)));
+        let mut forward = (!body.is_end_stream()).then(|| Box::new(Forward::new(body, framing)));
         async move {
             let asked = Asked::of(&parts.method);
             // Resent if its connection turns out closed: only what the upstream cannot have
@@ -285,6 +305,7 @@ impl Upstream {
             // exchange on a client connection.
             let spare = &mut parts.headers;
             spare.clear();
+            let mut resent = false;
             loop {
                 let mut exchange = Exchange::new(asked);
                 let head = std::future::poll_fn(|cx| {
@@ -300,7 +321,8 @@ impl Upstream {
                         return Ok(self.respond(head, conn, forward, sent));
                     }
                     Err(error) => {
-                        let resend = conn.reused
+                        let resend = !resent
+                            && conn.reused
                             && forward.is_none()
                             && !exchange.received
                             && (idempotent || exchange.write_failed)
@@ -308,10 +330,11 @@ impl Upstream {
                         if !resend {
                             return Err(error.into());
                         }
-                        let mut next = match self.take() {
-                            Some(conn) => conn,
-                            None => Box::pin(self.connect()).await?,
-                        };
+                        // Once, on a new connection: another pooled one could be as stale,
+                        // and a request the upstream closes on must not run once per
+                        // pooled connection.
+                        resent = true;
+                        let mut next = Box::pin(self.connect()).await?;
                         std::mem::swap(&mut next.head, &mut conn.head);
                         conn = next;
                     }
@@ -430,17 +453,28 @@ impl Upstream {
                 self.finish(conn, forward, keep_alive);
                 PooledBody(Inner::Full(Some(data)))
             }
-            framing => PooledBody(Inner::Streaming(Box::new(Streaming {
-                conn: Some(conn),
-                framing: match framing {
-                    Framing::Length(n) => Reading::Length(n),
-                    Framing::Chunked => Reading::Chunked(Chunked::default()),
-                    _ => Reading::Close,
-                },
-                forward,
-                keep_alive,
-                pool: self.clone(),
-            }))),
+            framing => {
+                let relayed = forward.is_some();
+                let streaming = Box::new(Streaming {
+                    conn: Some(conn),
+                    framing: match framing {
+                        Framing::Length(n) => Reading::Length(n),
+                        Framing::Chunked => Reading::Chunked(Chunked::default()),
+                        _ => Reading::Close,
+                    },
+                    forward,
+                    keep_alive,
+                    pool: self.clone(),
+                });
+                if relayed {
+                    let size = streaming.size_hint();
+                    let (frames, receiver) = tokio::sync::mpsc::channel(1);
+                    tokio::spawn(relay(streaming, frames));
+                    PooledBody(Inner::Relayed(receiver, size))
+                } else {
+                    PooledBody(Inner::Streaming(streaming))
+                }
+            }
         };
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
@@ -588,20 +622,46 @@ struct Forward {
     tail: &'static [u8],
     /// Bytes written so far, framing included.
     written: u64,
+    /// For a body of declared length, that length and what it has brought so far: a body
+    /// that ends short of it would leave the upstream waiting for the rest, and the next
+    /// request on the connection taken for it.
+    length: Option<(u64, u64)>,
 }
 
 impl Forward {
-    fn new(body: Incoming, chunked: bool) -> Self {
+    fn new(body: Incoming, framing: RequestFraming) -> Self {
         Forward {
             body,
-            chunked,
+            chunked: framing == RequestFraming::Chunked,
             ended: false,
             line: None,
             line_at: 0,
             data: Bytes::new(),
             tail: &[],
             written: 0,
+            length: match framing {
+                RequestFraming::Length(n) => Some((n, 0)),
+                _ => None,
+            },
         }
+    }
+
+    /// The body has ended (or brought trailers, which are not forwarded): its framing's end
+    /// goes out, if it brought what it declared.
+    fn end(&mut self) -> Result<(), ExchangeError> {
+        self.ended = true;
+        if let Some((declared, sent)) = self.length
+            && sent != declared
+        {
+            return Err(ExchangeError::RequestBody(BodyError::Length {
+                declared,
+                sent,
+            }));
+        }
+        if self.chunked {
+            self.tail = b"0\r\n\r\n";
+        }
+        Ok(())
     }
 
     fn is_empty(&self) -> bool {
@@ -630,16 +690,23 @@ impl Forward {
             }
             match polled {
                 Poll::Pending => return Ok(()),
-                Poll::Ready(Some(Err(error))) => return Err(ExchangeError::RequestBody(error)),
-                Poll::Ready(None) => {
-                    self.ended = true;
-                    if self.chunked {
-                        self.tail = b"0\r\n\r\n";
-                    }
+                Poll::Ready(Some(Err(error))) => {
+                    return Err(ExchangeError::RequestBody(BodyError::Client(error)));
                 }
+                Poll::Ready(None) => self.end()?,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) => {
+                        if let Some((declared, sent)) = &mut self.length {
+                            *sent += data.len() as u64;
+                            if *sent > *declared {
+                                let (declared, sent) = (*declared, *sent);
+                                return Err(ExchangeError::RequestBody(BodyError::Length {
+                                    declared,
+                                    sent,
+                                }));
+                            }
+                        }
                         if self.chunked {
                             self.line = Some(ChunkLine::new(data.len()));
                             self.line_at = 0;
@@ -647,16 +714,10 @@ impl Forward {
                         }
                         self.data = data;
                     }
-                    Err(frame) => {
-                        // Trailers end the body; only the chunked coding can carry them.
-                        self.ended = true;
-                        if self.chunked {
-                            let trailers = frame.into_trailers().unwrap_or_default();
-                            self.line = Some(ChunkLine::new(0));
-                            self.line_at = 0;
-                            self.data = codec::encode_trailers(&trailers);
-                        }
-                    }
+                    // Trailers end the body. They are not forwarded: nothing declared them
+                    // (`Trailer` is dropped as hop-by-hop), and an upstream that merges them
+                    // into the head would take `Host` or `X-Forwarded-For` from the client.
+                    Err(_) => self.end()?,
                 },
             }
         }
@@ -767,6 +828,12 @@ enum Inner {
     Full(Option<Bytes>),
     /// The body still arriving.
     Streaming(Box<Streaming>),
+    /// The body still arriving, read by [`relay`] while the request's body is forwarded, and
+    /// its size as the head gave it.
+    Relayed(
+        tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, ExchangeError>>,
+        SizeHint,
+    ),
     /// A `101`: the connection is no longer HTTP's.
     Upgraded(Box<Upgraded>),
 }
@@ -817,18 +884,13 @@ impl Streaming {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        if let Err(error) = self.poll_forward(cx) {
+            self.conn = None;
+            return Poll::Ready(Some(Err(error)));
+        }
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(None);
         };
-        if let Some(forward) = &mut self.forward {
-            if let Err(error) = forward.poll_forward(conn, cx) {
-                self.conn = None;
-                return Poll::Ready(Some(Err(error)));
-            }
-            if forward.is_done() {
-                self.forward = None;
-            }
-        }
         loop {
             let frame = match &mut self.framing {
                 Reading::Length(left) if !conn.read.is_empty() => {
@@ -881,6 +943,26 @@ impl Streaming {
         }
     }
 
+    /// Writes what it can of the rest of the request's body. An upstream that stops reading
+    /// it may still have answered whole: the response goes on, and the connection is not
+    /// reused. A body that fails on the client's side cuts the response off.
+    fn poll_forward(&mut self, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
+        let (Some(conn), Some(forward)) = (self.conn.as_mut(), self.forward.as_mut()) else {
+            return Ok(());
+        };
+        match forward.poll_forward(conn, cx) {
+            Ok(()) if forward.is_done() => self.forward = None,
+            Ok(()) => {}
+            Err(ExchangeError::Io(error)) => {
+                tracing::debug!(%error, "upstream stopped reading the request's body");
+                self.forward = None;
+                self.keep_alive = false;
+            }
+            Err(error) => return Err(error),
+        }
+        Ok(())
+    }
+
     /// Whether the body has been read to its end.
     fn is_read(&self) -> bool {
         match self.framing {
@@ -907,6 +989,45 @@ impl Streaming {
     }
 }
 
+/// Reads a response whose request's body is still being forwarded, handing its frames over
+/// one at a time, and goes on forwarding the body while the frame before waits to be taken.
+/// Ends with the response, or when the response body is dropped (the client gone).
+async fn relay(
+    mut streaming: Box<Streaming>,
+    frames: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, ExchangeError>>,
+) {
+    loop {
+        let room = {
+            let mut reserve = std::pin::pin!(frames.reserve());
+            std::future::poll_fn(|cx| {
+                if let Err(error) = streaming.poll_forward(cx) {
+                    return Poll::Ready(Err(error));
+                }
+                reserve.as_mut().poll(cx).map(Ok)
+            })
+            .await
+        };
+        let (permit, frame) = match room {
+            Ok(Ok(permit)) => (
+                permit,
+                std::future::poll_fn(|cx| streaming.poll_frame(cx)).await,
+            ),
+            // The client is gone: so is the exchange.
+            Ok(Err(_)) => return,
+            Err(error) => match frames.reserve().await {
+                Ok(permit) => (permit, Some(Err(error))),
+                Err(_) => return,
+            },
+        };
+        let Some(frame) = frame else { return };
+        let failed = frame.is_err();
+        permit.send(frame);
+        if failed {
+            return;
+        }
+    }
+}
+
 impl Body for PooledBody {
     type Data = Bytes;
     type Error = ExchangeError;
@@ -918,6 +1039,7 @@ impl Body for PooledBody {
         match &mut self.0 {
             Inner::Full(data) => Poll::Ready(data.take().map(|data| Ok(Frame::data(data)))),
             Inner::Streaming(streaming) => streaming.poll_frame(cx),
+            Inner::Relayed(frames, _) => frames.poll_recv(cx),
             Inner::Upgraded(_) => Poll::Ready(None),
         }
     }
@@ -926,6 +1048,7 @@ impl Body for PooledBody {
         match &self.0 {
             Inner::Full(data) => data.is_none(),
             Inner::Streaming(streaming) => streaming.conn.is_none(),
+            Inner::Relayed(..) => false,
             Inner::Upgraded(_) => true,
         }
     }
@@ -934,7 +1057,11 @@ impl Body for PooledBody {
         match &self.0 {
             Inner::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Inner::Streaming(streaming) => streaming.size_hint(),
+            Inner::Relayed(_, size) => *size,
             Inner::Upgraded(_) => SizeHint::with_exact(0),
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

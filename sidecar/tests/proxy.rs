@@ -1541,6 +1541,9 @@ enum Answer {
     Keep(&'static str),
     /// Writes these bytes, then closes the connection.
     Close(&'static str),
+    /// Writes these bytes once another request given `Together` has arrived too, then reads
+    /// on: two requests in flight at once, on two connections.
+    Together(&'static str),
 }
 
 /// An upstream that reads each request head (requests without a body) and answers with the
@@ -1559,12 +1562,13 @@ async fn scripted_upstream(
     let accepted = Arc::new(AtomicUsize::new(0));
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let answers = Arc::new(std::sync::Mutex::new(answers.into_iter()));
+    let together = Arc::new(tokio::sync::Barrier::new(2));
     let (counter, lines) = (accepted.clone(), seen.clone());
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             counter.fetch_add(1, Ordering::SeqCst);
-            let (answers, lines) = (answers.clone(), lines.clone());
+            let (answers, lines, together) = (answers.clone(), lines.clone(), together.clone());
             tokio::spawn(async move {
                 let mut stream = tokio::io::BufReader::new(stream);
                 loop {
@@ -1587,6 +1591,10 @@ async fn scripted_upstream(
                         Answer::Close(bytes) => {
                             let _ = stream.get_mut().write_all(bytes.as_bytes()).await;
                             return;
+                        }
+                        Answer::Together(bytes) => {
+                            together.wait().await;
+                            stream.get_mut().write_all(bytes.as_bytes()).await.unwrap();
                         }
                     }
                 }
@@ -1736,4 +1744,175 @@ async fn only_connections_at_a_message_boundary_are_reused() {
     let (_, _, body) = sidecar.send(Method::GET, "/", &[], "").await;
     assert_eq!(body, "new");
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+/// A request is sent again at most once, and on a new connection: an upstream that closes the
+/// connection on a request (a handler that crashes, say) sees it twice, not once per pooled
+/// connection.
+#[tokio::test]
+async fn a_request_is_resent_once_on_a_new_connection() {
+    let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let (up, accepted, seen) = scripted_upstream(vec![
+        Answer::Together(ok),
+        Answer::Together(ok),
+        Answer::Close(""),
+        Answer::Close(""),
+        Answer::Keep(ok),
+    ])
+    .await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    // Two requests at once leave two pooled connections.
+    let (a, b) = tokio::join!(
+        sidecar.send(Method::GET, "/a", &[], ""),
+        sidecar.send(Method::GET, "/b", &[], "")
+    );
+    assert_eq!((a.0, b.0), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    let (status, _, _) = sidecar.send(Method::GET, "/crash", &[], "").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let crashes = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.starts_with("GET /crash"))
+        .count();
+    assert_eq!(crashes, 2, "sent, then resent once");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "resent on a new connection"
+    );
+}
+
+/// A client may send all of its request before it reads any of the response. An upstream that
+/// answers early, streaming a large response while it reads the body, still gets the whole
+/// body while the client is not reading: the response waits for the client, the body does
+/// not wait for the response.
+#[tokio::test]
+async fn an_early_answer_never_stops_the_body_on_its_way() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 24 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let (received_tx, received) = oneshot::channel::<usize>();
+    let received_tx = Arc::new(std::sync::Mutex::new(Some(received_tx)));
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let received_tx = received_tx.clone();
+            async move {
+                // The body is read in parallel with the response being sent.
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    let mut total = 0;
+                    while let Some(frame) = body.frame().await {
+                        total += frame.unwrap().into_data().map_or(0, |d| d.len());
+                    }
+                    let tx = received_tx.lock().unwrap().take().unwrap();
+                    let _ = tx.send(total);
+                });
+                let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+                let frames = (0..SIZE / chunk.len())
+                    .map(move |_| Ok::<_, Infallible>(hyper::body::Frame::data(chunk.clone())));
+                let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("content-length", SIZE)
+                        .body(body)
+                        .unwrap(),
+                )
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    });
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let mut client = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    client
+        .write_all(
+            format!("POST /upload HTTP/1.1\r\nHost: shop\r\nContent-Length: {SIZE}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let chunk = vec![b'y'; 64 << 10];
+    for _ in 0..SIZE / chunk.len() {
+        client.write_all(&chunk).await.unwrap();
+    }
+    // Only now does the client read.
+    assert_eq!(received.await.unwrap(), SIZE);
+    let mut response = Vec::new();
+    let mut buf = vec![0; 1 << 16];
+    let head_end = loop {
+        let n = client.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "closed before the response's head");
+        response.extend_from_slice(&buf[..n]);
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    let mut body = response.len() - head_end;
+    while body < SIZE {
+        let n = client.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "closed after {body} bytes of the response's body");
+        body += n;
+    }
+    assert_eq!(body, SIZE);
+}
+
+/// A request's trailers are not forwarded: nothing declares them (`Trailer` is hop-by-hop),
+/// and an upstream that merges trailers into the head would take `X-Forwarded-For` or `Host`
+/// from the client.
+#[tokio::test]
+async fn request_trailers_are_not_forwarded() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = service_fn(|req: Request<Incoming>| async move {
+                let collected = req.into_body().collect().await.unwrap();
+                let trailers = collected
+                    .trailers()
+                    .map_or_else(|| "-".to_owned(), |t| format!("{t:?}"));
+                let body = collected.to_bytes();
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("x-saw-trailers", trailers)
+                        .body(Full::new(body))
+                        .unwrap(),
+                )
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(
+        b"POST /echo HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\n\r\n\
+          5\r\nhello\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n",
+    )
+    .await;
+    let (status, headers, body) = raw.response().await;
+    assert_eq!((status, body.as_str()), (200, "hello"));
+    assert_eq!(header(&headers, "x-saw-trailers"), Some("-"));
+}
+
+/// `CONNECT` asks for a tunnel to wherever the client names: a forward proxy's work. It is
+/// answered `501` and never reaches the upstream.
+#[tokio::test]
+async fn connect_is_not_implemented() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"CONNECT upstream.example:443 HTTP/1.1\r\nHost: upstream.example:443\r\n\r\n")
+        .await;
+    let (status, _, body) = raw.response().await;
+    assert_eq!((status, body.as_str()), (501, "CONNECT is not supported\n"));
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
 }

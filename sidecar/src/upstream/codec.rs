@@ -127,20 +127,6 @@ impl ChunkLine {
     }
 }
 
-/// A chunked body's trailer section (without the last chunk's line before it, with the empty
-/// line after it).
-pub(crate) fn encode_trailers(trailers: &HeaderMap) -> Bytes {
-    let mut out = Vec::with_capacity(trailers.len() * 32 + 2);
-    for (name, value) in trailers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    Bytes::from(out)
-}
-
 /// How a response's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Framing {
@@ -330,7 +316,10 @@ fn build_head(
     };
     let tunnel = switching || (asked == Asked::Connect && status.is_success());
     let closes = connection.close || (http10 && !connection.keep_alive);
-    let keep_alive = !closes && !tunnel && framing != Framing::Close;
+    // A `204` may not have a body (RFC 9110 §15.3.5), so one whose head announces one is
+    // read without it, and its connection not trusted with another request.
+    let body_after_204 = status == StatusCode::NO_CONTENT && (chunked || length.unwrap_or(0) > 0);
+    let keep_alive = !(closes || tunnel || body_after_204 || framing == Framing::Close);
 
     debug_assert!(headers.is_empty());
     headers.reserve(fields.len() + ADDED_HEADERS);
@@ -462,8 +451,9 @@ pub(crate) enum Chunked {
     Data(u64),
     /// Expecting the CRLF after a chunk's data.
     DataEnd,
-    /// After the last chunk: the trailer section, maybe empty.
-    Trailers,
+    /// After the last chunk: the trailer section, maybe empty, of which this many bytes have
+    /// been looked at already.
+    Trailers(usize),
     /// The body has ended.
     Done,
 }
@@ -494,7 +484,7 @@ impl Chunked {
                     let size = chunk_size(&buf[..lf])?;
                     buf.advance(lf + 1);
                     *self = if size == 0 {
-                        Chunked::Trailers
+                        Chunked::Trailers(0)
                     } else {
                         Chunked::Data(size)
                     };
@@ -526,31 +516,40 @@ impl Chunked {
                     buf.advance(2);
                     *self = Chunked::Size;
                 }
-                Chunked::Trailers => return self.trailers(buf),
+                Chunked::Trailers(scanned) => return self.trailers(buf, scanned),
                 Chunked::Done => return Ok(Decoded::End),
             }
         }
     }
 
-    fn trailers(&mut self, buf: &mut BytesMut) -> Result<Decoded, Malformed> {
+    fn trailers(&mut self, buf: &mut BytesMut, scanned: usize) -> Result<Decoded, Malformed> {
         if buf.starts_with(b"\r\n") {
             buf.advance(2);
             *self = Chunked::Done;
             return Ok(Decoded::End);
         }
-        // Every line ends in CRLF: a bare LF is refused as soon as it arrives.
+        // Every line ends in CRLF: a bare LF is refused as soon as it arrives. Only what came
+        // since the last look is scanned (with the three bytes before it, for an end of the
+        // section that spans the two).
         let seen = &buf[..buf.len().min(MAX_HEAD)];
-        let bare_lf = seen
-            .iter()
-            .enumerate()
-            .any(|(i, &b)| b == b'\n' && (i == 0 || seen[i - 1] != b'\r'));
-        if bare_lf {
-            return Err(Malformed("bare LF in the trailer section"));
+        let mut end = None;
+        for i in scanned.saturating_sub(3)..seen.len() {
+            if seen[i] != b'\n' {
+                continue;
+            }
+            if i == 0 || seen[i - 1] != b'\r' {
+                return Err(Malformed("bare LF in the trailer section"));
+            }
+            if i >= 3 && &seen[i - 3..i - 1] == b"\r\n" {
+                end = Some(i - 3);
+                break;
+            }
         }
-        let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+        let Some(end) = end else {
             if buf.len() >= MAX_HEAD {
                 return Err(Malformed("trailer section too large"));
             }
+            *self = Chunked::Trailers(seen.len());
             return Ok(Decoded::More);
         };
         let section = &buf[..end + 4];

@@ -141,6 +141,11 @@ fn response_heads_are_framed_or_refused() {
             ok(304, Empty, true, &["content-length: 10"], ""),
         ),
         case(
+            "a 204 that announces a body is read without one, and not trusted again",
+            "HTTP/1.1 204 No Content\r\nContent-Length: 4\r\n\r\n",
+            ok(204, Empty, false, &["content-length: 4"], ""),
+        ),
+        case(
             "Connection: close",
             "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
             ok(200, Empty, false, &["content-length: 0"], ""),

@@ -1,0 +1,75 @@
+use std::convert::Infallible;
+
+use http_body_util::Empty;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use super::*;
+
+/// An HTTP/2 client that resets its stream without an error ends the request's body cleanly,
+/// whatever its `Content-Length` said (RFC 9113 §8.1, as hyper reads it). Forwarded as
+/// complete, the body would leave the upstream waiting for the rest, and the connection's
+/// next request would be taken for it.
+#[tokio::test]
+async fn a_body_that_ends_short_of_its_length_is_the_clients_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (bodies_tx, mut bodies) = tokio::sync::mpsc::channel::<Incoming>(1);
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let bodies_tx = bodies_tx.clone();
+            async move {
+                bodies_tx.send(req.into_body()).await.unwrap();
+                Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+            }
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = Request::post(format!("http://{addr}/upload"))
+        .header("content-length", "100")
+        .body(())
+        .unwrap();
+    let (response, mut stream) = client.send_request(request, false).unwrap();
+    stream
+        .send_data(Bytes::from_static(b"0123456789"), false)
+        .unwrap();
+    let body = bodies.recv().await.unwrap();
+    // Answered early; then the client stops sending, without an error.
+    response.await.unwrap();
+    stream.send_reset(h2::Reason::NO_ERROR);
+
+    let mut forward = Forward::new(body, RequestFraming::Length(100));
+    let ended = std::future::poll_fn(|cx| {
+        loop {
+            if let Err(error) = forward.fill(cx, None) {
+                return Poll::Ready(Err(error));
+            }
+            if forward.ended {
+                return Poll::Ready(Ok(()));
+            }
+            if forward.is_empty() {
+                return Poll::Pending;
+            }
+            // Taken as written.
+            forward.advance(forward.data.len());
+        }
+    })
+    .await;
+    assert!(
+        matches!(
+            ended,
+            Err(ExchangeError::RequestBody(BodyError::Length {
+                declared: 100,
+                sent: 10
+            }))
+        ),
+        "{ended:?}"
+    );
+}
