@@ -9,7 +9,7 @@
 //! the request's future writes the head and the body to the upstream socket and reads the
 //! response head from it ([`codec`]), and the response body reads the rest as the client
 //! connection asks for it. hyper's client would run each upstream connection as a task of its
-//! own, with channels to the request and the response body between them: a third of the
+//! own, with channels to the request and the response body between them: about 40% of the
 //! proxy's instructions per request went there (see BENCHMARKS.md).
 //!
 //! An upstream may answer before it has read the whole of a request's body. Then the exchange
@@ -523,7 +523,14 @@ impl Exchange {
         cx: &mut Context<'_>,
     ) -> Poll<Result<codec::Head, ExchangeError>> {
         if !self.write_failed
-            && let Err(error) = self.poll_write(conn, forward, progress, cx)
+            && let Err(error) = poll_write_request(
+                &mut conn.stream,
+                &conn.head,
+                &mut self.written,
+                forward,
+                progress,
+                cx,
+            )
         {
             match error {
                 ExchangeError::Io(error) => {
@@ -541,67 +548,57 @@ impl Exchange {
                     return Poll::Ready(Ok(head));
                 }
             }
-            match conn.poll_read(cx) {
-                Poll::Pending if self.write_failed => {
-                    return Poll::Ready(Err(self
-                        .write_error
-                        .take()
-                        .map_or(ExchangeError::Closed, ExchangeError::Io)));
-                }
+            // A failed write is the first cause of whatever ends the exchange.
+            let failed = match conn.poll_read(cx) {
+                Poll::Pending if self.write_failed => ExchangeError::Closed,
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(match self.write_error.take() {
-                        Some(error) => ExchangeError::Io(error),
-                        None => ExchangeError::Closed,
-                    }));
-                }
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(error)) => {
-                    return Poll::Ready(Err(match self.write_error.take() {
-                        Some(write) => ExchangeError::Io(write),
-                        None => ExchangeError::Io(error),
-                    }));
-                }
-            }
+                Poll::Ready(Ok(0)) => ExchangeError::Closed,
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Ready(Err(error)) => ExchangeError::Io(error),
+            };
+            return Poll::Ready(Err(self
+                .write_error
+                .take()
+                .map_or(failed, ExchangeError::Io)));
         }
     }
+}
 
-    /// Writes the request head and as much of the body as is there and the socket takes;
-    /// never pending (what it waits for will wake the task).
-    fn poll_write(
-        &mut self,
-        conn: &mut Conn,
-        mut forward: Option<&mut Forward>,
-        progress: Option<&Progress>,
-        cx: &mut Context<'_>,
-    ) -> Result<(), ExchangeError> {
-        loop {
-            if let Some(forward) = forward.as_deref_mut() {
-                forward.fill(cx, progress)?;
-            }
-            let head = &conn.head[self.written..];
-            let mut slices = [io::IoSlice::new(&[]); 4];
-            slices[0] = io::IoSlice::new(head);
-            let count = match forward.as_deref() {
-                Some(forward) => 1 + forward.slices(&mut slices[1..]),
-                None => 1,
-            };
-            let total: usize = slices[..count].iter().map(|s| s.len()).sum();
-            if total == 0 {
-                return Ok(());
-            }
-            let written = match Pin::new(&mut conn.stream).poll_write_vectored(cx, &slices[..count])
-            {
-                Poll::Pending => return Ok(()),
-                Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(error)) => return Err(error.into()),
-            };
-            let from_head = written.min(head.len());
-            self.written += from_head;
-            if let Some(forward) = forward.as_deref_mut() {
-                forward.advance(written - from_head);
-            }
+/// Writes what is left of the request head (`head` from `written` on), then as much of the
+/// body as is there and the socket takes; never pending (what it waits for will wake the
+/// task).
+fn poll_write_request(
+    stream: &mut TcpStream,
+    head: &[u8],
+    written: &mut usize,
+    mut forward: Option<&mut Forward>,
+    progress: Option<&Progress>,
+    cx: &mut Context<'_>,
+) -> Result<(), ExchangeError> {
+    loop {
+        if let Some(forward) = forward.as_deref_mut() {
+            forward.fill(cx, progress)?;
+        }
+        let head = &head[*written..];
+        let mut slices = [io::IoSlice::new(&[]); 4];
+        slices[0] = io::IoSlice::new(head);
+        let count = match forward.as_deref() {
+            Some(forward) => 1 + forward.slices(&mut slices[1..]),
+            None => 1,
+        };
+        if slices[..count].iter().all(|s| s.is_empty()) {
+            return Ok(());
+        }
+        let n = match Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..count]) {
+            Poll::Pending => return Ok(()),
+            Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(error)) => return Err(error.into()),
+        };
+        let from_head = n.min(head.len());
+        *written += from_head;
+        if let Some(forward) = forward.as_deref_mut() {
+            forward.advance(n - from_head);
         }
     }
 }
@@ -760,20 +757,7 @@ impl Forward {
 
     /// Writes what it can of the rest of the body, as the response streams.
     fn poll_forward(&mut self, conn: &mut Conn, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
-        loop {
-            self.fill(cx, None)?;
-            let mut slices = [io::IoSlice::new(&[]); 3];
-            let count = self.slices(&mut slices);
-            if count == 0 {
-                return Ok(());
-            }
-            match Pin::new(&mut conn.stream).poll_write_vectored(cx, &slices[..count]) {
-                Poll::Pending => return Ok(()),
-                Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Poll::Ready(Ok(n)) => self.advance(n),
-                Poll::Ready(Err(error)) => return Err(error.into()),
-            }
-        }
+        poll_write_request(&mut conn.stream, &[], &mut 0, Some(self), None, cx)
     }
 }
 

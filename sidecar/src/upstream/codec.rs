@@ -588,21 +588,13 @@ fn chunk_size(line: &[u8]) -> Result<u64, Malformed> {
     });
     // chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] ): ignored, but it must be
     // one, and holds no control character.
-    let rest = trim_start(&line[digits..]);
+    let rest = trim(&line[digits..]);
     if !rest.is_empty()
         && (rest[0] != b';' || rest.iter().any(|&b| b.is_ascii_control() && b != b'\t'))
     {
         return Err(Malformed("invalid chunk extension"));
     }
     Ok(size)
-}
-
-fn trim_start(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'\t'))
-        .unwrap_or(bytes.len());
-    &bytes[start..]
 }
 
 #[cfg(test)]
