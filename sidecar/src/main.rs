@@ -34,8 +34,8 @@ struct Args {
         default_value = "127.0.0.1:7481"
     )]
     admin_listen: SocketAddr,
-    /// The service's own address, host:port (plain HTTP).
-    #[arg(long, env = "CORSAIR_UPSTREAM")]
+    /// The service's own address: host:port or http://host:port (plain HTTP; port 80 if none).
+    #[arg(long, env = "CORSAIR_UPSTREAM", value_parser = corsair_sidecar::upstream::parse_address)]
     upstream: Authority,
     /// The service whose policy applies.
     #[arg(long, env = "CORSAIR_SERVICE")]

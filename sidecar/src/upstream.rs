@@ -178,6 +178,46 @@ struct Idle {
     since: u64,
 }
 
+/// The upstream's address as `--upstream` takes it: `host:port`, or `http://host:port` (a
+/// trailing `/` allowed), the port 80 when none is given. The sidecar speaks plain HTTP/1.1
+/// to a service next to it, so a scheme other than `http`, a path, a query or user
+/// information is refused, saying which.
+pub fn parse_address(text: &str) -> Result<Authority, String> {
+    let rest = match text.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "the scheme must be http (the sidecar speaks plain HTTP/1.1 to its service), not {scheme:?}"
+            ));
+        }
+        None => text,
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() {
+        return Err("the upstream needs a host".into());
+    }
+    if rest.contains(['/', '?', '#']) {
+        return Err("the upstream is an address, host:port, without a path or query".into());
+    }
+    if rest.contains('@') {
+        return Err("the upstream is an address, host:port, without user information".into());
+    }
+    let authority: Authority = rest
+        .parse()
+        .map_err(|e| format!("not an address, host:port: {e}"))?;
+    if authority.host().is_empty() {
+        return Err("the upstream needs a host".into());
+    }
+    match authority.port_u16() {
+        Some(0) => Err("the upstream's port cannot be 0".into()),
+        Some(_) => Ok(authority),
+        None if rest.ends_with(':') => Err("the upstream's port is empty".into()),
+        None => format!("{rest}:80")
+            .parse()
+            .map_err(|e| format!("not an address, host:port: {e}")),
+    }
+}
+
 /// Ticks of the pool's epoch (a quarter of the idle timeout each) after which an idle
 /// connection is closed: it has been idle for the whole timeout, and at most a quarter more.
 const IDLE_TICKS: u64 = 5;

@@ -240,9 +240,14 @@ async fn a_corrupt_cache_file_is_ignored_and_the_no_policy_setting_applies() {
 
 #[test]
 fn a_bad_flag_is_one_clear_line() {
-    // A missing flag, and a timeout too long for the clock (it would overflow it).
+    // A missing flag, an upstream over TLS, and a timeout too long for the clock (it would
+    // overflow it).
     for (args, named) in [
         (&["--service", "shop"][..], "--upstream"),
+        (
+            &["--service", "shop", "--upstream", "https://127.0.0.1:1"][..],
+            "scheme must be http",
+        ),
         (
             &[
                 "--service",
@@ -271,7 +276,7 @@ async fn a_policy_file_is_enforced_and_edits_go_live() {
     let up = upstream().await;
     let (child, proxy, admin) = start(&[
         "--upstream",
-        &up.to_string(),
+        &format!("http://{up}"),
         "--service",
         "shop",
         "--policy-file",

@@ -73,3 +73,33 @@ async fn a_body_that_ends_short_of_its_length_is_the_clients_error() {
         "{ended:?}"
     );
 }
+
+#[test]
+fn an_upstream_address_is_host_and_port_with_or_without_http() {
+    for (given, parsed) in [
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+        ("HTTP://app.internal:9000/", "app.internal:9000"),
+        ("http://localhost", "localhost:80"),
+        ("localhost", "localhost:80"),
+        ("[::1]:8080", "[::1]:8080"),
+        ("http://[::1]", "[::1]:80"),
+    ] {
+        assert_eq!(parse_address(given).unwrap().as_str(), parsed, "{given}");
+    }
+    for (given, says) in [
+        ("https://127.0.0.1:8443", "scheme must be http"),
+        ("unix:///run/app.sock", "scheme must be http"),
+        ("http://127.0.0.1:8080/api", "without a path"),
+        ("127.0.0.1:8080?x=1", "without a path"),
+        ("http://user@127.0.0.1:8080", "without user information"),
+        ("127.0.0.1:0", "port cannot be 0"),
+        ("127.0.0.1:", "port"),
+        ("", "host"),
+        ("http://", "host"),
+        ("127.0.0.1:99999", "port"),
+    ] {
+        let error = parse_address(given).expect_err(given);
+        assert!(error.contains(says), "{given}: {error}");
+    }
+}
