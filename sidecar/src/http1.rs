@@ -25,6 +25,14 @@
 //! The header timeout runs from the moment the connection opened, and then from the end of
 //! each request, across the wait with no hyper connection.
 //!
+//! A client that closes its connection while a request is in flight has given up on it: the
+//! connection ends, and with it the request and its upstream exchange. hyper would find out
+//! by reading the socket while the request is in flight, and each such read first makes room
+//! for 8 KiB in its read buffer, which the request's head still shares: a fresh buffer for
+//! every request. Here hyper does not read then (its half-close setting), and the serving
+//! loop watches the socket instead, without a buffer: once hyper's last read left it empty,
+//! a peek at one byte tells a close from the next request's bytes, which are left for hyper.
+//!
 //! The connection's timers (hyper's header timeout, and the response timeout of each request
 //! it serves) are [`Deadline`]s: they register nothing with tokio's timer, but note their
 //! deadline with the connection, and the serving loop keeps one tokio timer at the earliest
@@ -38,7 +46,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -47,6 +55,8 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1::{Builder, UpgradeableConnection};
 use hyper::service::HttpService;
 use hyper_util::rt::TokioIo;
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -77,6 +87,11 @@ pub struct Exchanges {
     /// Bytes have been read since the last request started: the start of a request head,
     /// most likely, which the hyper connection holding it finishes reading.
     partial: AtomicBool,
+    /// hyper's last read left the socket empty: whatever arrives next (the client closing,
+    /// most likely, while a request is in flight) is news, for the serving loop to look at.
+    emptied: AtomicBool,
+    /// The request in flight has a body still to come from the client.
+    body: AtomicBool,
     /// Whether the current hyper connection waits for bytes with nothing in flight: `ACTIVE`,
     /// `IDLE`, or `NOTED` (idle, and the serving loop knows).
     idle: AtomicU8,
@@ -100,6 +115,8 @@ impl Default for Exchanges {
             kept: AtomicBool::default(),
             written: AtomicBool::default(),
             partial: AtomicBool::default(),
+            emptied: AtomicBool::default(),
+            body: AtomicBool::default(),
             idle: AtomicU8::default(),
         }
     }
@@ -125,9 +142,11 @@ impl Exchanges {
     /// guard, carried by the response body, marks the exchange finished when dropped.
     pub fn start(self: &Arc<Self>, request: &http::Request<Incoming>) -> Exchange {
         self.started.fetch_add(1, Relaxed);
-        if !request.body().is_end_stream() {
+        let body = !request.body().is_end_stream();
+        if body {
             self.kept.store(true, Relaxed);
         }
+        self.body.store(body, Relaxed);
         self.partial.store(false, Relaxed);
         self.idle.store(ACTIVE, Relaxed);
         Exchange(self.clone())
@@ -142,6 +161,11 @@ impl Exchanges {
             && !self.partial.load(Relaxed)
     }
 
+    /// The request in flight has had the whole of its body.
+    pub fn body_read(&self) {
+        self.body.store(false, Relaxed);
+    }
+
     /// hyper read bytes (or the end of the stream).
     fn read(&self) {
         self.partial.store(true, Relaxed);
@@ -153,6 +177,15 @@ impl Exchanges {
         if self.idle.load(Relaxed) == ACTIVE && self.settled() {
             self.idle.store(IDLE, Relaxed);
         }
+    }
+
+    /// A request is in flight, with its body (if it has one) read whole, and the socket was
+    /// left empty: the serving loop watches it for the client closing. While a body arrives,
+    /// hyper reads the socket itself, and a client closing then is a body cut short.
+    fn watched(&self) -> bool {
+        self.emptied.load(Relaxed)
+            && !self.body.load(Relaxed)
+            && self.started.load(Relaxed) != self.finished.load(Relaxed)
     }
 
     /// True, once, when the hyper connection has gone idle since it was last active.
@@ -326,7 +359,7 @@ impl<B: Body + Unpin> Body for Finishing<B> {
 /// first, and every read that finds nothing and every write reported to [`Exchanges`].
 #[derive(Debug)]
 struct Io {
-    stream: TokioIo<TcpStream>,
+    stream: TokioIo<Shared>,
     unparsed: Bytes,
     exchanges: Arc<Exchanges>,
 }
@@ -346,6 +379,8 @@ impl Read for Io {
             return Poll::Ready(Ok(()));
         }
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let emptied = read.is_pending() || this.stream.inner().emptied;
+        this.exchanges.emptied.store(emptied, Relaxed);
         if read.is_pending() {
             this.exchanges.waiting();
         } else {
@@ -397,6 +432,108 @@ impl Write for Io {
     }
 }
 
+/// The client socket, shared by hyper's connection, which reads and writes it, and the
+/// serving loop, which watches it while hyper does not read. It reads and writes as tokio's
+/// own socket does, through a shared reference.
+#[derive(Debug)]
+struct Shared {
+    stream: Arc<TcpStream>,
+    /// The last read found the socket empty: it read less than it could.
+    emptied: bool,
+}
+
+impl AsyncRead for Shared {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let stream = &*this.stream;
+        let asked = buf.remaining();
+        loop {
+            ready!(stream.poll_read_ready(cx))?;
+            let mut read = None;
+            let result = stream.try_io(Interest::READABLE, || {
+                let n = stream.try_read_buf(buf)?;
+                read = Some(n);
+                // A read short of the buffer has emptied the socket (with epoll, which Linux
+                // has): so the readiness is cleared (`WouldBlock` tells `try_io` to), and the
+                // next read waits for new bytes instead of finding none with a syscall.
+                if 0 < n && n < asked {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            if let Some(n) = read {
+                this.emptied = n < asked;
+                return Poll::Ready(Ok(()));
+            }
+            match result {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(error)),
+                Ok(()) => unreachable!("a read that succeeded counted its bytes"),
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Writes with `write` once the socket is writable.
+    fn send(
+        &self,
+        cx: &mut Context<'_>,
+        mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match write(&self.stream) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Shared {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.send(cx, |stream| stream.try_write(buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.send(cx, |stream| stream.try_write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+/// Whether the client has closed `stream` (or it failed), looking without reading: `false`
+/// once bytes are waiting, which are hyper's to read.
+fn poll_closed(stream: &TcpStream, cx: &mut Context<'_>) -> Poll<bool> {
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    let peeked = ready!(stream.poll_peek(cx, &mut ReadBuf::uninit(&mut byte)));
+    Poll::Ready(!matches!(peeked, Ok(1..)))
+}
+
 /// Serves the HTTP/1 client on `stream` until it closes, times out or, once `stop` turns
 /// true, has finished its in-flight requests. `opened` is when the connection was accepted;
 /// `header_timeout` is how long a client may take to send a request head, counted from then
@@ -421,8 +558,12 @@ where
     B: Body + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let stream = Arc::new(stream);
     let mut io = Io {
-        stream: TokioIo::new(stream),
+        stream: TokioIo::new(Shared {
+            stream: stream.clone(),
+            emptied: false,
+        }),
         unparsed: Bytes::new(),
         exchanges: exchanges.clone(),
     };
@@ -448,6 +589,9 @@ where
         let mut connection: UpgradeableConnection<Io, S> = Builder::new()
             .timer(ConnectionTimer(exchanges.clone()))
             .header_read_timeout(header_timeout)
+            // Not reading while a request is in flight: the loop below watches for the
+            // client closing instead.
+            .half_close(true)
             .serve_connection(io, service)
             .with_upgrades();
         exchanges.kept.store(false, Relaxed);
@@ -503,6 +647,22 @@ where
                         timer.reset(since + busy_gap);
                     }
                 }
+                // Asked at each poll, after the connection's: polling the connection is what
+                // starts and finishes requests.
+                closed = poll_fn(|cx| {
+                    if exchanges.watched() {
+                        poll_closed(&stream, cx)
+                    } else {
+                        Poll::Pending
+                    }
+                }) => {
+                    if closed {
+                        // Given up on: the request, and its upstream exchange, go with the
+                        // connection.
+                        return Ok(());
+                    }
+                    exchanges.emptied.store(false, Relaxed);
+                }
                 () = &mut first_head, if headless => {
                     // Past the deadline with no request head read on this hyper connection.
                     if exchanges.started.load(Relaxed) == before {
@@ -539,7 +699,7 @@ where
         }
         loop {
             tokio::select! {
-                ready = io.stream.inner().readable() => {
+                ready = stream.readable() => {
                     if ready.is_err() {
                         return Ok(());
                     }

@@ -494,6 +494,10 @@ fn handle<'a>(
                     if let Poll::Ready(response) = send.as_mut().poll(cx) {
                         return Poll::Ready(Ok(response));
                     }
+                    // The client has sent it all: it closing now is giving up on the request.
+                    if progress.is_some_and(Progress::ended) {
+                        timers.body_read();
+                    }
                     loop {
                         std::task::ready!(Pin::new(&mut deadline).poll(cx));
                         due = next_due(progress, due, timeout)?;

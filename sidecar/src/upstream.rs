@@ -758,6 +758,11 @@ impl Forward {
                 },
             }
         }
+        if self.ended
+            && let Some(progress) = progress
+        {
+            progress.ended.store(true, Relaxed);
+        }
         Ok(())
     }
 
@@ -812,6 +817,8 @@ pub struct Progress {
     /// connection first asks for the body.
     last: AtomicU64,
     clients_turn: AtomicBool,
+    /// The body has been taken to its end.
+    ended: AtomicBool,
 }
 
 impl Default for Progress {
@@ -820,6 +827,7 @@ impl Default for Progress {
             start: tokio::time::Instant::now(),
             last: AtomicU64::new(Progress::UNPOLLED),
             clients_turn: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         }
     }
 }
@@ -838,6 +846,11 @@ impl Progress {
         let last = self.last.load(Relaxed);
         let clients_turn = self.clients_turn.load(Relaxed);
         (last != Self::UNPOLLED).then(|| (self.start + Duration::from_nanos(last), clients_turn))
+    }
+
+    /// Whether the body has been taken to its end: the client has sent all of it.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Relaxed)
     }
 }
 

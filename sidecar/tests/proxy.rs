@@ -1916,3 +1916,120 @@ async fn connect_is_not_implemented() {
     assert_eq!((status, body.as_str()), (501, "CONNECT is not supported\n"));
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
+
+/// An upstream that takes one connection, reads one request (its head, and a body of
+/// `Content-Length`), says so, and never answers; it says too when the sidecar closes the
+/// connection.
+async fn silent_upstream() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (received_tx, received) = tokio::sync::oneshot::channel();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = tokio::io::BufReader::new(stream);
+        let mut length = 0;
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            stream.read_line(&mut line).await.unwrap();
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        stream.read_exact(&mut body).await.unwrap();
+        received_tx.send(()).unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "nothing more was sent: {rest:?}");
+        closed_tx.send(()).unwrap();
+    });
+    (addr, received, closed)
+}
+
+/// A client that closes its connection while its request waits for the upstream has given up
+/// on it: the upstream connection closes too (as with nginx, a client shutting down only its
+/// sending side has given up as well), so the service sees the cancellation. The response
+/// timeout is an hour: nothing else would close it.
+#[tokio::test]
+async fn a_client_gone_with_its_request_in_flight_takes_the_upstream_exchange_along() {
+    for (request, half_close) in [
+        ("GET /wait HTTP/1.1\r\nHost: shop\r\n\r\n", false),
+        (
+            "POST /wait HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\nhello",
+            true,
+        ),
+    ] {
+        let (up, received, closed) = silent_upstream().await;
+        let sidecar = Sidecar::with_timeouts(
+            up,
+            NoPolicy::PassThrough,
+            proxy::Timeouts {
+                response: std::time::Duration::from_secs(3600),
+                ..proxy::Timeouts::default()
+            },
+        )
+        .await;
+        let mut raw = Raw::connect(sidecar.addr).await;
+        raw.send(request.as_bytes()).await;
+        received.await.unwrap();
+        if half_close {
+            use tokio::io::AsyncWriteExt;
+            raw.stream.get_mut().shutdown().await.unwrap();
+        } else {
+            drop(raw);
+        }
+        closed.await.unwrap();
+    }
+}
+
+/// A request that arrives while the one before it on the connection still waits for its
+/// response is not taken for the client closing: it is answered after it.
+#[tokio::test]
+async fn a_request_sent_while_another_is_in_flight_is_answered_after_it() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let (first_tx, first) = tokio::sync::oneshot::channel();
+    let (answer_tx, answer) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = tokio::io::BufReader::new(stream);
+        let mut first_tx = Some(first_tx);
+        let mut answer = Some(answer);
+        for body in ["first", "other"] {
+            let mut line = String::new();
+            while line != "\r\n" {
+                line.clear();
+                stream.read_line(&mut line).await.unwrap();
+            }
+            if let (Some(first_tx), Some(answer)) = (first_tx.take(), answer.take()) {
+                first_tx.send(()).unwrap();
+                answer.await.unwrap();
+            }
+            let response = format!("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n{body}");
+            stream
+                .get_mut()
+                .write_all(response.as_bytes())
+                .await
+                .unwrap();
+        }
+    });
+    let sidecar =
+        Sidecar::with_timeouts(up, NoPolicy::PassThrough, proxy::Timeouts::default()).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"GET /one HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    first.await.unwrap();
+    raw.send(b"GET /two HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    answer_tx.send(()).unwrap();
+    for body in ["first", "other"] {
+        let (status, _, got) = raw.response().await;
+        assert_eq!((status, got.as_str()), (200, body));
+    }
+}
