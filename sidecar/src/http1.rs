@@ -62,6 +62,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::metrics::{ConnectionState, OpenConnection};
+use crate::upstream::{Arrivals, Arrived};
 
 /// What the service, the response bodies, the timers and the socket of one client
 /// connection tell its serving loop about the current hyper connection.
@@ -87,11 +88,15 @@ pub struct Exchanges {
     /// Bytes have been read since the last request started: the start of a request head,
     /// most likely, which the hyper connection holding it finishes reading.
     partial: AtomicBool,
-    /// hyper's last read left the socket empty: whatever arrives next (the client closing,
-    /// most likely, while a request is in flight) is news, for the serving loop to look at.
+    /// hyper's last read went to the socket (and so, most likely, left it empty): whatever
+    /// arrives next (the client closing, while a request is in flight) is news, for the
+    /// serving loop to look at.
     emptied: AtomicBool,
-    /// The request in flight has a body still to come from the client.
+    /// The request in flight has a body.
     body: AtomicBool,
+    /// Where the bodies of requests tell, by number (in `started`), that they have all
+    /// arrived, whichever task forwards them.
+    arrivals: Arc<Arrivals>,
     /// Whether the current hyper connection waits for bytes with nothing in flight: `ACTIVE`,
     /// `IDLE`, or `NOTED` (idle, and the serving loop knows).
     idle: AtomicU8,
@@ -117,6 +122,7 @@ impl Default for Exchanges {
             partial: AtomicBool::default(),
             emptied: AtomicBool::default(),
             body: AtomicBool::default(),
+            arrivals: Arc::default(),
             idle: AtomicU8::default(),
         }
     }
@@ -161,9 +167,9 @@ impl Exchanges {
             && !self.partial.load(Relaxed)
     }
 
-    /// The request in flight has had the whole of its body.
-    pub fn body_read(&self) {
-        self.body.store(false, Relaxed);
+    /// For the body of the request in flight: what it tells once it has all arrived.
+    pub fn arrived(&self) -> Arrived {
+        Arrived::new(self.arrivals.clone(), self.started.load(Relaxed))
     }
 
     /// hyper read bytes (or the end of the stream).
@@ -179,13 +185,16 @@ impl Exchanges {
         }
     }
 
-    /// A request is in flight, with its body (if it has one) read whole, and the socket was
+    /// A request is in flight, with its body (if it has one) all arrived, and the socket was
     /// left empty: the serving loop watches it for the client closing. While a body arrives,
-    /// hyper reads the socket itself, and a client closing then is a body cut short.
-    fn watched(&self) -> bool {
+    /// hyper reads the socket itself, and a client closing then is a body cut short. If the
+    /// body is what is missing, `cx` is woken once it has arrived, which another task may
+    /// tell.
+    fn watched(&self, cx: &Context<'_>) -> bool {
+        let started = self.started.load(Relaxed);
         self.emptied.load(Relaxed)
-            && !self.body.load(Relaxed)
-            && self.started.load(Relaxed) != self.finished.load(Relaxed)
+            && started != self.finished.load(Relaxed)
+            && (!self.body.load(Relaxed) || self.arrivals.poll_arrived(started, cx.waker()))
     }
 
     /// True, once, when the hyper connection has gone idle since it was last active.
@@ -379,8 +388,9 @@ impl Read for Io {
             return Poll::Ready(Ok(()));
         }
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        let emptied = read.is_pending() || this.stream.inner().emptied;
-        this.exchanges.emptied.store(emptied, Relaxed);
+        // Even a read that filled the buffer has most likely emptied the socket; if not, the
+        // serving loop's one peek finds the bytes and leaves them to hyper.
+        this.exchanges.emptied.store(true, Relaxed);
         if read.is_pending() {
             this.exchanges.waiting();
         } else {
@@ -436,11 +446,7 @@ impl Write for Io {
 /// serving loop, which watches it while hyper does not read. It reads and writes as tokio's
 /// own socket does, through a shared reference.
 #[derive(Debug)]
-struct Shared {
-    stream: Arc<TcpStream>,
-    /// The last read found the socket empty: it read less than it could.
-    emptied: bool,
-}
+struct Shared(Arc<TcpStream>);
 
 impl AsyncRead for Shared {
     fn poll_read(
@@ -448,8 +454,7 @@ impl AsyncRead for Shared {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let stream = &*this.stream;
+        let stream = &*self.0;
         let asked = buf.remaining();
         loop {
             ready!(stream.poll_read_ready(cx))?;
@@ -466,8 +471,7 @@ impl AsyncRead for Shared {
                     Ok(())
                 }
             });
-            if let Some(n) = read {
-                this.emptied = n < asked;
+            if read.is_some() {
                 return Poll::Ready(Ok(()));
             }
             match result {
@@ -487,8 +491,8 @@ impl Shared {
         mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.stream.poll_write_ready(cx))?;
-            match write(&self.stream) {
+            ready!(self.0.poll_write_ready(cx))?;
+            match write(&self.0) {
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 written => return Poll::Ready(written),
             }
@@ -522,16 +526,29 @@ impl AsyncWrite for Shared {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write))
+        // As tokio's own: a peer already gone is shut down.
+        match SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write) {
+            Err(error) if error.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+            shut => Poll::Ready(shut),
+        }
     }
 }
 
-/// Whether the client has closed `stream` (or it failed), looking without reading: `false`
-/// once bytes are waiting, which are hyper's to read.
-fn poll_closed(stream: &TcpStream, cx: &mut Context<'_>) -> Poll<bool> {
+/// Ready once the client has closed `stream` (or it failed) while it is watched
+/// ([`Exchanges::watched`]), looking without reading. Bytes found waiting instead are hyper's
+/// to read: the watch stops until hyper has read.
+fn poll_gone(stream: &TcpStream, exchanges: &Exchanges, cx: &mut Context<'_>) -> Poll<()> {
+    if !exchanges.watched(cx) {
+        return Poll::Pending;
+    }
     let mut byte = [std::mem::MaybeUninit::uninit()];
-    let peeked = ready!(stream.poll_peek(cx, &mut ReadBuf::uninit(&mut byte)));
-    Poll::Ready(!matches!(peeked, Ok(1..)))
+    match ready!(stream.poll_peek(cx, &mut ReadBuf::uninit(&mut byte))) {
+        Ok(1..) => {
+            exchanges.emptied.store(false, Relaxed);
+            Poll::Pending
+        }
+        Ok(0) | Err(_) => Poll::Ready(()),
+    }
 }
 
 /// Serves the HTTP/1 client on `stream` until it closes, times out or, once `stop` turns
@@ -560,10 +577,7 @@ where
 {
     let stream = Arc::new(stream);
     let mut io = Io {
-        stream: TokioIo::new(Shared {
-            stream: stream.clone(),
-            emptied: false,
-        }),
+        stream: TokioIo::new(Shared(stream.clone())),
         unparsed: Bytes::new(),
         exchanges: exchanges.clone(),
     };
@@ -649,19 +663,10 @@ where
                 }
                 // Asked at each poll, after the connection's: polling the connection is what
                 // starts and finishes requests.
-                closed = poll_fn(|cx| {
-                    if exchanges.watched() {
-                        poll_closed(&stream, cx)
-                    } else {
-                        Poll::Pending
-                    }
-                }) => {
-                    if closed {
-                        // Given up on: the request, and its upstream exchange, go with the
-                        // connection.
-                        return Ok(());
-                    }
-                    exchanges.emptied.store(false, Relaxed);
+                () = poll_fn(|cx| poll_gone(&stream, &exchanges, cx)) => {
+                    // Given up on: the request, and its upstream exchange, go with the
+                    // connection.
+                    return Ok(());
                 }
                 () = &mut first_head, if headless => {
                     // Past the deadline with no request head read on this hyper connection.
@@ -671,7 +676,14 @@ where
                 }
                 () = &mut stop => {
                     Pin::new(&mut connection).graceful_shutdown();
-                    return poll_fn(|cx| wake.poll(&mut connection, &exchanges, cx)).await;
+                    // In-flight requests finish, unless their clients give up on them.
+                    return poll_fn(|cx| {
+                        if let Poll::Ready(ended) = wake.poll(&mut connection, &exchanges, cx) {
+                            return Poll::Ready(ended);
+                        }
+                        poll_gone(&stream, &exchanges, cx).map(Ok)
+                    })
+                    .await;
                 }
             }
         }

@@ -477,8 +477,11 @@ fn handle<'a>(
         }
 
         // The response timeout counts from the end of the request's body, and is also the
-        // longest pause allowed within it.
-        let progress = (!req.body().is_end_stream()).then(Progress::default);
+        // longest pause allowed within it. Over HTTP/1, the client connection learns when
+        // the body has all arrived: from then on, the client closing is giving up on the
+        // request.
+        let progress = (!req.body().is_end_stream())
+            .then(|| Progress::new(timers.map(|exchanges| exchanges.arrived())));
         let progress = progress.as_ref();
         // Each way constructs its own future in place: a future handed to a function that pins
         // it would be stored twice in this one.
@@ -493,10 +496,6 @@ fn handle<'a>(
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(response) = send.as_mut().poll(cx) {
                         return Poll::Ready(Ok(response));
-                    }
-                    // The client has sent it all: it closing now is giving up on the request.
-                    if progress.is_some_and(Progress::ended) {
-                        timers.body_read();
                     }
                     loop {
                         std::task::ready!(Pin::new(&mut deadline).poll(cx));

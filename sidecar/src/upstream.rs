@@ -313,7 +313,10 @@ impl Upstream {
                 None => RequestFraming::Chunked,
             }
         };
-        let mut forward = (!body.is_end_stream()).then(|| Box::new(Forward::new(body, framing)));
+        let mut forward = (!body.is_end_stream()).then(|| {
+            let arrived = progress.and_then(|p| p.arrived.clone());
+            Box::new(Forward::new(body, framing, arrived))
+        });
         async move {
             let asked = Asked::of(&parts.method);
             // Resent if its connection turns out closed: only what the upstream cannot have
@@ -663,10 +666,12 @@ struct Forward {
     /// that ends short of it would leave the upstream waiting for the rest, and the next
     /// request on the connection taken for it.
     length: Option<(u64, u64)>,
+    /// Told once the body has ended.
+    arrived: Option<Arrived>,
 }
 
 impl Forward {
-    fn new(body: Incoming, framing: RequestFraming) -> Self {
+    fn new(body: Incoming, framing: RequestFraming, arrived: Option<Arrived>) -> Self {
         Forward {
             body,
             chunked: framing == RequestFraming::Chunked,
@@ -680,6 +685,7 @@ impl Forward {
                 RequestFraming::Length(n) => Some((n, 0)),
                 _ => None,
             },
+            arrived,
         }
     }
 
@@ -759,9 +765,9 @@ impl Forward {
             }
         }
         if self.ended
-            && let Some(progress) = progress
+            && let Some(arrived) = self.arrived.take()
         {
-            progress.ended.store(true, Relaxed);
+            arrived.tell();
         }
         Ok(())
     }
@@ -817,23 +823,22 @@ pub struct Progress {
     /// connection first asks for the body.
     last: AtomicU64,
     clients_turn: AtomicBool,
-    /// The body has been taken to its end.
-    ended: AtomicBool,
-}
-
-impl Default for Progress {
-    fn default() -> Self {
-        Progress {
-            start: tokio::time::Instant::now(),
-            last: AtomicU64::new(Progress::UNPOLLED),
-            clients_turn: AtomicBool::new(false),
-            ended: AtomicBool::new(false),
-        }
-    }
+    /// Told once the body has all arrived, by whichever task forwards it.
+    arrived: Option<Arrived>,
 }
 
 impl Progress {
     const UNPOLLED: u64 = u64::MAX;
+
+    /// A body on its way, telling `arrived` (if given) once it has all arrived.
+    pub fn new(arrived: Option<Arrived>) -> Self {
+        Progress {
+            start: tokio::time::Instant::now(),
+            last: AtomicU64::new(Progress::UNPOLLED),
+            clients_turn: AtomicBool::new(false),
+            arrived,
+        }
+    }
 
     fn moved(&self) {
         let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -847,10 +852,52 @@ impl Progress {
         let clients_turn = self.clients_turn.load(Relaxed);
         (last != Self::UNPOLLED).then(|| (self.start + Duration::from_nanos(last), clients_turn))
     }
+}
 
-    /// Whether the body has been taken to its end: the client has sent all of it.
-    pub fn ended(&self) -> bool {
-        self.ended.load(Relaxed)
+/// Where the bodies of one client connection's requests tell that they have all arrived, by
+/// whichever task forwards them: the client connection's, or one of the upstream side's own
+/// when the response came first. The latest request number told, and a task to wake then.
+#[derive(Debug, Default)]
+pub struct Arrivals {
+    latest: AtomicU64,
+    waiting: Mutex<Option<std::task::Waker>>,
+}
+
+impl Arrivals {
+    /// Whether the body of request `number` has all arrived; if not, `waker` is woken once
+    /// it has.
+    pub fn poll_arrived(&self, number: u64, waker: &std::task::Waker) -> bool {
+        if self.latest.load(Relaxed) >= number {
+            return true;
+        }
+        let mut waiting = self.waiting.lock().expect("arrivals lock");
+        if !waiting.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *waiting = Some(waker.clone());
+        }
+        // Told in between: the waker may have been taken before it was set.
+        self.latest.load(Relaxed) >= number
+    }
+}
+
+/// What the body of one request tells once it has all arrived.
+#[derive(Debug, Clone)]
+pub struct Arrived {
+    arrivals: Arc<Arrivals>,
+    number: u64,
+}
+
+impl Arrived {
+    /// Tells `arrivals` that request `number`'s body has arrived, when it has.
+    pub fn new(arrivals: Arc<Arrivals>, number: u64) -> Self {
+        Arrived { arrivals, number }
+    }
+
+    fn tell(&self) {
+        self.arrivals.latest.fetch_max(self.number, Relaxed);
+        let waiting = self.arrivals.waiting.lock().expect("arrivals lock").take();
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
     }
 }
 
@@ -1045,10 +1092,14 @@ async fn relay(
             .await
         };
         let (permit, frame) = match room {
-            Ok(Ok(permit)) => (
-                permit,
-                std::future::poll_fn(|cx| streaming.poll_frame(cx)).await,
-            ),
+            Ok(Ok(permit)) => {
+                let frame = std::future::poll_fn(|cx| streaming.poll_frame(cx));
+                tokio::select! {
+                    frame = frame => (permit, frame),
+                    // The client is gone, while the upstream is quiet.
+                    () = frames.closed() => return,
+                }
+            }
             // The client is gone: so is the exchange.
             Ok(Err(_)) => return,
             Err(error) => match frames.reserve().await {

@@ -1953,21 +1953,32 @@ async fn silent_upstream() -> (
     (addr, received, closed)
 }
 
+/// How a client leaves a request in flight.
+#[derive(Clone, Copy, Debug)]
+enum Leave {
+    Close,
+    /// Shuts down its sending side only.
+    HalfClose,
+    /// Closes while the sidecar shuts down, letting requests in flight finish.
+    CloseDuringShutdown,
+}
+
 /// A client that closes its connection while its request waits for the upstream has given up
 /// on it: the upstream connection closes too (as with nginx, a client shutting down only its
-/// sending side has given up as well), so the service sees the cancellation. The response
-/// timeout is an hour: nothing else would close it.
+/// sending side has given up as well), so the service sees the cancellation; also while the
+/// sidecar shuts down. The response timeout is an hour: nothing else would close it.
 #[tokio::test]
 async fn a_client_gone_with_its_request_in_flight_takes_the_upstream_exchange_along() {
-    for (request, half_close) in [
-        ("GET /wait HTTP/1.1\r\nHost: shop\r\n\r\n", false),
-        (
-            "POST /wait HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\nhello",
-            true,
-        ),
+    let get = "GET /wait HTTP/1.1\r\nHost: shop\r\n\r\n";
+    let post = "POST /wait HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\nhello";
+    for (request, leave) in [
+        (get, Leave::Close),
+        (post, Leave::HalfClose),
+        (post, Leave::Close),
+        (get, Leave::CloseDuringShutdown),
     ] {
         let (up, received, closed) = silent_upstream().await;
-        let sidecar = Sidecar::with_timeouts(
+        let mut sidecar = Sidecar::with_timeouts(
             up,
             NoPolicy::PassThrough,
             proxy::Timeouts {
@@ -1976,17 +1987,73 @@ async fn a_client_gone_with_its_request_in_flight_takes_the_upstream_exchange_al
             },
         )
         .await;
+        let mut idle = Raw::connect(sidecar.addr).await;
         let mut raw = Raw::connect(sidecar.addr).await;
         raw.send(request.as_bytes()).await;
         received.await.unwrap();
-        if half_close {
-            use tokio::io::AsyncWriteExt;
-            raw.stream.get_mut().shutdown().await.unwrap();
-        } else {
-            drop(raw);
+        match leave {
+            Leave::Close => drop(raw),
+            Leave::HalfClose => {
+                use tokio::io::AsyncWriteExt;
+                raw.stream.get_mut().shutdown().await.unwrap();
+            }
+            Leave::CloseDuringShutdown => {
+                sidecar.stop.take().unwrap().send(()).unwrap();
+                // Closed once the connections have been told to stop.
+                assert!(idle.closed().await);
+                drop(raw);
+            }
         }
-        closed.await.unwrap();
+        closed
+            .await
+            .unwrap_or_else(|_| panic!("{leave:?}: the upstream failed"));
     }
+}
+
+/// The same once the upstream has answered before the request's body had all arrived: the
+/// rest of the body goes on by a task of its own, and the client closing after sending it,
+/// while the response still streams, closes the upstream connection.
+#[tokio::test]
+async fn a_client_gone_after_an_early_answer_takes_the_upstream_exchange_along() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let (body_tx, body) = tokio::sync::oneshot::channel();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = tokio::io::BufReader::new(stream);
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            stream.read_line(&mut line).await.unwrap();
+        }
+        // Answered at once, with a body that never ends.
+        stream
+            .get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nearly\r\n")
+            .await
+            .unwrap();
+        let mut body = [0; 10];
+        stream.read_exact(&mut body).await.unwrap();
+        body_tx.send(body).unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+        closed_tx.send(rest).unwrap();
+    });
+    let sidecar =
+        Sidecar::with_timeouts(up, NoPolicy::PassThrough, proxy::Timeouts::default()).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"POST /upload HTTP/1.1\r\nHost: shop\r\nContent-Length: 10\r\n\r\nhello")
+        .await;
+    let mut head = String::new();
+    while !head.ends_with("early\r\n") {
+        raw.stream.read_line(&mut head).await.unwrap();
+    }
+    raw.send(b"world").await;
+    assert_eq!(&body.await.unwrap(), b"helloworld");
+    drop(raw);
+    assert!(closed.await.unwrap().is_empty());
 }
 
 /// A request that arrives while the one before it on the connection still waits for its

@@ -45,7 +45,7 @@ async fn a_body_that_ends_short_of_its_length_is_the_clients_error() {
     response.await.unwrap();
     stream.send_reset(h2::Reason::NO_ERROR);
 
-    let mut forward = Forward::new(body, RequestFraming::Length(100));
+    let mut forward = Forward::new(body, RequestFraming::Length(100), None);
     let ended = std::future::poll_fn(|cx| {
         loop {
             if let Err(error) = forward.fill(cx, None) {
