@@ -30,8 +30,11 @@
 //! by reading the socket while the request is in flight, and each such read first makes room
 //! for 8 KiB in its read buffer, which the request's head still shares: a fresh buffer for
 //! every request. Here hyper does not read then (its half-close setting), and the serving
-//! loop watches the socket instead, without a buffer: once hyper's last read left it empty,
-//! a peek at one byte tells a close from the next request's bytes, which are left for hyper.
+//! loop watches the socket instead, without a buffer: once hyper's last read left it empty
+//! and the request's body has all arrived (told by whichever task forwards it; until then
+//! hyper reads the body, and a close is a body cut short), a peek at one byte tells a close
+//! from the next request's bytes, which are left for hyper. The watch goes on while the
+//! connection shuts down.
 //!
 //! The connection's timers (hyper's header timeout, and the response timeout of each request
 //! it serves) are [`Deadline`]s: they register nothing with tokio's timer, but note their
