@@ -152,6 +152,16 @@ impl Sidecar {
         }
     }
 
+    /// A sidecar passing requests through without a policy, with `response` as its response
+    /// timeout and the other timeouts at their defaults.
+    async fn with_response_timeout(upstream: SocketAddr, response: std::time::Duration) -> Sidecar {
+        let timeouts = proxy::Timeouts {
+            response,
+            ..proxy::Timeouts::default()
+        };
+        Sidecar::with_timeouts(upstream, NoPolicy::PassThrough, timeouts).await
+    }
+
     fn policy(&self, revision: i64, origins: &[&str], mode: v1::PolicyMode) {
         self.set
             .apply(&v1::DiscoveryResponse {
@@ -649,15 +659,7 @@ async fn a_response_timeout_after_a_shorter_header_deadline_still_fires() {
 async fn a_slow_upload_outlasting_the_response_timeout_is_answered() {
     let (up, _) = upstream().await;
     let response = std::time::Duration::from_millis(400);
-    let sidecar = Sidecar::with_timeouts(
-        up,
-        NoPolicy::PassThrough,
-        proxy::Timeouts {
-            response,
-            ..proxy::Timeouts::default()
-        },
-    )
-    .await;
+    let sidecar = Sidecar::with_response_timeout(up, response).await;
     let mut raw = Raw::connect(sidecar.addr).await;
     raw.send(b"POST /echo HTTP/1.1\r\nHost: shop\r\nContent-Length: 6\r\n\r\n")
         .await;
@@ -676,15 +678,7 @@ async fn a_slow_upload_outlasting_the_response_timeout_is_answered() {
 async fn over_http2_the_response_timeout_counts_from_the_end_of_the_body() {
     let (up, _) = upstream().await;
     let response = std::time::Duration::from_millis(400);
-    let sidecar = Sidecar::with_timeouts(
-        up,
-        NoPolicy::PassThrough,
-        proxy::Timeouts {
-            response,
-            ..proxy::Timeouts::default()
-        },
-    )
-    .await;
+    let sidecar = Sidecar::with_response_timeout(up, response).await;
     let client = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
@@ -722,15 +716,7 @@ async fn over_http2_the_response_timeout_counts_from_the_end_of_the_body() {
 #[tokio::test]
 async fn a_stalled_upload_is_a_408_after_the_response_timeout() {
     let (up, _) = upstream().await;
-    let sidecar = Sidecar::with_timeouts(
-        up,
-        NoPolicy::PassThrough,
-        proxy::Timeouts {
-            response: std::time::Duration::from_millis(200),
-            ..proxy::Timeouts::default()
-        },
-    )
-    .await;
+    let sidecar = Sidecar::with_response_timeout(up, std::time::Duration::from_millis(200)).await;
     let mut raw = Raw::connect(sidecar.addr).await;
     raw.send(b"POST /echo HTTP/1.1\r\nHost: shop\r\nContent-Length: 6\r\n\r\nhal")
         .await;
@@ -1978,15 +1964,8 @@ async fn a_client_gone_with_its_request_in_flight_takes_the_upstream_exchange_al
         (get, Leave::CloseDuringShutdown),
     ] {
         let (up, received, closed) = silent_upstream().await;
-        let mut sidecar = Sidecar::with_timeouts(
-            up,
-            NoPolicy::PassThrough,
-            proxy::Timeouts {
-                response: std::time::Duration::from_secs(3600),
-                ..proxy::Timeouts::default()
-            },
-        )
-        .await;
+        let mut sidecar =
+            Sidecar::with_response_timeout(up, std::time::Duration::from_secs(3600)).await;
         let mut idle = Raw::connect(sidecar.addr).await;
         let mut raw = Raw::connect(sidecar.addr).await;
         raw.send(request.as_bytes()).await;
