@@ -1903,6 +1903,22 @@ async fn connect_is_not_implemented() {
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
 
+/// Reads a request head from `stream`, and returns its `Content-Length` (0 without one).
+async fn read_head(stream: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> usize {
+    use tokio::io::AsyncBufReadExt;
+    let mut length = 0;
+    let mut line = String::new();
+    while line != "\r\n" {
+        line.clear();
+        let read = stream.read_line(&mut line).await.unwrap();
+        assert!(read > 0, "the connection closed within a head");
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap();
+        }
+    }
+    length
+}
+
 /// An upstream that takes one connection, reads one request (its head, and a body of
 /// `Content-Length`), says so, and never answers; it says too when the sidecar closes the
 /// connection.
@@ -1911,7 +1927,7 @@ async fn silent_upstream() -> (
     tokio::sync::oneshot::Receiver<()>,
     tokio::sync::oneshot::Receiver<()>,
 ) {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    use tokio::io::AsyncReadExt;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (received_tx, received) = tokio::sync::oneshot::channel();
@@ -1919,16 +1935,7 @@ async fn silent_upstream() -> (
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let mut stream = tokio::io::BufReader::new(stream);
-        let mut length = 0;
-        let mut line = String::new();
-        while line != "\r\n" {
-            line.clear();
-            stream.read_line(&mut line).await.unwrap();
-            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = value.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
+        let mut body = vec![0; read_head(&mut stream).await];
         stream.read_exact(&mut body).await.unwrap();
         received_tx.send(()).unwrap();
         let mut rest = Vec::new();
@@ -2002,11 +2009,7 @@ async fn a_client_gone_after_an_early_answer_takes_the_upstream_exchange_along()
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let mut stream = tokio::io::BufReader::new(stream);
-        let mut line = String::new();
-        while line != "\r\n" {
-            line.clear();
-            stream.read_line(&mut line).await.unwrap();
-        }
+        read_head(&mut stream).await;
         // Answered at once, with a body that never ends.
         stream
             .get_mut()
@@ -2039,7 +2042,7 @@ async fn a_client_gone_after_an_early_answer_takes_the_upstream_exchange_along()
 /// response is not taken for the client closing: it is answered after it.
 #[tokio::test]
 async fn a_request_sent_while_another_is_in_flight_is_answered_after_it() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = listener.local_addr().unwrap();
     let (first_tx, first) = tokio::sync::oneshot::channel();
@@ -2050,11 +2053,7 @@ async fn a_request_sent_while_another_is_in_flight_is_answered_after_it() {
         let mut first_tx = Some(first_tx);
         let mut answer = Some(answer);
         for body in ["first", "other"] {
-            let mut line = String::new();
-            while line != "\r\n" {
-                line.clear();
-                stream.read_line(&mut line).await.unwrap();
-            }
+            read_head(&mut stream).await;
             if let (Some(first_tx), Some(answer)) = (first_tx.take(), answer.take()) {
                 first_tx.send(()).unwrap();
                 answer.await.unwrap();
