@@ -605,8 +605,13 @@ impl Load {
                                 }
                             },
                         };
+                        // The upstream counts as down for this request if it was when the
+                        // request was sent or when its answer came: one sent while it was
+                        // down may be answered after the flag is cleared.
+                        let down_when_sent = upstream_down.load(Ordering::SeqCst);
                         let sent = Instant::now();
                         let answer = exchange(conn, addr);
+                        let down = down_when_sent || upstream_down.load(Ordering::SeqCst);
                         let took = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
                         match answer {
                             Ok((200, head)) => match revision_of(&head) {
@@ -625,7 +630,7 @@ impl Load {
                                 }
                                 Err(e) => failures.lock().unwrap().push(e),
                             },
-                            Ok((502, _)) if upstream_down.load(Ordering::SeqCst) => {
+                            Ok((502, _)) if down => {
                                 bad_gateway.fetch_add(1, Ordering::Relaxed);
                             }
                             Ok((status, head)) => {
@@ -636,7 +641,7 @@ impl Load {
                                 connection = None;
                             }
                             Err(e) => {
-                                if !upstream_down.load(Ordering::SeqCst) {
+                                if !down {
                                     failures.lock().unwrap().push(format!("{addr}: {e}"));
                                 }
                                 connection = None;
