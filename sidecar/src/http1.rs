@@ -109,10 +109,6 @@ const ACTIVE: u8 = 0;
 const IDLE: u8 = 1;
 const NOTED: u8 = 2;
 
-/// The largest request head read from a client, in bytes (as Envoy's default, about 60 KiB);
-/// hyper answers a larger one `431`.
-const MAX_HEAD: usize = 64 * 1024;
-
 /// No deadline noted.
 const NO_DEADLINE: u64 = u64::MAX;
 
@@ -610,8 +606,6 @@ where
         let mut connection: UpgradeableConnection<Io, S> = Builder::new()
             .timer(ConnectionTimer(exchanges.clone()))
             .header_read_timeout(header_timeout)
-            // A request head over this is refused (`431`), never forwarded.
-            .max_buf_size(MAX_HEAD)
             // Not reading while a request is in flight: the loop below watches for the
             // client closing instead.
             .half_close(true)

@@ -321,6 +321,11 @@ fn local(status: StatusCode, headers: HeaderMap, body: &'static str) -> Response
     response
 }
 
+/// The largest request head forwarded, in bytes of its target and fields (as Envoy's
+/// default, about 60 KiB); a larger one is answered `431`. hyper's own limit on a head it
+/// reads (about 400 KiB) is its read buffer's, which also sizes its reads of a body.
+const MAX_HEAD: usize = 64 * 1024;
+
 /// What a request knows of the client connection it came on.
 struct Connection<'a> {
     /// The client's [`forwarded_for`] entry.
@@ -348,6 +353,18 @@ fn handle<'a>(
             timers,
             tunnels,
         } = connection;
+        // One pass over the names: most requests carry no hop-by-hop header (and so neither an
+        // upgrade nor anything to strip), and no `X-Forwarded-*` of their own.
+        let names = Names::of(req.headers());
+        let target = req.uri().authority().map_or(0, |a| a.as_str().len())
+            + req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if names.len + target > MAX_HEAD {
+            return local(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                HeaderMap::new(),
+                "request header fields too large\n",
+            );
+        }
         // A tunnel to wherever the client names is a forward proxy's business, not this one's.
         if req.method() == http::Method::CONNECT {
             return local(
@@ -368,9 +385,6 @@ fn handle<'a>(
             None => req.headers().get(header::HOST).cloned(),
         };
         let authority = authority_value.as_ref().and_then(|v| v.to_str().ok());
-        // One pass over the names: most requests carry no hop-by-hop header (and so neither an
-        // upgrade nor anything to strip), and no `X-Forwarded-*` of their own.
-        let names = Names::of(req.headers());
         let hop_by_hop = names.hop_by_hop;
         let upgrade = hop_by_hop && is_upgrade(&req);
         // The decision borrows the snapshot's compiled policy, which `snapshot` keeps alive.
@@ -815,6 +829,8 @@ struct Names {
     hop_by_hop: bool,
     /// Some are `X-Forwarded-*`.
     forwarded: bool,
+    /// The bytes of the fields as HTTP/1 writes them (`name: value` and a line end each).
+    len: usize,
 }
 
 impl Names {
@@ -822,10 +838,12 @@ impl Names {
         let mut names = Names {
             hop_by_hop: false,
             forwarded: false,
+            len: 0,
         };
-        for name in headers.keys() {
+        for (name, value) in headers {
             names.hop_by_hop |= is_hop_by_hop(name);
             names.forwarded |= name.as_str().starts_with("x-forwarded-");
+            names.len += name.as_str().len() + value.len() + 4;
         }
         names
     }

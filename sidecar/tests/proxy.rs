@@ -305,6 +305,51 @@ async fn requests_reach_the_upstream_in_origin_form_with_a_host() {
     assert_eq!(headers["x-saw-host"], sidecar.addr.to_string());
 }
 
+/// A request head (target and fields) over 64 KiB is answered `431` and never forwarded;
+/// one just under it is, and the connection carries on after the refusal.
+#[tokio::test]
+async fn a_request_head_over_64_kib_is_refused_and_never_forwarded() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    let fields = |kib: usize| -> String {
+        (0..kib)
+            .map(|i| format!("x-f{i:03}: {}\r\n", "a".repeat(1024 - 10)))
+            .collect()
+    };
+    raw.send(format!("GET /under HTTP/1.1\r\nHost: a\r\n{}\r\n", fields(63)).as_bytes())
+        .await;
+    let (status, _, _) = raw.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    raw.send(format!("GET /over HTTP/1.1\r\nHost: a\r\n{}\r\n", fields(65)).as_bytes())
+        .await;
+    let (status, _, body) = raw.response().await;
+    assert_eq!(status, 431);
+    assert_eq!(body, "request header fields too large\n");
+    // The target counts too.
+    let long_target = format!("/{}", "t".repeat(40 * 1024));
+    raw.send(
+        format!(
+            "GET {long_target} HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            fields(30)
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (status, _, _) = raw.response().await;
+    assert_eq!(status, 431);
+    raw.send(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let (status, headers, _) = raw.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-saw-path"), Some("/after"));
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        2,
+        "neither refused head was forwarded"
+    );
+}
+
 /// A client that connects and sends nothing, or only part of the HTTP/2 preface, is closed
 /// after the header timeout.
 #[tokio::test]
