@@ -32,13 +32,83 @@ use crate::metrics::{Observer, OpenConnection, Outcome, UpstreamError};
 use crate::policies::PolicySet;
 use crate::upstream::{ExchangeError, PooledBody, Progress, Upstream, UpstreamError as SendError};
 
-/// A response body: the upstream's, streamed, or a short one of the sidecar's own.
+/// A response body: the upstream's, or a short one of the sidecar's own.
 #[derive(Debug)]
 pub enum Body {
-    /// The upstream response's, streamed as it arrives.
+    /// The upstream response's, read with its head.
     Upstream(PooledBody),
+    /// The upstream response's, still arriving.
+    Streaming(Box<Watched>),
     /// Written by the sidecar (a preflight's, an error's).
     Local(Full<Bytes>),
+}
+
+/// An upstream response body still arriving, cut off once the upstream has sent nothing of
+/// it for the response timeout: hyper then closes an HTTP/1 connection, or resets an HTTP/2
+/// stream, and the upstream connection is closed. The clock is read when a wait begins, not
+/// for every frame.
+#[derive(Debug)]
+pub struct Watched {
+    body: PooledBody,
+    timeout: std::time::Duration,
+    pause: Pause,
+    observer: Observer,
+    upstream: Authority,
+}
+
+/// The deadline of the current wait for the upstream, if one has begun: a deadline of the
+/// client connection over HTTP/1, or tokio's timer.
+#[derive(Debug)]
+enum Pause {
+    Connection(Arc<http1::Exchanges>, Option<http1::Deadline>),
+    Tokio(Option<Pin<Box<tokio::time::Sleep>>>),
+}
+
+impl Pause {
+    /// Whether the wait that is on (or begins now) has lasted `timeout`.
+    fn poll_over(&mut self, timeout: std::time::Duration, cx: &mut Context<'_>) -> bool {
+        let due = || {
+            let now = tokio::time::Instant::now();
+            now.checked_add(timeout).unwrap_or(now + FOREVER)
+        };
+        match self {
+            Pause::Connection(exchanges, deadline) => {
+                let deadline = deadline.get_or_insert_with(|| exchanges.deadline(due().into_std()));
+                Pin::new(deadline).poll(cx).is_ready()
+            }
+            Pause::Tokio(sleep) => sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due())))
+                .as_mut()
+                .poll(cx)
+                .is_ready(),
+        }
+    }
+
+    /// The wait is over: something came.
+    fn end(&mut self) {
+        match self {
+            Pause::Connection(_, deadline) => *deadline = None,
+            Pause::Tokio(sleep) => *sleep = None,
+        }
+    }
+}
+
+impl Watched {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            self.pause.end();
+            return Poll::Ready(frame);
+        }
+        if !self.pause.poll_over(self.timeout, cx) {
+            return Poll::Pending;
+        }
+        self.observer.metrics.upstream_error(UpstreamError::Timeout);
+        tracing::warn!(upstream = %self.upstream, timeout = ?self.timeout, "upstream stalled mid-response; cut off");
+        Poll::Ready(Some(Err(ExchangeError::Stalled(self.timeout))))
+    }
 }
 
 impl hyper::body::Body for Body {
@@ -51,6 +121,7 @@ impl hyper::body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         match self.get_mut() {
             Body::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Body::Streaming(body) => body.poll_frame(cx),
             Body::Local(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
@@ -60,6 +131,7 @@ impl hyper::body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Upstream(body) => body.is_end_stream(),
+            Body::Streaming(body) => body.body.is_end_stream(),
             Body::Local(body) => body.is_end_stream(),
         }
     }
@@ -67,6 +139,7 @@ impl hyper::body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Upstream(body) => body.size_hint(),
+            Body::Streaming(body) => body.body.size_hint(),
             Body::Local(body) => body.size_hint(),
         }
     }
@@ -105,7 +178,8 @@ pub struct Timeouts {
     /// Connecting to the upstream (then `502`).
     pub connect: std::time::Duration,
     /// From the end of a request's body (sent upstream) to its response headers (then
-    /// `504`); also the longest pause within the body on its way (then `408`).
+    /// `504`); also the longest pause within the body on its way (then `408`), and within
+    /// the response's body (then the response is cut off).
     pub response: std::time::Duration,
     /// A client sending its request headers (then the connection is closed).
     pub client_headers: std::time::Duration,
@@ -589,6 +663,17 @@ fn handle<'a>(
                         config.timeouts.tunnel_idle,
                     ));
                     Body::Local(Full::new(Bytes::new()))
+                } else if body.is_streaming() {
+                    Body::Streaming(Box::new(Watched {
+                        body,
+                        timeout,
+                        pause: match timers {
+                            Some(timers) => Pause::Connection(timers.clone(), None),
+                            None => Pause::Tokio(None),
+                        },
+                        observer: config.observer.clone(),
+                        upstream: config.upstream.clone(),
+                    }))
                 } else {
                     Body::Upstream(body)
                 };

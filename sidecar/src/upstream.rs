@@ -94,6 +94,9 @@ pub enum ExchangeError {
     /// The request's body failed to arrive from the client (while the response streamed).
     #[error("the request's body failed: {0}")]
     RequestBody(BodyError),
+    /// The upstream sent nothing of the response's body for this long.
+    #[error("the upstream sent nothing of the response's body for {0:?}")]
+    Stalled(Duration),
 }
 
 impl From<ExchangeError> for UpstreamError {
@@ -932,6 +935,11 @@ pub struct Upgraded {
 }
 
 impl PooledBody {
+    /// Whether the body is still arriving from the upstream.
+    pub fn is_streaming(&self) -> bool {
+        matches!(self.0, Inner::Streaming(_) | Inner::Relayed(..))
+    }
+
     /// The connection, if the response switched protocols.
     pub fn into_upgraded(self) -> Option<Upgraded> {
         match self.0 {

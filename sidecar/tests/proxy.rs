@@ -717,6 +717,102 @@ async fn a_slow_upload_outlasting_the_response_timeout_is_answered() {
     assert_eq!((status, body.as_str()), (200, "slowly"));
 }
 
+/// An upstream that answers each request with `head` and then `parts` of its body, waiting
+/// `pause` before each, and then nothing more; it says when the sidecar closes a connection.
+async fn stalling_upstream(
+    head: &'static str,
+    parts: Vec<&'static str>,
+    pause: std::time::Duration,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed, closes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (closed, parts) = (closed.clone(), parts.clone());
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                read_head(&mut stream).await;
+                stream.get_mut().write_all(head.as_bytes()).await.unwrap();
+                for part in parts {
+                    tokio::time::sleep(pause).await;
+                    stream.get_mut().write_all(part.as_bytes()).await.unwrap();
+                }
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest).await;
+                let _ = closed.send(());
+            });
+        }
+    });
+    (addr, closes)
+}
+
+/// An upstream that stops sending in the middle of a body: once it has sent nothing for the
+/// response timeout, the response is cut off (over HTTP/1 the connection closes short of the
+/// length; over HTTP/2 the stream is reset), the upstream connection is closed, and it
+/// counts as an upstream timeout.
+#[tokio::test]
+async fn an_upstream_stalled_mid_body_is_cut_off_after_the_response_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (up, mut closes) = stalling_upstream(
+        "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+        vec!["0123456789"],
+        std::time::Duration::ZERO,
+    )
+    .await;
+    let timeouts = proxy::Timeouts {
+        response: std::time::Duration::from_millis(200),
+        // Nothing but the response timeout ends the request.
+        client_headers: std::time::Duration::from_secs(3600),
+        ..proxy::Timeouts::default()
+    };
+    let sidecar = Sidecar::with_timeouts(up, NoPolicy::PassThrough, timeouts).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"GET /stall HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    let mut received = Vec::new();
+    let _ = raw.stream.read_to_end(&mut received).await;
+    let received = String::from_utf8(received).unwrap();
+    assert!(received.starts_with("HTTP/1.1 200 OK\r\n"), "{received}");
+    assert!(received.ends_with("\r\n\r\n0123456789"), "{received}");
+    closes.recv().await.unwrap();
+
+    let h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let request = Request::get(format!("http://{}/stall", sidecar.addr))
+        .body(Full::default())
+        .unwrap();
+    let response = h2.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.into_body().collect().await.is_err());
+    closes.recv().await.unwrap();
+
+    let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
+    let line = r#"corsair_sidecar_upstream_errors_total{kind="timeout"} 2"#;
+    assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+}
+
+/// The response timeout bounds each pause within a response's body, not the whole body: one
+/// that comes in parts a third of the timeout apart, for longer than the timeout, arrives
+/// whole.
+#[tokio::test]
+async fn a_slow_response_body_outlasting_the_response_timeout_arrives_whole() {
+    let response = std::time::Duration::from_millis(400);
+    let (up, _) = stalling_upstream(
+        "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n",
+        vec!["sl", "ow", "ly"],
+        response * 2 / 3,
+    )
+    .await;
+    let sidecar = Sidecar::with_response_timeout(up, response).await;
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(b"GET /slow HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    let (status, _, body) = raw.response().await;
+    assert_eq!((status, body.as_str()), (200, "slowly"));
+}
+
 /// Over HTTP/2 the response timeout is kept the same way: a slow upload is answered, an
 /// upstream that never answers is a `504`.
 #[tokio::test]
