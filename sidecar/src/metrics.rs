@@ -188,7 +188,7 @@ impl Default for Metrics {
             .map(|kind| errors_family.get_or_create(&KindLabel { kind }).clone());
         registry.register(
             "upstream_errors",
-            "Upstream failures: unavailable (answered 502) and timeout (answered 504)",
+            "Upstream failures: unavailable (answered 502) and timeout (answered 504, or a response body cut off after a stall)",
             errors_family,
         );
         let client_body_errors = Counter::default();
