@@ -26,8 +26,13 @@
 //! callgrind instead (needs Debian's `valgrind`), and `CORSAIR_BENCH_ONLY=large` loads each
 //! proxy with 256 KiB downloads, then uploads, instead (`CORSAIR_BENCH_LARGE_CONNECTIONS`
 //! clients, default 128): throughput, CPU per exchange and peak RSS.
-//! `CORSAIR_BENCH_SIDECAR` runs another `corsair-sidecar` build as the one under test, and
-//! `CORSAIR_BENCH_KEEP=1` keeps the run's directory (callgrind dumps, configuration).
+//! `CORSAIR_BENCH_SIDECAR` runs another `corsair-sidecar` build as the one under test,
+//! and `CORSAIR_BENCH_KEEP=1` keeps the run's directory (callgrind dumps, configuration).
+//!
+//! The proxies under test share the last CPU, loaded one at a time, and everything else
+//! (load generator, upstream, control plane) on the others, so that no proxy's tail latency
+//! depends on whether the scheduler happened to put it beside the load generator;
+//! `CORSAIR_BENCH_PIN=0` lets every process run on every CPU.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -35,8 +40,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use corsair_proto::v1::{self, policy_service_client::PolicyServiceClient};
@@ -161,6 +166,50 @@ fn bare_proxy_main(upstream: SocketAddr) {
             });
         }
     });
+}
+
+/// The CPU the proxies run on, the last one, unless `CORSAIR_BENCH_PIN=0`. Set once, at the
+/// start, when this process and so everything it starts moves to the other CPUs.
+static PROXY_CPU: OnceLock<Option<usize>> = OnceLock::new();
+
+/// Moves this process to all CPUs but the last, which is kept for the proxies, unless
+/// `CORSAIR_BENCH_PIN=0` or there is one CPU.
+fn pin_self() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let pin = std::env::var("CORSAIR_BENCH_PIN").as_deref() != Ok("0") && cpus >= 2;
+    let cpu = pin.then(|| {
+        taskset(&format!("0-{}", cpus - 2), std::process::id());
+        cpus - 1
+    });
+    PROXY_CPU.set(cpu).unwrap();
+}
+
+/// Moves a process started as a proxy back to the CPUs of everything else.
+fn unpin(target: &Proc) {
+    if let Some(Some(cpu)) = PROXY_CPU.get() {
+        for pid in pids(target) {
+            taskset(&format!("0-{}", cpu - 1), pid);
+        }
+    }
+}
+
+/// Moves a proxy under test, every thread of every process of it, to the proxies' CPU, if
+/// they have one.
+fn pin_proxy(target: &Proc) {
+    if let Some(Some(cpu)) = PROXY_CPU.get() {
+        for pid in pids(target) {
+            taskset(&cpu.to_string(), pid);
+        }
+    }
+}
+
+fn taskset(cpus: &str, pid: u32) {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .expect("taskset runs");
+    assert!(status.success(), "taskset -a -p -c {cpus} {pid} failed");
 }
 
 /// A command running `bin`, or, given `callgrind` (its output file), valgrind's callgrind
@@ -557,6 +606,7 @@ impl Setup {
         wait_until(name, || {
             accepts(&admin_addr) && get(&admin_addr, "/readyz").0 == 200
         });
+        pin_proxy(&sidecar);
         (sidecar, addr, admin_addr)
     }
 
@@ -589,6 +639,7 @@ impl Setup {
         };
         let workers = if callgrind.is_some() { 1 } else { 2 };
         wait_until("nginx", || accepts(&addr) && pids(&nginx).len() >= workers);
+        pin_proxy(&nginx);
         (nginx, addr)
     }
 }
@@ -818,6 +869,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a listing.
     }
+    pin_self();
     let seconds = env_or("CORSAIR_BENCH_SECONDS", 10);
     let only = std::env::var("CORSAIR_BENCH_ONLY").unwrap_or_default();
     let (only_swaps, only_main) = (only == "swaps", only == "main");
@@ -892,6 +944,7 @@ fn main() {
 
     // The bare hyper proxy, a third copy of this program.
     let (bare, bare_addr) = spawn_role("bare proxy", "bare hyper proxy", Some(upstream_addr), None);
+    pin_proxy(&bare);
     let bare_addr = bare_addr.to_string();
 
     let mut idle_rss = vec![
@@ -1032,8 +1085,12 @@ fn main() {
         drop(held);
     }
     if !only_swaps {
+        let layout = match PROXY_CPU.get() {
+            Some(Some(cpu)) => format!("; proxies alone on CPU {cpu}, the rest on the others"),
+            _ => String::new(),
+        };
         println!(
-            "\n## Proxy benchmark ({rounds} rounds of {seconds} s, wrk -t1 -c{connections}; medians)\n"
+            "\n## Proxy benchmark ({rounds} rounds of {seconds} s, wrk -t1 -c{connections}; medians{layout})\n"
         );
         main_report(
             &results,
@@ -1069,6 +1126,8 @@ fn main() {
         }))
         .unwrap();
     let (other_sidecar, _, _) = start_sidecar(&sidecar_bin(), "sidecar for other", "other");
+    // Not under test: it stands for the rest of the fleet, off the proxies' CPU.
+    unpin(&other_sidecar);
     let swapping = Arc::new(AtomicU8::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let swaps = Arc::new(AtomicU64::new(0));
@@ -1334,6 +1393,7 @@ fn main_report(
             base.p99_us
         );
     }
+    added_p99_line(results, "", "at saturation");
     println!(
         "- sidecar preflights / sidecar proxied requests: {:.2}×",
         side_pre.rps / side.rps
@@ -1390,24 +1450,29 @@ fn paced_report(results: &BTreeMap<String, Vec<Run>>, load: &str) {
         );
     }
     println!();
-    // Added p99 per round: each proxy's p99 less the direct run's of the same round.
-    let added_per_round = |name: &str| -> Vec<f64> {
-        results[&format!("{name} paced")]
-            .iter()
-            .zip(&results["direct paced"])
-            .map(|(proxied, direct)| proxied.p99_us - direct.p99_us)
-            .collect()
-    };
-    let ratios: Vec<f64> = added_per_round("sidecar")
+    added_p99_line(results, " paced", "at the same load");
+}
+
+/// The sidecar's added p99 (its p99 less the direct run's) against nginx's, over the medians
+/// and per round (each round's runs against one another), and the rounds where the sidecar's
+/// own p99 was at or below nginx's; `suffix` picks the runs (`""` at saturation).
+fn added_p99_line(results: &BTreeMap<String, Vec<Run>>, suffix: &str, load: &str) {
+    let runs = |name: &str| &results[&format!("{name}{suffix}")];
+    let (direct, side, ngx) = (runs("direct"), runs("sidecar"), runs("nginx"));
+    let ratios: Vec<f64> = side
         .iter()
-        .zip(added_per_round("nginx"))
-        .map(|(side, ngx)| side / ngx)
+        .zip(ngx)
+        .zip(direct)
+        .map(|((s, n), d)| (s.p99_us - d.p99_us) / (n.p99_us - d.p99_us))
         .collect();
+    let at_or_below = side.iter().zip(ngx).filter(|(s, n)| s.p99_us <= n.p99_us);
+    let (direct, side, ngx) = (median(direct), median(side), median(ngx));
     println!(
-        "- added p99 at the same load, sidecar / nginx: {:.2}× (per round: {:.2}×)",
-        (paced("sidecar").p99_us - direct_paced.p99_us)
-            / (paced("nginx").p99_us - direct_paced.p99_us),
-        middle(ratios)
+        "- added p99 {load}, sidecar / nginx: {:.2}× (per round: {:.2}×); the sidecar's p99 at or below nginx's in {} of {} rounds",
+        (side.p99_us - direct.p99_us) / (ngx.p99_us - direct.p99_us),
+        middle(ratios),
+        at_or_below.count(),
+        results[&format!("sidecar{suffix}")].len()
     );
 }
 
