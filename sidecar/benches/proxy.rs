@@ -184,21 +184,17 @@ fn pin_self() {
     PROXY_CPU.set(cpu).unwrap();
 }
 
-/// Moves a process started as a proxy back to the CPUs of everything else.
-fn unpin(target: &Proc) {
+/// Moves every thread of every process of `target` to the proxies' CPU (`proxy`) or to the
+/// CPUs of everything else, if the proxies have a CPU.
+fn place(target: &Proc, proxy: bool) {
     if let Some(Some(cpu)) = PROXY_CPU.get() {
+        let cpus = if proxy {
+            cpu.to_string()
+        } else {
+            format!("0-{}", cpu - 1)
+        };
         for pid in pids(target) {
-            taskset(&format!("0-{}", cpu - 1), pid);
-        }
-    }
-}
-
-/// Moves a proxy under test, every thread of every process of it, to the proxies' CPU, if
-/// they have one.
-fn pin_proxy(target: &Proc) {
-    if let Some(Some(cpu)) = PROXY_CPU.get() {
-        for pid in pids(target) {
-            taskset(&cpu.to_string(), pid);
+            taskset(&cpus, pid);
         }
     }
 }
@@ -606,7 +602,7 @@ impl Setup {
         wait_until(name, || {
             accepts(&admin_addr) && get(&admin_addr, "/readyz").0 == 200
         });
-        pin_proxy(&sidecar);
+        place(&sidecar, true);
         (sidecar, addr, admin_addr)
     }
 
@@ -639,7 +635,7 @@ impl Setup {
         };
         let workers = if callgrind.is_some() { 1 } else { 2 };
         wait_until("nginx", || accepts(&addr) && pids(&nginx).len() >= workers);
-        pin_proxy(&nginx);
+        place(&nginx, true);
         (nginx, addr)
     }
 }
@@ -944,7 +940,7 @@ fn main() {
 
     // The bare hyper proxy, a third copy of this program.
     let (bare, bare_addr) = spawn_role("bare proxy", "bare hyper proxy", Some(upstream_addr), None);
-    pin_proxy(&bare);
+    place(&bare, true);
     let bare_addr = bare_addr.to_string();
 
     let mut idle_rss = vec![
@@ -1127,7 +1123,7 @@ fn main() {
         .unwrap();
     let (other_sidecar, _, _) = start_sidecar(&sidecar_bin(), "sidecar for other", "other");
     // Not under test: it stands for the rest of the fleet, off the proxies' CPU.
-    unpin(&other_sidecar);
+    place(&other_sidecar, false);
     let swapping = Arc::new(AtomicU8::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let swaps = Arc::new(AtomicU64::new(0));
