@@ -87,17 +87,9 @@ pub struct Filters {
 }
 
 impl Filters {
-    fn method(&self) -> String {
-        if self.method.is_empty() || self.method.contains('/') {
-            self.method.clone()
-        } else {
-            format!("corsair.v1.PolicyService/{}", self.method)
-        }
-    }
-
     fn matches(&self, e: &v1::AuditEvent) -> bool {
         let time = e
-            .time
+            .create_time
             .map(|t| SystemTime::try_from(t).unwrap_or(SystemTime::UNIX_EPOCH));
         self.outcome.is_none_or(|o| e.outcome == o.proto() as i32)
             && self.since.is_none_or(|s| time.is_some_and(|t| t >= s))
@@ -134,7 +126,7 @@ fn view(e: &v1::AuditEvent) -> Result<EventView, CliError> {
     let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
     Ok(EventView {
         sequence: e.sequence,
-        time: output::timestamp_or_dash(e.time.as_ref()),
+        time: output::timestamp_or_dash(e.create_time.as_ref()),
         actor: e.actor.clone(),
         method: e.method.clone(),
         service: e.service.clone(),
@@ -236,7 +228,7 @@ pub async fn list(
             after_sequence: after,
             service: filters.service.clone(),
             actor: filters.actor.clone(),
-            method: filters.method(),
+            method: filters.method.clone(),
         }))
         .await
         .map_err(|s| CliError::status("following the audit log", s))?
@@ -279,7 +271,7 @@ async fn page(
                     page_token,
                     service: filters.service.clone(),
                     actor: filters.actor.clone(),
-                    method: filters.method(),
+                    method: filters.method.clone(),
                     outcome: filters.outcome.map_or(0, |o| o.proto() as i32),
                     start_time: filters.since.map(proto_time),
                     end_time: filters.until.map(proto_time),
@@ -408,14 +400,5 @@ mod tests {
         );
         let err = parse_time("yesterday").unwrap_err();
         assert!(err.contains("neither a duration"), "{err}");
-    }
-
-    #[test]
-    fn short_method_names_are_policy_service_methods() {
-        let f = Filters {
-            method: "UpdatePolicy".into(),
-            ..Filters::default()
-        };
-        assert_eq!(f.method(), "corsair.v1.PolicyService/UpdatePolicy");
     }
 }

@@ -97,10 +97,10 @@ pub async fn status(
             version: s.version.clone(),
             host: s.host.clone(),
             control_plane: s.control_plane.clone(),
-            connected_since: output::timestamp_or_dash(s.connected_since.as_ref()),
-            last_seen: output::timestamp_or_dash(s.last_seen.as_ref()),
-            disconnected_at: s.disconnected_at.as_ref().map(output::timestamp),
-            last_seen_age: output::age(s.last_seen.as_ref()),
+            connected_since: output::timestamp_or_dash(s.connect_time.as_ref()),
+            last_seen: output::timestamp_or_dash(s.last_seen_time.as_ref()),
+            disconnected_at: s.disconnect_time.as_ref().map(output::timestamp),
+            last_seen_age: output::age(s.last_seen_time.as_ref()),
         })
         .collect();
     output::emit(format, &views, || {

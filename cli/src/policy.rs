@@ -194,7 +194,7 @@ pub async fn rollback(
             format!("{name} would be rolled back to revision {revision} (dry run)")
         } else {
             format!(
-                "{name} rolled back to revision {revision} (new revision {})",
+                "{name} rolled back to revision {revision} (now at revision {})",
                 resp.revision
             )
         }
@@ -268,7 +268,7 @@ pub async fn history(
         };
         views.push(RevisionView {
             revision: r.revision,
-            time: output::timestamp_or_dash(r.time.as_ref()),
+            time: output::timestamp_or_dash(r.create_time.as_ref()),
             actor: r.actor.clone(),
             reason: r.reason.clone(),
             deleted: r.deleted,
@@ -429,11 +429,7 @@ async fn plan(
             }
         }
     };
-    let proposed = response
-        .policy
-        .as_ref()
-        .ok_or_else(|| CliError::Protocol(format!("{context}: validation returned no policy")))?;
-    let proposed = PolicySpec::try_from(proposed)
+    let proposed = PolicySpec::try_from(&response)
         .map_err(|e| CliError::Protocol(format!("{context}: {e}")))?;
     let change = match &current_spec {
         None => Change::Create,
@@ -751,7 +747,7 @@ struct Explained {
 pub async fn explain(client: &Client, args: &ExplainArgs, format: Format) -> Result<(), CliError> {
     let (target, context) = match (&args.service, &args.file) {
         (Some(service), None) => (
-            v1::explain_request_request::Target::Service(service.clone()),
+            v1::explain_request_request::Target::Name(policy_name(service)),
             policy_name(service),
         ),
         (None, Some(file)) => {

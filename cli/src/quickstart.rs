@@ -385,7 +385,7 @@ async fn sidecar_token(client: &Client, path: &Path) -> Result<String, CliError>
             client
                 .tokens()
                 .create_token(client.request(v1::CreateTokenRequest {
-                    name: "quickstart-demo-sidecar".into(),
+                    display_name: "quickstart-demo-sidecar".into(),
                     role: "sidecar".into(),
                     services: vec![DEMO_SERVICE.into()],
                     ttl_seconds: 0,

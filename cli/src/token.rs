@@ -27,8 +27,8 @@ struct TokenView {
 
 fn view(t: &v1::Token) -> TokenView {
     TokenView {
-        id: t.id.clone(),
-        name: t.name.clone(),
+        id: t.name.strip_prefix("tokens/").unwrap_or(&t.name).to_owned(),
+        name: t.display_name.clone(),
         role: t.role.clone(),
         services: t.services.clone(),
         created: output::timestamp_or_dash(t.create_time.as_ref()),
@@ -69,7 +69,7 @@ pub async fn create(client: &Client, args: &CreateArgs, format: Format) -> Resul
             client
                 .tokens()
                 .create_token(client.request(v1::CreateTokenRequest {
-                    name: args.name.clone(),
+                    display_name: args.name.clone(),
                     role: args.role.clone(),
                     services: args.services.clone(),
                     ttl_seconds: args.expires_in.map_or(0, |d| d.as_secs().max(1)),
@@ -104,15 +104,27 @@ pub async fn create(client: &Client, args: &CreateArgs, format: Format) -> Resul
 
 /// `token list`.
 pub async fn list(client: &Client, format: Format) -> Result<(), CliError> {
-    let resp = client
-        .call(
-            "listing tokens",
-            client
-                .tokens()
-                .list_tokens(client.request(v1::ListTokensRequest {})),
-        )
-        .await?;
-    let views: Vec<TokenView> = resp.tokens.iter().map(view).collect();
+    let mut tokens = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .call(
+                "listing tokens",
+                client
+                    .tokens()
+                    .list_tokens(client.request(v1::ListTokensRequest {
+                        page_size: 0,
+                        page_token,
+                    })),
+            )
+            .await?;
+        tokens.extend(page.tokens);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let views: Vec<TokenView> = tokens.iter().map(view).collect();
     output::emit(format, &views, || {
         let mut t = Table::new(&[
             "ID", "NAME", "ROLE", "SERVICES", "CREATED", "BY", "EXPIRES", "REVOKED",
@@ -146,7 +158,7 @@ pub async fn revoke(
             client
                 .tokens()
                 .revoke_token(client.request(v1::RevokeTokenRequest {
-                    id: id.to_owned(),
+                    name: corsair_proto::names::token_name(id),
                     reason: reason.to_owned(),
                 })),
         )
@@ -156,6 +168,6 @@ pub async fn revoke(
     }
     output::print(&format!(
         "token {} ({}) revoked; calls and streams using it are refused from now on\n",
-        token.id, token.name
+        token.name, token.display_name
     ))
 }

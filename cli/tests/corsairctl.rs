@@ -288,7 +288,7 @@ fn history_rollback_delete_and_explain() {
         "policy", "rollback", "shop", "--to", "1", "--reason", "back",
     ]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains("new revision 3"), "{out:?}");
+    assert!(out.stdout.contains("now at revision 3"), "{out:?}");
     assert_eq!(explain("https://admin.example.com")["decision"], "DENIED");
     let table = cp.ctl(&[
         "policy",

@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Status;
 
-use crate::convert::write_error_status;
 use crate::service::Shared;
+use crate::status::write_error_status;
 use crate::store::{Plan, StoreError, TokenRecord, WriteContext, WriteError, now_micros};
 
 /// A role a token carries.
@@ -95,30 +95,89 @@ pub enum Access {
     Stream,
 }
 
+impl Access {
+    /// The roles that pass this access, by name.
+    pub fn roles(self) -> Vec<&'static str> {
+        Role::ALL
+            .into_iter()
+            .filter(|role| role.allows(self))
+            .map(Role::as_str)
+            .collect()
+    }
+}
+
+/// Every method served, by gRPC service, with what it requires.
+const RULES: [(&str, &[&str], Access); 8] = [
+    ("grpc.health.v1.Health", &["Check", "Watch"], Access::Public),
+    (
+        "grpc.reflection.v1.ServerReflection",
+        &["ServerReflectionInfo"],
+        Access::Authenticated,
+    ),
+    (
+        "corsair.v1.PolicyService",
+        &[
+            "GetPolicy",
+            "ListPolicies",
+            "ListPolicyRevisions",
+            "ExplainRequest",
+        ],
+        Access::Read,
+    ),
+    (
+        "corsair.v1.PolicyService",
+        &[
+            "CreatePolicy",
+            "UpdatePolicy",
+            "DeletePolicy",
+            "RollbackPolicy",
+        ],
+        Access::Write,
+    ),
+    (
+        "corsair.v1.AuditService",
+        &[
+            "ListAuditEvents",
+            "GetAuditEvent",
+            "WatchAuditEvents",
+            "VerifyAuditChain",
+        ],
+        Access::Audit,
+    ),
+    (
+        "corsair.v1.FleetService",
+        &["ListSidecars", "GetSidecar"],
+        Access::Read,
+    ),
+    (
+        "corsair.v1.DiscoveryService",
+        &["StreamPolicies"],
+        Access::Stream,
+    ),
+    (
+        "corsair.v1.TokenService",
+        &["CreateToken", "ListTokens", "RevokeToken"],
+        Access::Admin,
+    ),
+];
+
 /// The rule for a full gRPC path (`/corsair.v1.PolicyService/GetPolicy`); `None` for a
 /// method without one, which is refused.
 pub fn rule(path: &str) -> Option<Access> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    Some(match (service, method) {
-        ("grpc.health.v1.Health", "Check" | "Watch") => Access::Public,
-        ("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo") => Access::Authenticated,
-        (
-            "corsair.v1.PolicyService",
-            "GetPolicy" | "ListPolicies" | "ListPolicyRevisions" | "ExplainRequest",
-        ) => Access::Read,
-        (
-            "corsair.v1.PolicyService",
-            "CreatePolicy" | "UpdatePolicy" | "DeletePolicy" | "RollbackPolicy",
-        ) => Access::Write,
-        (
-            "corsair.v1.AuditService",
-            "ListAuditEvents" | "GetAuditEvent" | "WatchAuditEvents" | "VerifyAuditChain",
-        ) => Access::Audit,
-        ("corsair.v1.FleetService", "ListSidecars" | "GetSidecar") => Access::Read,
-        ("corsair.v1.DiscoveryService", "StreamPolicies") => Access::Stream,
-        ("corsair.v1.TokenService", "CreateToken" | "ListTokens" | "RevokeToken") => Access::Admin,
-        _ => return None,
-    })
+    RULES
+        .iter()
+        .find(|(s, methods, _)| *s == service && methods.contains(&method))
+        .map(|(_, _, access)| *access)
+}
+
+/// The full names (`corsair.v1.PolicyService/UpdatePolicy`) of every method the audit log
+/// can record: every method that takes a credential.
+pub fn audited_methods() -> impl Iterator<Item = String> {
+    RULES
+        .iter()
+        .filter(|(_, _, access)| *access != Access::Public)
+        .flat_map(|(service, methods, _)| methods.iter().map(move |m| format!("{service}/{m}")))
 }
 
 /// The authenticated caller of one RPC.
@@ -164,11 +223,13 @@ pub fn token_id(hash: &[u8]) -> String {
     hex::encode(&hash[..8])
 }
 
-/// Why a credential was not accepted, without repeating it.
-fn unauthenticated(why: &str) -> WriteError {
-    WriteError::Unauthenticated(format!(
-        "{why}; present a token as `authorization: Bearer <token>`"
-    ))
+/// Why a credential was not accepted (`reason`, such as `TOKEN_REVOKED`), without
+/// repeating it.
+fn unauthenticated(reason: &'static str, why: &str) -> WriteError {
+    WriteError::Unauthenticated {
+        reason,
+        message: format!("{why}; present a token as `authorization: Bearer <token>`"),
+    }
 }
 
 /// Checks a presented token against the store; the principal it names.
@@ -178,20 +239,26 @@ pub async fn authenticate(shared: &Shared, token: &str) -> Result<Principal, Wri
     let record = match shared.store.get_token(&id).await {
         Ok(record) => record,
         Err(StoreError::Unavailable) => {
-            return Err(unauthenticated("credentials cannot be checked right now"));
+            return Err(unauthenticated(
+                "CREDENTIALS_UNAVAILABLE",
+                "credentials cannot be checked right now",
+            ));
         }
-        Err(StoreError::Corrupt(_)) => return Err(unauthenticated("invalid token")),
+        Err(StoreError::Corrupt(_)) => {
+            return Err(unauthenticated("TOKEN_INVALID", "invalid token"));
+        }
     };
     let Some(record) = record else {
-        return Err(unauthenticated("invalid token"));
+        return Err(unauthenticated("TOKEN_INVALID", "invalid token"));
     };
     if !bool::from(record.secret_hash.as_slice().ct_eq(&hash)) {
-        return Err(unauthenticated("invalid token"));
+        return Err(unauthenticated("TOKEN_INVALID", "invalid token"));
     }
     valid(&record)?;
     Ok(Principal {
         name: record.name.clone(),
-        role: Role::parse(&record.role).ok_or_else(|| unauthenticated("invalid token"))?,
+        role: Role::parse(&record.role)
+            .ok_or_else(|| unauthenticated("TOKEN_INVALID", "invalid token"))?,
         token_id: Some(record.id.clone()),
         services: split_services(&record.services),
     })
@@ -200,10 +267,16 @@ pub async fn authenticate(shared: &Shared, token: &str) -> Result<Principal, Wri
 /// Whether a stored token is still usable.
 pub fn valid(record: &TokenRecord) -> Result<(), WriteError> {
     if record.revoked_at.is_some() {
-        return Err(unauthenticated(&format!("token {} is revoked", record.id)));
+        return Err(unauthenticated(
+            "TOKEN_REVOKED",
+            &format!("token {} is revoked", record.id),
+        ));
     }
     if record.expires_at.is_some_and(|at| at <= now_micros()) {
-        return Err(unauthenticated(&format!("token {} has expired", record.id)));
+        return Err(unauthenticated(
+            "TOKEN_EXPIRED",
+            &format!("token {} has expired", record.id),
+        ));
     }
     Ok(())
 }
@@ -213,9 +286,10 @@ pub fn valid(record: &TokenRecord) -> Result<(), WriteError> {
 pub async fn stream_refusal(store: &dyn crate::store::Store, id: &str) -> Option<Status> {
     match store.get_token(id).await {
         Ok(Some(record)) => valid(&record).err().map(|e| write_error_status(&e)),
-        Ok(None) => Some(Status::unauthenticated(
+        Ok(None) => Some(write_error_status(&unauthenticated(
+            "TOKEN_INVALID",
             "the stream's token no longer exists",
-        )),
+        ))),
         Err(_) => None,
     }
 }
@@ -242,7 +316,12 @@ fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, WriteError> {
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(|t| Some(t.trim()))
-        .ok_or_else(|| unauthenticated("the authorization header is not a bearer token"))
+        .ok_or_else(|| {
+            unauthenticated(
+                "CREDENTIAL_MALFORMED",
+                "the authorization header is not a bearer token",
+            )
+        })
 }
 
 type TlsInfo = tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>;
@@ -266,6 +345,7 @@ fn certificate_principal(
     let leaf = certs.first()?;
     let Some(trust_domain) = trust_domain else {
         return Some(Err(unauthenticated(
+            "CERTIFICATE_NOT_MAPPED",
             "client certificates are not mapped to identities here (no trust domain is set)",
         )));
     };
@@ -277,7 +357,7 @@ fn certificate_principal(
                 token_id: None,
                 services: vec![service],
             })
-            .map_err(|why| unauthenticated(&why)),
+            .map_err(|why| unauthenticated("CERTIFICATE_NOT_MAPPED", &why)),
     )
 }
 
@@ -294,7 +374,11 @@ async fn check(
     let anonymous = || "anonymous".to_owned();
     let Some(access) = rule(path) else {
         return Err((
-            WriteError::PermissionDenied(format!("{path} has no access rule")),
+            WriteError::PermissionDenied {
+                reason: "METHOD_NOT_SERVED",
+                required_roles: Vec::new(),
+                message: format!("{path} has no access rule"),
+            },
             anonymous(),
         ));
     };
@@ -316,16 +400,27 @@ async fn check(
                 .map_err(|e| (e, anonymous()))?,
             None => match certificate_principal(extensions, layer.trust_domain.as_deref()) {
                 Some(principal) => principal.map_err(|e| (e, anonymous()))?,
-                None => return Err((unauthenticated("no credential"), anonymous())),
+                None => {
+                    return Err((
+                        unauthenticated("CREDENTIAL_MISSING", "no credential"),
+                        anonymous(),
+                    ));
+                }
             },
         },
     };
     if !principal.role.allows(access) {
-        let error = WriteError::PermissionDenied(format!(
-            "{} (role {}) may not call {path}",
-            principal.name,
-            principal.role.as_str()
-        ));
+        let required_roles = access.roles();
+        let error = WriteError::PermissionDenied {
+            reason: "ROLE_REQUIRED",
+            message: format!(
+                "{} (role {}) may not call {path}: it needs the role {}",
+                principal.name,
+                principal.role.as_str(),
+                required_roles.join(" or ")
+            ),
+            required_roles,
+        };
         return Err((error, principal.name));
     }
     Ok(Some(principal))
@@ -411,8 +506,19 @@ pub(crate) async fn audit_refusal(
         ..ctx
     };
     let error = match error {
-        WriteError::PermissionDenied(m) => WriteError::PermissionDenied(capped(m, 1024)),
-        WriteError::Unauthenticated(m) => WriteError::Unauthenticated(capped(m, 1024)),
+        WriteError::PermissionDenied {
+            reason,
+            required_roles,
+            message,
+        } => WriteError::PermissionDenied {
+            reason,
+            required_roles,
+            message: capped(message, 1024),
+        },
+        WriteError::Unauthenticated { reason, message } => WriteError::Unauthenticated {
+            reason,
+            message: capped(message, 1024),
+        },
         other => other,
     };
     let written = shared
@@ -578,10 +684,15 @@ where
                     if let Some(principal) = principal {
                         if !layer.admit_write(&path, &principal) {
                             let rate = layer.write_rate.map_or(0.0, |r| r.per_sec);
-                            return Ok(Status::resource_exhausted(format!(
-                                "{} is writing faster than {rate} changes a second; retry later",
-                                principal.name
-                            ))
+                            return Ok(crate::status::status(
+                                tonic::Code::ResourceExhausted,
+                                "WRITE_RATE_EXCEEDED",
+                                format!(
+                                    "{} is writing faster than {rate} changes a second; retry later",
+                                    principal.name
+                                ),
+                                [],
+                            )
                             .into_http());
                         }
                         request.extensions_mut().insert(principal);
@@ -602,7 +713,7 @@ where
                     if let Err(e) = audit_refusal(&layer.shared, ctx, error).await {
                         // Not audited, not served.
                         tracing::warn!(error = %e, "refusal not audited");
-                        return Ok(Status::unavailable("storage unavailable").into_http());
+                        return Ok(crate::status::store_status(StoreError::Unavailable).into_http());
                     }
                     Ok(status.into_http())
                 }

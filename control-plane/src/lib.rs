@@ -10,7 +10,9 @@
 //!   `FleetService`).
 //! - [`cache`]: the live policies every discovery stream reads, kept current from the store.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` listener.
-//! - [`convert`]: wire ↔ domain conversions and the error model.
+//! - [`convert`]: wire ↔ domain conversions and resource names.
+//! - [`status`]: the error model, every refusal as a status with its details.
+//! - [`page_token`]: signed, opaque page tokens bound to their listing and filter.
 //! - [`server`]: assembles services, health and reflection on a listener, and shuts down
 //!   gracefully.
 
@@ -19,7 +21,9 @@ pub mod auth;
 pub mod cache;
 pub mod convert;
 pub mod metrics;
+pub mod page_token;
 pub mod server;
 pub mod service;
+pub mod status;
 pub mod store;
 pub mod tls;

@@ -17,6 +17,7 @@ use tonic::transport::Server;
 
 use crate::auth::{AuthLayer, AuthMode, WriteRate};
 use crate::metrics::Metrics;
+use crate::page_token::PageTokens;
 use crate::service::audit::Audit;
 use crate::service::discovery::{Discovery, StreamConfig};
 use crate::service::fleet::{Fleet, FleetApi};
@@ -103,6 +104,19 @@ pub enum ServeError {
     Reflection(String),
 }
 
+/// The page tokens of every replica on `store`, signed with the key they share.
+async fn page_tokens(store: &dyn Store) -> Result<PageTokens, StoreError> {
+    let mut candidate = [0u8; 32];
+    getrandom::fill(&mut candidate).map_err(|_| StoreError::Unavailable)?;
+    let stored = store
+        .secret(crate::page_token::KEY_NAME, &candidate)
+        .await?;
+    let key: [u8; 32] = stored.try_into().map_err(|_| {
+        StoreError::Corrupt("the page token key in the secrets table is not 32 bytes".into())
+    })?;
+    Ok(PageTokens::new(key))
+}
+
 /// Accepted connections, plain or TLS.
 enum Incoming {
     Plain(TcpListener),
@@ -132,6 +146,7 @@ pub async fn serve_with_metrics(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let head = store.head().await?;
+    let page_tokens = page_tokens(store.as_ref()).await?;
     let (audit_head, _) = watch::channel(head.last_sequence);
     let (revisions, local_revisions) = watch::channel(head.revision);
     let (stop, stopped) = watch::channel(false);
@@ -177,6 +192,7 @@ pub async fn serve_with_metrics(
         pages: config.pages,
         tasks: tasks.clone(),
         refusals: Arc::default(),
+        page_tokens: page_tokens.clone(),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -215,7 +231,7 @@ pub async fn serve_with_metrics(
         .guarded(shared.clone(), revocations, config.anti_entropy),
     )
     .max_decoding_message_size(limit);
-    let fleet_api = FleetServiceServer::new(FleetApi::new(fleet, config.pages))
+    let fleet_api = FleetServiceServer::new(FleetApi::new(fleet, config.pages, page_tokens))
         .max_decoding_message_size(limit);
 
     let signal = async move {

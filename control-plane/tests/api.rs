@@ -48,7 +48,7 @@ async fn round_trips(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    let p1 = created.policy.unwrap();
+    let p1 = created.clone();
     assert_eq!(p1.name, "services/shop/policy");
     assert_eq!(
         p1.allowed_origins,
@@ -83,9 +83,7 @@ async fn round_trips(backend: Backend) {
         .update_policy(update(changed))
         .await
         .unwrap()
-        .into_inner()
-        .policy
-        .unwrap();
+        .into_inner();
     assert_eq!(p2.revision, 2);
     assert_ne!(p2.etag, p1.etag);
 
@@ -102,13 +100,7 @@ async fn round_trips(backend: Backend) {
         }),
         ..Default::default()
     };
-    let p3 = client
-        .update_policy(masked)
-        .await
-        .unwrap()
-        .into_inner()
-        .policy
-        .unwrap();
+    let p3 = client.update_policy(masked).await.unwrap().into_inner();
     assert_eq!(p3.mode, v1::PolicyMode::Enforce as i32);
     assert_eq!(
         p3.allowed_origins, p2.allowed_origins,
@@ -126,10 +118,7 @@ async fn round_trips(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        resp.policy.unwrap().allowed_origins,
-        ["https://dry.example.com"]
-    );
+    assert_eq!(resp.allowed_origins, ["https://dry.example.com"]);
     let still = client
         .get_policy(v1::GetPolicyRequest {
             name: p3.name.clone(),
@@ -160,9 +149,7 @@ async fn round_trips(backend: Backend) {
         })
         .await
         .unwrap()
-        .into_inner()
-        .policy
-        .unwrap();
+        .into_inner();
     assert_eq!(rolled.revision, 4);
     assert_eq!(rolled.allowed_origins, ["https://app.example.com"]);
 
@@ -238,9 +225,7 @@ async fn etag_is_required_and_checked(backend: Backend) {
         .create_policy(create(policy("shop", &["https://a.com"])))
         .await
         .unwrap()
-        .into_inner()
-        .policy
-        .unwrap();
+        .into_inner();
 
     let mut no_etag = p.clone();
     no_etag.etag.clear();
@@ -510,13 +495,15 @@ async fn audit_filters_and_pages(backend: Backend) {
 
     // Time range: everything up to the 4th event's time (exclusive) holds events 1..=3 at most.
     let fourth = audit
-        .get_audit_event(v1::GetAuditEventRequest { sequence: 4 })
+        .get_audit_event(v1::GetAuditEventRequest {
+            name: "auditEvents/4".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     let before_fourth = audit
         .list_audit_events(v1::ListAuditEventsRequest {
-            end_time: fourth.time,
+            end_time: fourth.create_time,
             ..Default::default()
         })
         .await
@@ -526,7 +513,7 @@ async fn audit_filters_and_pages(backend: Backend) {
     assert!(before_fourth.iter().all(|e| e.sequence < 4));
     let since_fourth = audit
         .list_audit_events(v1::ListAuditEventsRequest {
-            start_time: fourth.time,
+            start_time: fourth.create_time,
             ..Default::default()
         })
         .await
@@ -555,7 +542,9 @@ async fn audit_filters_and_pages(backend: Backend) {
         .unwrap_err();
     assert_eq!(misuse.code(), Code::InvalidArgument);
     let missing = audit
-        .get_audit_event(v1::GetAuditEventRequest { sequence: 999 })
+        .get_audit_event(v1::GetAuditEventRequest {
+            name: "auditEvents/999".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -645,9 +634,7 @@ async fn restart_keeps_everything(backend: Backend) {
         .create_policy(create(policy("shop", &["https://a.com"])))
         .await
         .unwrap()
-        .into_inner()
-        .policy
-        .unwrap();
+        .into_inner();
     server.stop().await;
 
     let server = TestServer::start(&db.url).await;
@@ -742,7 +729,9 @@ async fn explain_answers_like_a_sidecar(backend: Backend) {
     client.create_policy(create(p)).await.unwrap();
 
     let explain = |origin: &str, headers: &[&str], credentials: bool| v1::ExplainRequestRequest {
-        target: Some(v1::explain_request_request::Target::Service("shop".into())),
+        target: Some(v1::explain_request_request::Target::Name(
+            "services/shop/policy".into(),
+        )),
         request: Some(v1::ExplainedRequest {
             origin: origin.into(),
             method: "PUT".into(),
@@ -820,7 +809,345 @@ async fn explain_answers_like_a_sidecar(backend: Backend) {
     server.stop().await;
 }
 
+/// The `google.rpc.ErrorInfo` of a status: its reason and metadata, in Corsair's domain.
+fn error_info(status: &tonic::Status) -> (String, std::collections::HashMap<String, String>) {
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "corsair.dev");
+    assert_ne!(
+        info.reason,
+        format!("{:?}", status.code()),
+        "the reason is not the code again"
+    );
+    (info.reason, info.metadata)
+}
+
+/// Asserts `status` is `code` with ErrorInfo `reason`; returns its metadata.
+fn refused(
+    status: &tonic::Status,
+    code: Code,
+    reason: &str,
+) -> std::collections::HashMap<String, String> {
+    assert_eq!(status.code(), code, "{status:?}");
+    let (got, metadata) = error_info(status);
+    assert_eq!(got, reason, "{status:?}");
+    metadata
+}
+
+/// What a stock gRPC client sees: resource names, writes that return the resource with its
+/// findings, etags with or without quotes, rich errors with domain reasons on every failure,
+/// and malformed names told apart from absent resources.
+async fn resources_names_and_rich_errors(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+    let mut audit = server.audit().await;
+
+    // A write returns the policy, with the findings of the write on it.
+    let created = client
+        .create_policy(v1::CreatePolicyRequest {
+            acknowledged_risks: vec!["NULL_ORIGIN".into()],
+            ..create(policy("shop", &["https://a.example.com", "null"]))
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.name, "services/shop/policy");
+    assert_eq!(created.revision, 1);
+    assert!(
+        created.findings.iter().any(|f| f.code == "NULL_ORIGIN"),
+        "{:?}",
+        created.findings
+    );
+    let got = client
+        .get_policy(v1::GetPolicyRequest {
+            name: created.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.findings, created.findings,
+        "a read reports the same findings"
+    );
+
+    // Etags: quoted as returned, accepted without the quotes.
+    assert!(created.etag.starts_with('"') && created.etag.ends_with('"'));
+    let mut unquoted = created.clone();
+    unquoted.etag = created.etag.trim_matches('"').to_owned();
+    unquoted.allowed_methods = vec!["DELETE".into()];
+    let updated = client
+        .update_policy(v1::UpdatePolicyRequest {
+            acknowledged_risks: vec!["NULL_ORIGIN".into()],
+            ..update(unquoted)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.revision, 2);
+    // A stale etag: ABORTED, with the current etag to retry with.
+    let stale = client
+        .update_policy(update(created.clone()))
+        .await
+        .unwrap_err();
+    let metadata = refused(&stale, Code::Aborted, "ETAG_MISMATCH");
+    assert_eq!(metadata["current_etag"], updated.etag);
+    assert_eq!(metadata["current_revision"], "2");
+
+    // A rollback to what is already in force writes nothing.
+    let head = server.store.head().await.unwrap();
+    let same = client
+        .rollback_policy(v1::RollbackPolicyRequest {
+            name: created.name.clone(),
+            revision: 2,
+            acknowledged_risks: vec!["NULL_ORIGIN".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(same.revision, 2, "no new revision");
+    assert_eq!(same.etag, updated.etag);
+    assert_eq!(
+        server.store.head().await.unwrap(),
+        head,
+        "no revision, no audit event"
+    );
+
+    // NOT_FOUND names the resource; a malformed name is INVALID_ARGUMENT, on every method.
+    let absent = client
+        .get_policy(v1::GetPolicyRequest {
+            name: "services/nobody/policy".into(),
+        })
+        .await
+        .unwrap_err();
+    refused(&absent, Code::NotFound, "POLICY_NOT_FOUND");
+    let info = absent.get_details_resource_info().expect("ResourceInfo");
+    assert_eq!(info.resource_name, "services/nobody/policy");
+    assert_eq!(info.resource_type, "type.googleapis.com/corsair.v1.Policy");
+    let history = client
+        .list_policy_revisions(v1::ListPolicyRevisionsRequest {
+            name: "services/nobody/policy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(&history, Code::NotFound, "POLICY_NOT_FOUND");
+    let no_revision = client
+        .rollback_policy(v1::RollbackPolicyRequest {
+            name: created.name.clone(),
+            revision: 99,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(&no_revision, Code::NotFound, "REVISION_NOT_FOUND");
+    let malformed = [
+        client
+            .get_policy(v1::GetPolicyRequest {
+                name: "shop".into(),
+            })
+            .await
+            .unwrap_err(),
+        client
+            .delete_policy(v1::DeletePolicyRequest {
+                name: "services/shop".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        client
+            .list_policy_revisions(v1::ListPolicyRevisionsRequest {
+                name: "policies/shop".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        audit
+            .get_audit_event(v1::GetAuditEventRequest { name: "1".into() })
+            .await
+            .unwrap_err(),
+        server
+            .fleet()
+            .await
+            .get_sidecar(v1::GetSidecarRequest {
+                name: "sidecar-1".into(),
+            })
+            .await
+            .unwrap_err(),
+    ];
+    for status in &malformed {
+        refused(status, Code::InvalidArgument, "INVALID_NAME");
+        let violations = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(violations.field_violations[0].field, "name");
+    }
+    let no_sidecar = server
+        .fleet()
+        .await
+        .get_sidecar(v1::GetSidecarRequest {
+            name: "sidecars/nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    refused(&no_sidecar, Code::NotFound, "SIDECAR_NOT_FOUND");
+    let no_event = audit
+        .get_audit_event(v1::GetAuditEventRequest {
+            name: "auditEvents/999".into(),
+        })
+        .await
+        .unwrap_err();
+    refused(&no_event, Code::NotFound, "AUDIT_EVENT_NOT_FOUND");
+    assert_eq!(
+        no_event.get_details_resource_info().unwrap().resource_name,
+        "auditEvents/999"
+    );
+
+    // Audit events are named, and the first one's prev_hash is what the proto says.
+    let first = audit
+        .get_audit_event(v1::GetAuditEventRequest {
+            name: "auditEvents/1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.name, "auditEvents/1");
+    assert_eq!(first.prev_hash, vec![0u8; 32]);
+
+    // The method filter takes a method's name or its full name, and refuses others.
+    let by = |method: &str| v1::ListAuditEventsRequest {
+        method: method.into(),
+        ..Default::default()
+    };
+    let short = audit
+        .list_audit_events(by("UpdatePolicy"))
+        .await
+        .unwrap()
+        .into_inner();
+    let full = audit
+        .list_audit_events(by("/corsair.v1.PolicyService/UpdatePolicy"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(short.events.len(), 2, "the update and the stale one");
+    assert_eq!(short, full);
+    let unknown = audit
+        .list_audit_events(by("UpdatePolicies"))
+        .await
+        .unwrap_err();
+    refused(&unknown, Code::InvalidArgument, "INVALID_METHOD");
+    assert!(
+        unknown
+            .message()
+            .contains("corsair.v1.PolicyService/UpdatePolicy"),
+        "lists the valid methods: {}",
+        unknown.message()
+    );
+    server.stop().await;
+}
+
+/// Page tokens are opaque, bound to the request's filters, and a forged or tampered one is
+/// refused rather than read: it never widens a query.
+async fn page_tokens_are_opaque_and_bound(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+    for service in ["shop-a", "shop-b", "shop-c", "blog"] {
+        client
+            .create_policy(create(policy(service, &["https://a.example.com"])))
+            .await
+            .unwrap();
+    }
+    let list = |prefix: &str, token: &str| v1::ListPoliciesRequest {
+        page_size: 1,
+        page_token: token.into(),
+        service_prefix: prefix.into(),
+    };
+    let first = client
+        .list_policies(list("shop-", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let token = first.next_page_token;
+    assert!(!token.is_empty());
+    assert!(!token.contains("shop"), "opaque: {token}");
+    let second = client
+        .list_policies(list("shop-", &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.policies[0].service, "shop-b");
+
+    // Reused with another filter.
+    let other = client.list_policies(list("", &token)).await.unwrap_err();
+    refused(&other, Code::InvalidArgument, "INVALID_PAGE_TOKEN");
+    assert!(
+        other.message().contains("other filters"),
+        "{}",
+        other.message()
+    );
+    // Tampered: any change to any character.
+    let mut chars: Vec<char> = token.chars().collect();
+    for i in 0..chars.len() {
+        let original = chars[i];
+        chars[i] = if original == 'A' { 'B' } else { 'A' };
+        let tampered: String = chars.iter().collect();
+        let err = client
+            .list_policies(list("shop-", &tampered))
+            .await
+            .unwrap_err();
+        refused(&err, Code::InvalidArgument, "INVALID_PAGE_TOKEN");
+        chars[i] = original;
+    }
+    // Forged in the readable format tokens once had: never read, never a wider query.
+    let forged = hex::encode("policies\0\0");
+    let err = client.list_policies(list("", &forged)).await.unwrap_err();
+    refused(&err, Code::InvalidArgument, "INVALID_PAGE_TOKEN");
+
+    // The audit log's tokens are bound to every filter, times included.
+    let mut audit = server.audit().await;
+    let page = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            page_size: 1,
+            method: "CreatePolicy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let widened = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            page_size: 1,
+            page_token: page.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(&widened, Code::InvalidArgument, "INVALID_PAGE_TOKEN");
+    let later = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            page_size: 1,
+            page_token: page.next_page_token,
+            method: "CreatePolicy".into(),
+            start_time: Some(prost_types::Timestamp {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(&later, Code::InvalidArgument, "INVALID_PAGE_TOKEN");
+    server.stop().await;
+}
+
 on_both_backends!(
+    resources_names_and_rich_errors,
+    page_tokens_are_opaque_and_bound,
     round_trips,
     etag_is_required_and_checked,
     validation_errors_carry_field_paths,

@@ -12,8 +12,9 @@ use corsair_control_plane::store::{AuditFilter, Outcome, Plan, Store, WriteConte
 use corsair_proto::v1;
 use prost::Message;
 use support::{Backend, TestServer, bearer, fresh_db};
-use tonic::Code;
 use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
 
 const ADMIN: &str = "corsair_auth-test-admin-0123456789abcdef0123456789";
 
@@ -44,9 +45,9 @@ fn every_method() -> Vec<(String, bool, bool)> {
 }
 
 /// Calls `path` with one empty message (valid for every request type) as a stream, which
-/// every kind of method accepts on the wire; the code the call ended with, `Ok` when it was
+/// every kind of method accepts on the wire; the status of a refusal, `None` when it was
 /// let through (it may still fail later for other reasons).
-async fn call(channel: &Channel, path: &str, token: Option<&str>) -> Code {
+async fn call(channel: &Channel, path: &str, token: Option<&str>) -> Option<Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.unwrap();
     let codec = tonic_prost::ProstCodec::<(), ()>::default();
@@ -58,10 +59,16 @@ async fn call(channel: &Channel, path: &str, token: Option<&str>) -> Code {
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     let path: http::uri::PathAndQuery = path.parse().unwrap();
-    match grpc.streaming(request, path, codec).await {
-        Ok(_) => Code::Ok,
-        Err(status) => status.code(),
-    }
+    grpc.streaming(request, path, codec).await.err()
+}
+
+/// The `google.rpc.ErrorInfo` of a status: its reason and metadata.
+fn error_info(status: &Status) -> (String, std::collections::HashMap<String, String>) {
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "corsair.dev");
+    (info.reason, info.metadata)
 }
 
 /// Stores a token directly (as the token service would), for states the API cannot make
@@ -189,7 +196,7 @@ async fn revoking_an_auditor_ends_its_audit_tail(backend: Backend) {
         .revoke_token(bearer(
             ADMIN,
             v1::RevokeTokenRequest {
-                id,
+                name: format!("tokens/{id}"),
                 reason: String::new(),
             },
         ))
@@ -241,7 +248,7 @@ async fn every_rpc_against_every_credential(backend: Backend) {
         .revoke_token(bearer(
             ADMIN,
             v1::RevokeTokenRequest {
-                id: revoked_id,
+                name: format!("tokens/{revoked_id}"),
                 reason: "test".into(),
             },
         ))
@@ -259,21 +266,25 @@ async fn every_rpc_against_every_credential(backend: Backend) {
         let access = rule(&path).unwrap();
         let public = access == corsair_control_plane::auth::Access::Public;
         let anonymous = [
-            None,
-            Some("corsair_not-a-real-token"),
-            Some(expired),
-            Some(revoked),
+            (None, "CREDENTIAL_MISSING"),
+            (Some("corsair_not-a-real-token"), "TOKEN_INVALID"),
+            (Some(expired), "TOKEN_EXPIRED"),
+            (Some(revoked), "TOKEN_REVOKED"),
         ];
-        for token in anonymous {
-            let code = call(&channel, &path, token).await;
+        for (token, reason) in anonymous {
+            let refusal = call(&channel, &path, token).await;
+            let code = refusal.as_ref().map_or(Code::Ok, Status::code);
             if public {
                 assert_ne!(code, Code::Unauthenticated, "{path} {token:?}");
             } else {
                 assert_eq!(code, Code::Unauthenticated, "{path} with {token:?}");
+                let status = refusal.expect("refused");
+                assert_eq!(error_info(&status).0, reason, "{path} with {token:?}");
             }
         }
         for (token, role) in roles {
-            let code = call(&channel, &path, Some(token)).await;
+            let refusal = call(&channel, &path, Some(token)).await;
+            let code = refusal.as_ref().map_or(Code::Ok, Status::code);
             if role.allows(access) {
                 assert!(
                     !matches!(code, Code::Unauthenticated | Code::PermissionDenied),
@@ -281,6 +292,13 @@ async fn every_rpc_against_every_credential(backend: Backend) {
                 );
             } else {
                 assert_eq!(code, Code::PermissionDenied, "{path} as {role:?}");
+                let (reason, metadata) = error_info(&refusal.expect("refused"));
+                assert_eq!(reason, "ROLE_REQUIRED", "{path} as {role:?}");
+                assert_eq!(
+                    metadata["required_roles"],
+                    access.roles().join(","),
+                    "{path} as {role:?}"
+                );
             }
         }
     }
@@ -347,7 +365,7 @@ async fn a_sidecar_streams_only_its_services_and_revocation_ends_its_stream(back
         .create_token(bearer(
             ADMIN,
             v1::CreateTokenRequest {
-                name: "shop-sidecar".into(),
+                display_name: "shop-sidecar".into(),
                 role: "sidecar".into(),
                 services: vec!["shop".into()],
                 ..Default::default()
@@ -418,7 +436,7 @@ async fn a_sidecar_streams_only_its_services_and_revocation_ends_its_stream(back
         .create_token(bearer(
             ADMIN,
             v1::CreateTokenRequest {
-                name: "bank-sidecar".into(),
+                display_name: "bank-sidecar".into(),
                 role: "sidecar".into(),
                 services: vec!["bank".into()],
                 ..Default::default()
@@ -450,7 +468,7 @@ async fn a_sidecar_streams_only_its_services_and_revocation_ends_its_stream(back
         .revoke_token(bearer(
             ADMIN,
             v1::RevokeTokenRequest {
-                id: created.token.unwrap().id,
+                name: created.token.unwrap().name,
                 reason: "compromised".into(),
             },
         ))
@@ -471,7 +489,7 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
     for (request, field) in [
         (
             v1::CreateTokenRequest {
-                name: "x".into(),
+                display_name: "x".into(),
                 role: "root".into(),
                 ..Default::default()
             },
@@ -479,7 +497,7 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
         ),
         (
             v1::CreateTokenRequest {
-                name: "x".into(),
+                display_name: "x".into(),
                 role: "sidecar".into(),
                 ..Default::default()
             },
@@ -487,7 +505,7 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
         ),
         (
             v1::CreateTokenRequest {
-                name: "x".into(),
+                display_name: "x".into(),
                 role: "viewer".into(),
                 services: vec!["shop".into()],
                 ..Default::default()
@@ -503,7 +521,7 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
         ),
         (
             v1::CreateTokenRequest {
-                name: "two words".into(),
+                display_name: "two words".into(),
                 role: "viewer".into(),
                 ..Default::default()
             },
@@ -511,7 +529,7 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
         ),
         (
             v1::CreateTokenRequest {
-                name: "bootstrap-admin".into(),
+                display_name: "bootstrap-admin".into(),
                 role: "viewer".into(),
                 ..Default::default()
             },
@@ -529,7 +547,7 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
         .create_token(bearer(
             ADMIN,
             v1::CreateTokenRequest {
-                name: "ci".into(),
+                display_name: "ci".into(),
                 role: "editor".into(),
                 ttl_seconds: 3600,
                 ..Default::default()
@@ -543,7 +561,7 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
         .create_token(bearer(
             ADMIN,
             v1::CreateTokenRequest {
-                name: "ci".into(),
+                display_name: "ci".into(),
                 role: "viewer".into(),
                 ..Default::default()
             },
@@ -552,25 +570,88 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
         .unwrap_err();
     assert_eq!(twice.code(), Code::AlreadyExists);
     let listed = tokens
-        .list_tokens(bearer(ADMIN, v1::ListTokensRequest {}))
+        .list_tokens(bearer(ADMIN, v1::ListTokensRequest::default()))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(listed.tokens.len(), 2);
-    assert_eq!(listed.tokens[1].name, "ci");
+    assert_eq!(listed.tokens[1].display_name, "ci");
+    assert_eq!(
+        listed.tokens[1].name,
+        created.token.as_ref().unwrap().name,
+        "tokens/{{id}}"
+    );
+    // One token a page, in creation order, with a token to the next.
+    let first = tokens
+        .list_tokens(bearer(
+            ADMIN,
+            v1::ListTokensRequest {
+                page_size: 1,
+                page_token: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.tokens, listed.tokens[..1]);
+    assert!(!first.next_page_token.is_empty());
+    let second = tokens
+        .list_tokens(bearer(
+            ADMIN,
+            v1::ListTokensRequest {
+                page_size: 1,
+                page_token: first.next_page_token.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.tokens, listed.tokens[1..]);
+    assert!(second.next_page_token.is_empty(), "the last page");
+    let forged = tokens
+        .list_tokens(bearer(
+            ADMIN,
+            v1::ListTokensRequest {
+                page_size: 1,
+                page_token: format!("{}A", first.next_page_token),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument);
+    assert_eq!(error_info(&forged).0, "INVALID_PAGE_TOKEN");
     assert!(listed.tokens[1].expire_time.is_some());
     assert!(!format!("{listed:?}").contains(&created.secret));
     let err = tokens
         .revoke_token(bearer(
             ADMIN,
             v1::RevokeTokenRequest {
-                id: "0000000000000000".into(),
+                name: "tokens/0000000000000000".into(),
                 reason: String::new(),
             },
         ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(error_info(&err).0, "TOKEN_NOT_FOUND");
+    let resource = err.get_details_resource_info().expect("ResourceInfo");
+    assert_eq!(resource.resource_name, "tokens/0000000000000000");
+    assert_eq!(
+        resource.resource_type,
+        "type.googleapis.com/corsair.v1.Token"
+    );
+    let malformed = tokens
+        .revoke_token(bearer(
+            ADMIN,
+            v1::RevokeTokenRequest {
+                name: "0000000000000000".into(),
+                reason: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(malformed.code(), Code::InvalidArgument);
+    assert_eq!(error_info(&malformed).0, "INVALID_NAME");
     server.stop().await;
 }
 

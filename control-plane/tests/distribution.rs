@@ -191,7 +191,7 @@ async fn fleet_row(server: &TestServer, id: &str) -> v1::Sidecar {
         .fleet()
         .await
         .get_sidecar(v1::GetSidecarRequest {
-            sidecar_id: id.into(),
+            name: format!("sidecars/{id}"),
         })
         .await
         .unwrap()
@@ -289,7 +289,7 @@ async fn snapshot_updates_and_removals(backend: Backend) {
         (row.state == v1::SidecarState::Disconnected as i32).then_some(row)
     })
     .await;
-    assert!(row.disconnected_at.is_some());
+    assert!(row.disconnect_time.is_some());
     server.stop().await;
 }
 
@@ -611,7 +611,7 @@ async fn a_sidecar_fails_over_between_replicas() {
 /// Sidecar `id`'s fleet row, if it has one yet.
 async fn listed_row(server: &TestServer, id: &str) -> Option<v1::Sidecar> {
     let request = v1::GetSidecarRequest {
-        sidecar_id: id.into(),
+        name: format!("sidecars/{id}"),
     };
     let row = server.fleet().await.get_sidecar(request).await.ok()?;
     Some(row.into_inner())

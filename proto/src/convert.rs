@@ -3,14 +3,15 @@
 
 use corsair_policy::{Mode, PolicySpec};
 
+use crate::names::NameError;
 use crate::v1;
 
 /// Why a wire policy does not make a spec.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConversionError {
     /// `name` is not `services/{service}/policy`.
-    #[error("{0:?} is not a policy name: expected services/{{service}}/policy")]
-    Name(String),
+    #[error(transparent)]
+    Name(#[from] NameError),
     /// `service` and `name` disagree.
     #[error("service {service:?} does not match name {name:?}")]
     Mismatch {
@@ -35,18 +36,7 @@ impl ConversionError {
     }
 }
 
-/// The resource name of a service's policy.
-pub fn policy_name(service: &str) -> String {
-    format!("services/{service}/policy")
-}
-
-/// The service a policy resource name (`services/{service}/policy`) names.
-pub fn parse_policy_name(name: &str) -> Result<&str, ConversionError> {
-    name.strip_prefix("services/")
-        .and_then(|rest| rest.strip_suffix("/policy"))
-        .filter(|s| !s.is_empty() && !s.contains('/'))
-        .ok_or_else(|| ConversionError::Name(name.to_owned()))
-}
+pub use crate::names::{parse_policy_name, policy_name};
 
 impl TryFrom<&v1::Policy> for PolicySpec {
     type Error = ConversionError;

@@ -32,8 +32,10 @@
 //! [`FILE_DESCRIPTOR_SET`] holds the encoded descriptor set of the package
 //! and its imports, for gRPC server reflection.
 
-/// Messages, enums, clients and servers of the `corsair.v1` package.
 pub mod convert;
+pub mod names;
+
+/// Messages, enums, clients and servers of the `corsair.v1` package.
 
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod v1 {

@@ -364,7 +364,7 @@ async fn a_burst_of_updates_while_sidecars_serve(backend: Backend) {
             .unwrap()
             .into_inner();
         last = written.revision;
-        etag = written.policy.unwrap().etag;
+        etag = written.etag;
     }
     let wrote = started.elapsed();
     let took = converged(&grpc, SIDECARS, last).await;

@@ -12,10 +12,9 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::Shared;
-use crate::convert::{
-    event_to_proto, micros, outcome_from_proto, page_size, page_token, store_status,
-};
-use crate::store::AuditFilter;
+use crate::convert::{event_to_proto, micros, name_arg, outcome_from_proto};
+use crate::status::{bad_request, page_size, store_status, write_error_status};
+use crate::store::{AuditFilter, ResourceKind, WriteError};
 
 /// Events read per query while tailing.
 const TAIL_BATCH: u32 = 500;
@@ -51,34 +50,31 @@ impl AuditService for Audit {
         let filter = AuditFilter {
             service: req.service,
             actor: req.actor,
-            method: req.method,
+            method: method_filter(&req.method)?,
             outcome: outcome_from_proto(req.outcome)?,
             since: req.start_time.as_ref().map(micros),
             until: req.end_time.as_ref().map(micros),
         };
-        let fingerprint = format!("{filter:?}");
-        let cursor = page_token::decode(&req.page_token, "audit", &fingerprint)?.and_then(|p| {
-            let (time, sequence) = p.split_once(':')?;
-            Some((time.parse().ok()?, sequence.parse().ok()?))
-        });
-        if !req.page_token.is_empty() && cursor.is_none() {
-            return Err(crate::convert::bad_request(
-                "page_token",
-                "invalid page token",
-            ));
-        }
+        let fingerprint = filter.fingerprint();
+        let tokens = &self.shared.page_tokens;
+        let cursor = tokens
+            .decode(&req.page_token, "audit", &fingerprint)?
+            .map(|p| {
+                let (time, sequence) = p.split_once(':')?;
+                Some((time.parse().ok()?, sequence.parse().ok()?))
+            })
+            .map(|cursor| {
+                cursor.ok_or_else(|| bad_request("page_token", "not a page token of this listing"))
+            })
+            .transpose()?;
         let mut events = self
             .shared
             .store
             .list_audit(&filter, cursor, limit + 1)
             .await
             .map_err(store_status)?;
-        let next_page_token = page_token::finish(&mut events, limit, |last| {
-            page_token::encode(
-                "audit",
-                &fingerprint,
-                &format!("{}:{}", last.time, last.sequence),
-            )
+        let next_page_token = tokens.finish(&mut events, limit, "audit", &fingerprint, |last| {
+            format!("{}:{}", last.time, last.sequence)
         });
         Ok(Response::new(v1::ListAuditEventsResponse {
             events: events.iter().map(event_to_proto).collect(),
@@ -90,7 +86,8 @@ impl AuditService for Audit {
         &self,
         request: Request<v1::GetAuditEventRequest>,
     ) -> Result<Response<v1::AuditEvent>, Status> {
-        let sequence = request.into_inner().sequence;
+        let name = request.into_inner().name;
+        let sequence = name_arg("name", &name, corsair_proto::names::parse_audit_event_name)?;
         match self
             .shared
             .store
@@ -99,7 +96,11 @@ impl AuditService for Audit {
             .map_err(store_status)?
         {
             Some(e) => Ok(Response::new(event_to_proto(&e))),
-            None => Err(Status::not_found(format!("no audit event {sequence}"))),
+            None => Err(write_error_status(&WriteError::not_found(
+                ResourceKind::AuditEvent,
+                name,
+                format!("the audit log has no event {sequence}"),
+            ))),
         }
     }
 
@@ -115,7 +116,7 @@ impl AuditService for Audit {
         let filter = AuditFilter {
             service: req.service,
             actor: req.actor,
-            method: req.method,
+            method: method_filter(&req.method)?,
             ..AuditFilter::default()
         };
         let (tx, rx) = mpsc::channel(64);
@@ -147,6 +148,35 @@ impl AuditService for Audit {
             error,
         }))
     }
+}
+
+/// The full method name (`corsair.v1.PolicyService/UpdatePolicy`) an audit `method` filter
+/// names: empty, a method's name alone, or its full name with or without a leading `/`. A
+/// method the control plane does not serve is refused, listing those it does.
+fn method_filter(given: &str) -> Result<String, Status> {
+    if given.is_empty() {
+        return Ok(String::new());
+    }
+    let wanted = given.trim_start_matches('/');
+    let methods: Vec<String> = crate::auth::audited_methods().collect();
+    methods
+        .iter()
+        .find(|full| {
+            *full == wanted
+                || full
+                    .rsplit_once('/')
+                    .is_some_and(|(_, method)| method == wanted)
+        })
+        .cloned()
+        .ok_or_else(|| {
+            bad_request(
+                "method",
+                format!(
+                    "{given:?} is not a method the control plane serves; one of: {}",
+                    methods.join(", ")
+                ),
+            )
+        })
 }
 
 /// Sends every event after `after` that passes `filter`, then follows the log live until

@@ -18,12 +18,13 @@ use corsair_proto::v1::{self, discovery_service_server::DiscoveryService};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::fleet::Fleet;
 use crate::cache::Snapshot;
 use crate::metrics::Metrics;
+use crate::status::{bad_request, status};
 use crate::store::{SidecarRecord, SidecarState, now_micros};
 
 /// Stream behaviour.
@@ -141,6 +142,16 @@ impl Discovery {
 /// `Result<DiscoveryResponse, Status>` would make that block about 10 KB per idle stream.
 type Outbound = mpsc::Sender<Result<Box<v1::DiscoveryResponse>, Box<Status>>>;
 
+/// The status a stream ends with when the control plane stops.
+fn shutting_down() -> Status {
+    status(
+        Code::Unavailable,
+        "SHUTTING_DOWN",
+        "control plane shutting down",
+        [],
+    )
+}
+
 #[tonic::async_trait]
 impl DiscoveryService for Discovery {
     type StreamPoliciesStream =
@@ -152,8 +163,11 @@ impl DiscoveryService for Discovery {
     ) -> Result<Response<Self::StreamPoliciesStream>, Status> {
         if !self.admit() {
             self.metrics.streams_refused.inc();
-            return Err(Status::resource_exhausted(
+            return Err(status(
+                Code::ResourceExhausted,
+                "STREAM_RATE_EXCEEDED",
                 "too many new streams; retry with exponential backoff",
+                [],
             ));
         }
         let peer = request
@@ -214,8 +228,11 @@ impl Discovery {
             })) => hello,
             Ok(Some(_)) => {
                 let _ = tx
-                    .send(Err(Box::new(Status::invalid_argument(
+                    .send(Err(Box::new(status(
+                        Code::InvalidArgument,
+                        "HELLO_REQUIRED",
                         "the first message must be a Hello",
+                        [],
                     ))))
                     .await;
                 return;
@@ -224,8 +241,9 @@ impl Discovery {
         };
         if hello.sidecar_id.is_empty() || hello.sidecar_id.len() > 256 {
             let _ = tx
-                .send(Err(Box::new(Status::invalid_argument(
-                    "hello.sidecar_id: required, at most 256 bytes",
+                .send(Err(Box::new(bad_request(
+                    "hello.sidecar_id",
+                    "required, at most 256 bytes",
                 ))))
                 .await;
             return;
@@ -252,24 +270,32 @@ impl Discovery {
                 _ => false,
             };
             if hello.services.is_empty() || !outside.is_empty() || held_elsewhere {
-                let error = crate::store::WriteError::PermissionDenied(if held_elsewhere {
-                    format!(
-                        "sidecar id {:?} is held by a live sidecar of other services",
-                        hello.sidecar_id
-                    )
-                } else {
-                    format!(
-                        "{} may stream only {}; asked for {}",
-                        p.name,
-                        p.services.join(", "),
-                        if hello.services.is_empty() {
-                            "every service".to_owned()
-                        } else {
-                            hello.services.join(", ")
-                        }
-                    )
-                });
-                let status = crate::convert::write_error_status(&error);
+                let error = crate::store::WriteError::PermissionDenied {
+                    reason: if held_elsewhere {
+                        "SIDECAR_ID_HELD"
+                    } else {
+                        "SERVICE_NOT_PERMITTED"
+                    },
+                    required_roles: vec![crate::auth::Role::Sidecar.as_str()],
+                    message: if held_elsewhere {
+                        format!(
+                            "sidecar id {:?} is held by a live sidecar of other services",
+                            hello.sidecar_id
+                        )
+                    } else {
+                        format!(
+                            "{} may stream only {}; asked for {}",
+                            p.name,
+                            p.services.join(", "),
+                            if hello.services.is_empty() {
+                                "every service".to_owned()
+                            } else {
+                                hello.services.join(", ")
+                            }
+                        )
+                    },
+                };
+                let status = crate::status::write_error_status(&error);
                 let ctx = crate::store::WriteContext {
                     service: hello.services.first().cloned().unwrap_or_default(),
                     ..ctx
@@ -408,7 +434,7 @@ impl Discovery {
                 }
                 changed = snapshots.changed(), if in_flight.is_none() => {
                     if changed.is_err() {
-                        break Some(Status::unavailable("control plane shutting down"));
+                        break Some(shutting_down());
                     }
                 }
                 message = inbound.message() => {
@@ -456,18 +482,18 @@ impl Discovery {
                             }
                             None => tracing::debug!(nonce = %nack.nonce, "NACK for a response not in flight"),
                         },
-                        Some(Kind::Hello(_)) => break Some(Status::invalid_argument("Hello may only be sent first")),
+                        Some(Kind::Hello(_)) => break Some(status(Code::InvalidArgument, "HELLO_REPEATED", "Hello may only be sent first", [])),
                         None => {}
                     }
                 }
                 _ = tokio::time::sleep_until(ack_deadline.unwrap_or_else(tokio::time::Instant::now)), if ack_deadline.is_some() => {
                     tracing::warn!(timeout = ?self.config.ack_timeout, "no ACK in time; resetting the stream");
-                    break Some(Status::deadline_exceeded("no ACK within the timeout; reconnect"));
+                    break Some(status(Code::DeadlineExceeded, "ACK_TIMEOUT", "no ACK within the timeout; reconnect", []));
                 }
                 _ = tokio::time::sleep_until(age_deadline) => {
-                    break Some(Status::unavailable("maximum connection age reached; reconnect"));
+                    break Some(status(Code::Unavailable, "MAX_CONNECTION_AGE", "maximum connection age reached; reconnect", []));
                 }
-                () = crate::service::stopped(&mut shutdown) => break Some(Status::unavailable("control plane shutting down")),
+                () = crate::service::stopped(&mut shutdown) => break Some(shutting_down()),
                 () = tx.closed() => break None,
             }
         };

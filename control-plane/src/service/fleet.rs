@@ -15,9 +15,13 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::convert::{bad_request, page_size, page_token, store_status, timestamp};
+use crate::convert::{name_arg, timestamp};
+use crate::page_token::PageTokens;
 use crate::service::PageLimits;
-use crate::store::{SidecarRecord, SidecarState, Store, StoreError, now_micros};
+use crate::status::{bad_request, page_size, store_status, write_error_status};
+use crate::store::{
+    ResourceKind, SidecarRecord, SidecarState, Store, StoreError, WriteError, now_micros,
+};
 
 /// This replica's view of its sidecars, and the writer of their rows.
 #[derive(Debug)]
@@ -127,12 +131,18 @@ impl Fleet {
 pub struct FleetApi {
     fleet: Arc<Fleet>,
     pages: PageLimits,
+    tokens: PageTokens,
 }
 
 impl FleetApi {
-    /// A fleet service over `fleet`.
-    pub fn new(fleet: Arc<Fleet>, pages: PageLimits) -> Self {
-        FleetApi { fleet, pages }
+    /// A fleet service over `fleet`, listing `pages` at a time with page tokens made by
+    /// `tokens`.
+    pub fn new(fleet: Arc<Fleet>, pages: PageLimits, tokens: PageTokens) -> Self {
+        FleetApi {
+            fleet,
+            pages,
+            tokens,
+        }
     }
 }
 
@@ -148,6 +158,7 @@ fn state_to_proto(state: &str) -> v1::SidecarState {
 
 fn sidecar_to_proto(r: &SidecarRecord) -> v1::Sidecar {
     v1::Sidecar {
+        name: corsair_proto::names::sidecar_name(&r.sidecar_id),
         sidecar_id: r.sidecar_id.clone(),
         services: r
             .services
@@ -157,13 +168,13 @@ fn sidecar_to_proto(r: &SidecarRecord) -> v1::Sidecar {
             .collect(),
         version: r.version.clone(),
         host: r.host.clone(),
-        connected_since: Some(timestamp(r.connected_since)),
-        last_seen: Some(timestamp(r.last_seen)),
+        connect_time: Some(timestamp(r.connected_since)),
+        last_seen_time: Some(timestamp(r.last_seen)),
         last_sent_revision: r.last_sent_revision,
         last_acked_revision: r.last_acked_revision,
         state: state_to_proto(&r.state) as i32,
         nack_error: r.nack_error.clone(),
-        disconnected_at: r.disconnected_at.map(timestamp),
+        disconnect_time: r.disconnected_at.map(timestamp),
         control_plane: r.control_plane.clone(),
     }
 }
@@ -185,7 +196,10 @@ impl FleetService for FleetApi {
             Err(_) => return Err(bad_request("state", format!("unknown state {}", req.state))),
         };
         let filter = format!("{}\u{1}{state}", req.service);
-        let after = page_token::decode(&req.page_token, "sidecars", &filter)?.unwrap_or_default();
+        let after = self
+            .tokens
+            .decode(&req.page_token, "sidecars", &filter)?
+            .unwrap_or_default();
         self.fleet.flush().await.map_err(store_status)?;
         let mut rows = self
             .fleet
@@ -193,9 +207,11 @@ impl FleetService for FleetApi {
             .list_sidecars(&req.service, state, &after, limit + 1)
             .await
             .map_err(store_status)?;
-        let next_page_token = page_token::finish(&mut rows, limit, |last| {
-            page_token::encode("sidecars", &filter, &last.sidecar_id)
-        });
+        let next_page_token = self
+            .tokens
+            .finish(&mut rows, limit, "sidecars", &filter, |last| {
+                last.sidecar_id.clone()
+            });
         Ok(Response::new(v1::ListSidecarsResponse {
             sidecars: rows.iter().map(sidecar_to_proto).collect(),
             next_page_token,
@@ -206,17 +222,22 @@ impl FleetService for FleetApi {
         &self,
         request: Request<v1::GetSidecarRequest>,
     ) -> Result<Response<v1::Sidecar>, Status> {
-        let id = request.into_inner().sidecar_id;
+        let name = request.into_inner().name;
+        let id = name_arg("name", &name, corsair_proto::names::parse_sidecar_name)?;
         self.fleet.flush().await.map_err(store_status)?;
         match self
             .fleet
             .store
-            .get_sidecar(&id)
+            .get_sidecar(id)
             .await
             .map_err(store_status)?
         {
             Some(r) => Ok(Response::new(sidecar_to_proto(&r))),
-            None => Err(Status::not_found(format!("no sidecar {id:?}"))),
+            None => Err(write_error_status(&WriteError::not_found(
+                ResourceKind::Sidecar,
+                name.clone(),
+                format!("no sidecar {id:?} is known"),
+            ))),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The gRPC services: [`policy::Policies`] (`corsair.v1.PolicyService`) and
-//! [`audit::Audit`] (`corsair.v1.AuditService`), over the state they share.
+//! The gRPC services, over the state they share ([`Shared`]): [`policy::Policies`],
+//! [`audit::Audit`], [`discovery::Discovery`], [`fleet::FleetApi`] and [`token::Tokens`].
 
 pub mod audit;
 pub mod discovery;
@@ -30,7 +30,7 @@ fn raise<T: PartialOrd>(channel: &watch::Sender<T>, value: T) {
     });
 }
 
-/// Listing sizes.
+/// Listing sizes, for every List method.
 #[derive(Debug, Clone, Copy)]
 pub struct PageLimits {
     /// Page size when the request leaves it at 0.
@@ -67,6 +67,8 @@ pub struct Shared {
     pub tasks: tokio_util::task::TaskTracker,
     /// How many refused calls are written to the audit log (beyond: logged as a count).
     pub refusals: Arc<std::sync::Mutex<crate::auth::RefusalBudget>>,
+    /// Makes and checks the page tokens of every listing.
+    pub page_tokens: crate::page_token::PageTokens,
 }
 
 /// The caller's `x-request-id`, or a new one.

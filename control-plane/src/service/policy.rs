@@ -17,10 +17,11 @@ use tonic::{Request, Response, Status};
 
 use super::Shared;
 use crate::convert::{
-    self, bad_request, finding_to_proto, page_size, page_token, parse_policy_name, spec_from_proto,
-    spec_to_proto, store_status, stored_to_proto, write_error_status,
+    self, finding_to_proto, parse_policy_name, policy_name, spec_from_proto, spec_to_proto,
+    stored_to_proto, with_findings,
 };
-use crate::store::{Plan, Planner, StoredPolicy, WriteError};
+use crate::status::{bad_request, page_size, store_status, write_error_status};
+use crate::store::{Plan, Planner, ResourceKind, StoredPolicy, WriteError};
 
 const SERVICE: &str = "corsair.v1.PolicyService";
 
@@ -68,7 +69,7 @@ impl Policies {
                 Plan::Delete => Ok((None, 0)),
                 Plan::Refuse(e) => Err(write_error_status(&e)),
                 Plan::PutToken { .. } | Plan::RevokeToken(_) => {
-                    Err(Status::internal("not a policy write"))
+                    unreachable!("policy writes plan policy changes")
                 }
             };
         }
@@ -101,6 +102,33 @@ impl Policies {
     }
 }
 
+impl Policies {
+    /// The current policy of `service` if writing `spec` would change nothing, with the
+    /// etag matching (or none given) and the spec passing validation as it is; `None` when
+    /// the write must go ahead (and be checked and audited as usual).
+    async fn unchanged_by(
+        &self,
+        service: &str,
+        spec: &PolicySpec,
+        etag: &str,
+        acknowledged: &[String],
+    ) -> Result<Option<StoredPolicy>, Status> {
+        let Some(current) = self
+            .shared
+            .store
+            .get_policy(service)
+            .await
+            .map_err(store_status)?
+        else {
+            return Ok(None);
+        };
+        let unchanged = check_etag(&current, etag, false, "etag").is_ok()
+            && Policy::check(spec, acknowledged)
+                .is_ok_and(|validated| validated.policy.into_spec() == current.spec);
+        Ok(unchanged.then_some(current))
+    }
+}
+
 /// A planner that refuses with `error` whatever the state.
 fn refuse(error: WriteError) -> Planner {
     Box::new(move |_| Plan::Refuse(error))
@@ -117,8 +145,8 @@ fn validated_put(spec: &PolicySpec, acknowledged: &[String], out: &Mutex<Vec<Fin
     }
 }
 
-/// Checks a caller's etag against the current policy. Empty means "no condition" unless
-/// `required`.
+/// Checks a caller's etag against the current policy, with or without its surrounding
+/// quotes. Empty means "no condition" unless `required`.
 fn check_etag(
     current: &StoredPolicy,
     etag: &str,
@@ -127,23 +155,42 @@ fn check_etag(
 ) -> Result<(), WriteError> {
     if etag.is_empty() {
         if required {
-            return Err(WriteError::BadRequest {
-                field: field.to_owned(),
-                message: "required: pass the etag of the policy being changed (compare-and-set)"
-                    .into(),
-            });
+            return Err(WriteError::bad_request(
+                field,
+                "required: pass the etag of the policy being changed (compare-and-set)",
+            ));
         }
         return Ok(());
     }
-    if etag != current.etag() {
-        return Err(WriteError::Conflict(format!(
-            "etag {etag} is stale: the policy of {} is now at revision {} (etag {}); read it again and retry",
-            current.spec.service,
-            current.revision,
-            current.etag()
-        )));
+    let current_etag = current.etag();
+    if unquoted(etag) != unquoted(&current_etag) {
+        return Err(WriteError::Conflict {
+            message: format!(
+                "etag {etag} is stale: the policy of {} is now at revision {} (etag {current_etag}); read it again and retry",
+                current.spec.service, current.revision,
+            ),
+            current_etag,
+            current_revision: current.revision,
+        });
     }
     Ok(())
+}
+
+/// An etag without the double quotes around it (AIP-154 etags are quoted strings, and
+/// clients send them either way).
+fn unquoted(etag: &str) -> &str {
+    etag.strip_prefix('"')
+        .and_then(|e| e.strip_suffix('"'))
+        .unwrap_or(etag)
+}
+
+/// A service that has no policy.
+fn no_policy(service: &str, hint: &str) -> WriteError {
+    WriteError::not_found(
+        ResourceKind::Policy,
+        policy_name(service),
+        format!("service {service} has no policy{hint}"),
+    )
 }
 
 /// Fields an update mask may name (wire names).
@@ -180,27 +227,27 @@ fn apply_mask(base: &PolicySpec, incoming: &PolicySpec, mask: &[String]) -> Poli
     out
 }
 
-fn write_response(
+/// The policy a write returns: as stored (or as it would be, for validate-only), with the
+/// write's findings.
+fn written_policy(
     policy: Option<StoredPolicy>,
-    revision: i64,
     findings: &Mutex<Vec<Finding>>,
-) -> v1::WritePolicyResponse {
-    v1::WritePolicyResponse {
-        policy: policy.map(|p| {
-            if p.revision == 0 {
-                spec_to_proto(&p.spec)
-            } else {
-                stored_to_proto(&p)
-            }
-        }),
-        findings: findings
-            .lock()
-            .expect("findings lock")
-            .iter()
-            .map(finding_to_proto)
-            .collect(),
-        revision,
-    }
+) -> Result<Response<v1::Policy>, Status> {
+    let policy = policy.ok_or_else(|| {
+        crate::status::status(
+            tonic::Code::Internal,
+            "WRITE_STORED_NO_POLICY",
+            "the write stored no policy",
+            [],
+        )
+    })?;
+    let wire = if policy.revision == 0 {
+        spec_to_proto(&policy.spec)
+    } else {
+        stored_to_proto(&policy)
+    };
+    let findings = findings.lock().expect("findings lock");
+    Ok(Response::new(with_findings(wire, &findings)))
 }
 
 #[tonic::async_trait]
@@ -219,9 +266,7 @@ impl PolicyService for Policies {
             .map_err(store_status)?
         {
             Some(p) => Ok(Response::new(stored_to_proto(&p))),
-            None => Err(Status::not_found(format!(
-                "service {service} has no policy"
-            ))),
+            None => Err(write_error_status(&no_policy(service, ""))),
         }
     }
 
@@ -235,16 +280,21 @@ impl PolicyService for Policies {
             self.shared.pages.default,
             self.shared.pages.max,
         )?;
-        let after = page_token::decode(&req.page_token, "policies", &req.service_prefix)?;
+        let tokens = &self.shared.page_tokens;
+        let after = tokens.decode(&req.page_token, "policies", &req.service_prefix)?;
         let mut policies = self
             .shared
             .store
             .list_policies(&req.service_prefix, after.as_deref(), limit + 1)
             .await
             .map_err(store_status)?;
-        let next_page_token = page_token::finish(&mut policies, limit, |last| {
-            page_token::encode("policies", &req.service_prefix, &last.spec.service)
-        });
+        let next_page_token = tokens.finish(
+            &mut policies,
+            limit,
+            "policies",
+            &req.service_prefix,
+            |last| last.spec.service.clone(),
+        );
         Ok(Response::new(v1::ListPoliciesResponse {
             policies: policies.iter().map(stored_to_proto).collect(),
             next_page_token,
@@ -254,16 +304,13 @@ impl PolicyService for Policies {
     async fn create_policy(
         &self,
         request: Request<v1::CreatePolicyRequest>,
-    ) -> Result<Response<v1::WritePolicyResponse>, Status> {
+    ) -> Result<Response<v1::Policy>, Status> {
         let req = request.get_ref();
         let findings = Arc::new(Mutex::new(Vec::new()));
         let (service, planner): (String, Planner) = match req.policy.as_ref().map(spec_from_proto) {
             None => (
                 String::new(),
-                refuse(WriteError::BadRequest {
-                    field: "policy".into(),
-                    message: "required".into(),
-                }),
+                refuse(WriteError::bad_request("policy", "required")),
             ),
             Some(Err(e)) => (
                 req.policy
@@ -279,16 +326,20 @@ impl PolicyService for Policies {
                 (
                     service,
                     Box::new(move |current: Option<&StoredPolicy>| match current {
-                        Some(p) => Plan::Refuse(WriteError::AlreadyExists(format!(
-                            "service {} already has a policy (revision {}); update it instead",
-                            p.spec.service, p.revision
-                        ))),
+                        Some(p) => Plan::Refuse(WriteError::AlreadyExists {
+                            kind: ResourceKind::Policy,
+                            name: policy_name(&p.spec.service),
+                            message: format!(
+                                "service {} already has a policy (revision {}); update it instead",
+                                p.spec.service, p.revision
+                            ),
+                        }),
                         None => validated_put(&spec, &acknowledged, &out),
                     }),
                 )
             }
         };
-        let (policy, revision) = self
+        let (policy, _) = self
             .write(
                 &request,
                 "CreatePolicy",
@@ -298,13 +349,13 @@ impl PolicyService for Policies {
                 planner,
             )
             .await?;
-        Ok(Response::new(write_response(policy, revision, &findings)))
+        written_policy(policy, &findings)
     }
 
     async fn update_policy(
         &self,
         request: Request<v1::UpdatePolicyRequest>,
-    ) -> Result<Response<v1::WritePolicyResponse>, Status> {
+    ) -> Result<Response<v1::Policy>, Status> {
         let req = request.get_ref();
         let findings = Arc::new(Mutex::new(Vec::new()));
         let mask: Vec<String> = req
@@ -313,10 +364,7 @@ impl PolicyService for Policies {
             .map(|m| m.paths.clone())
             .unwrap_or_default();
         let parsed = match req.policy.as_ref() {
-            None => Err(WriteError::BadRequest {
-                field: "policy".into(),
-                message: "required".into(),
-            }),
+            None => Err(WriteError::bad_request("policy", "required")),
             Some(p) => spec_from_proto(p).map(|spec| (spec, p.etag.clone())),
         }
         .and_then(|parsed| {
@@ -324,13 +372,13 @@ impl PolicyService for Policies {
                 .iter()
                 .find(|p| *p != "*" && !MASK_FIELDS.contains(&p.as_str()))
             {
-                Some(unknown) => Err(WriteError::BadRequest {
-                    field: "update_mask".into(),
-                    message: format!(
+                Some(unknown) => Err(WriteError::bad_request(
+                    "update_mask",
+                    format!(
                         "unknown field {unknown:?}; updatable fields: {}",
                         MASK_FIELDS.join(", ")
                     ),
-                }),
+                )),
                 None => Ok(parsed),
             }
         });
@@ -357,10 +405,10 @@ impl PolicyService for Policies {
                             };
                             validated_put(&apply_mask(&base, &spec, &mask), &acknowledged, &out)
                         }
-                        None => Plan::Refuse(WriteError::NotFound(format!(
-                            "service {} has no policy (set allow_missing to create it)",
-                            spec.service
-                        ))),
+                        None => Plan::Refuse(no_policy(
+                            &spec.service,
+                            " (set allow_missing to create it)",
+                        )),
                         Some(current) => match check_etag(current, &etag, true, "policy.etag") {
                             Err(e) => Plan::Refuse(e),
                             Ok(()) => validated_put(
@@ -373,7 +421,7 @@ impl PolicyService for Policies {
                 )
             }
         };
-        let (policy, revision) = self
+        let (policy, _) = self
             .write(
                 &request,
                 "UpdatePolicy",
@@ -383,7 +431,7 @@ impl PolicyService for Policies {
                 planner,
             )
             .await?;
-        Ok(Response::new(write_response(policy, revision, &findings)))
+        written_policy(policy, &findings)
     }
 
     async fn delete_policy(
@@ -395,12 +443,11 @@ impl PolicyService for Policies {
             Err(e) => (req.name.clone(), refuse(e)),
             Ok(service) => {
                 let etag = req.etag.clone();
+                let service_name = service.to_owned();
                 (
                     service.to_owned(),
                     Box::new(move |current: Option<&StoredPolicy>| match current {
-                        None => {
-                            Plan::Refuse(WriteError::NotFound("the service has no policy".into()))
-                        }
+                        None => Plan::Refuse(no_policy(&service_name, "")),
                         Some(current) => match check_etag(current, &etag, false, "etag") {
                             Err(e) => Plan::Refuse(e),
                             Ok(()) => Plan::Delete,
@@ -433,18 +480,26 @@ impl PolicyService for Policies {
             self.shared.pages.default,
             self.shared.pages.max,
         )?;
-        let before = page_token::decode(&req.page_token, "revisions", service)?
+        let tokens = &self.shared.page_tokens;
+        let before = tokens
+            .decode(&req.page_token, "revisions", service)?
             .map(|p| p.parse::<i64>())
             .transpose()
-            .map_err(|_| bad_request("page_token", "invalid page token"))?;
+            .map_err(|_| bad_request("page_token", "not a page token of this listing"))?;
         let mut revisions = self
             .shared
             .store
             .list_revisions(service, before, limit + 1)
             .await
             .map_err(store_status)?;
-        let next_page_token = page_token::finish(&mut revisions, limit, |last| {
-            page_token::encode("revisions", service, &last.revision.to_string())
+        if before.is_none() && revisions.is_empty() {
+            return Err(write_error_status(&no_policy(
+                service,
+                " and never had one",
+            )));
+        }
+        let next_page_token = tokens.finish(&mut revisions, limit, "revisions", service, |last| {
+            last.revision.to_string()
         });
         Ok(Response::new(v1::ListPolicyRevisionsResponse {
             revisions: revisions.iter().map(convert::revision_to_proto).collect(),
@@ -455,7 +510,7 @@ impl PolicyService for Policies {
     async fn rollback_policy(
         &self,
         request: Request<v1::RollbackPolicyRequest>,
-    ) -> Result<Response<v1::WritePolicyResponse>, Status> {
+    ) -> Result<Response<v1::Policy>, Status> {
         let req = request.get_ref();
         let findings = Arc::new(Mutex::new(Vec::new()));
         // Revisions never change once written, so the target is read before the write.
@@ -470,18 +525,29 @@ impl PolicyService for Policies {
             {
                 Some(r) if r.service == service => match r.spec {
                     Some(spec) => Ok(spec),
-                    None => Err(WriteError::FailedPrecondition(format!(
-                        "revision {} deleted the policy; roll back to a revision that set one",
-                        req.revision
-                    ))),
+                    None => Err(WriteError::FailedPrecondition {
+                        reason: "REVISION_IS_DELETION",
+                        message: format!(
+                            "revision {} deleted the policy; roll back to a revision that set one",
+                            req.revision
+                        ),
+                    }),
                 },
-                _ => Err(WriteError::NotFound(format!(
-                    "service {service} has no revision {}",
-                    req.revision
-                ))),
+                _ => Err(WriteError::not_found(
+                    ResourceKind::PolicyRevision,
+                    corsair_proto::names::revision_name(service, req.revision),
+                    format!("service {service} has no revision {}", req.revision),
+                )),
             },
         };
         let service = parse_policy_name(&req.name).map_or_else(|_| req.name.clone(), str::to_owned);
+        if let Ok(spec) = &target
+            && let Some(current) = self
+                .unchanged_by(&service, spec, &req.etag, &req.acknowledged_risks)
+                .await?
+        {
+            return Ok(Response::new(stored_to_proto(&current)));
+        }
         let planner: Planner = match target {
             Err(e) => refuse(e),
             Ok(spec) => {
@@ -500,7 +566,7 @@ impl PolicyService for Policies {
                 })
             }
         };
-        let (policy, revision) = self
+        let (policy, _) = self
             .write(
                 &request,
                 "RollbackPolicy",
@@ -510,7 +576,7 @@ impl PolicyService for Policies {
                 planner,
             )
             .await?;
-        Ok(Response::new(write_response(policy, revision, &findings)))
+        written_policy(policy, &findings)
     }
 
     async fn explain_request(
@@ -519,23 +585,25 @@ impl PolicyService for Policies {
     ) -> Result<Response<v1::ExplainResponse>, Status> {
         let req = request.into_inner();
         let (policy, revision, findings) = match req.target {
-            Some(v1::explain_request_request::Target::Service(service)) => {
+            Some(v1::explain_request_request::Target::Name(name)) => {
+                let service = parse_policy_name(&name).map_err(|e| write_error_status(&e))?;
                 match self
                     .shared
                     .store
-                    .get_policy(&service)
+                    .get_policy(service)
                     .await
                     .map_err(store_status)?
                 {
-                    None => {
-                        return Err(Status::not_found(format!(
-                            "service {service} has no policy"
-                        )));
-                    }
+                    None => return Err(write_error_status(&no_policy(service, ""))),
                     Some(stored) => {
                         let (policy, findings) = lint(&stored.spec);
                         let policy = policy.ok_or_else(|| {
-                            Status::internal("the stored policy no longer validates")
+                            crate::status::status(
+                                tonic::Code::Internal,
+                                "STORED_POLICY_INVALID",
+                                "the stored policy no longer validates",
+                                [],
+                            )
                         })?;
                         (policy, stored.revision, findings)
                     }
@@ -556,7 +624,7 @@ impl PolicyService for Policies {
                             .cloned()
                             .collect();
                         let rejected = corsair_policy::Rejected { blocking, findings };
-                        return Err(convert::rejected_status(&rejected, "policy."));
+                        return Err(crate::status::rejected_status(&rejected, "policy."));
                     }
                 }
             }

@@ -7,10 +7,14 @@ use corsair_proto::v1::token_service_server::TokenService;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use corsair_proto::names::{parse_token_name, token_name};
+use tonic::Code;
+
 use crate::auth::{Role, generate_token, split_services, token_hash, token_id};
-use crate::convert::{bad_request, store_status, timestamp, write_error_status};
+use crate::convert::{name_arg, timestamp};
 use crate::service::Shared;
-use crate::store::{Plan, TokenRecord, now_micros};
+use crate::status::{bad_request, page_size, status, store_status, write_error_status};
+use crate::store::{Plan, ResourceKind, TokenRecord, WriteError, now_micros};
 
 const SERVICE: &str = "corsair.v1.TokenService";
 
@@ -40,8 +44,8 @@ impl Tokens {
 /// The wire form of a stored token.
 pub fn token_to_proto(t: &TokenRecord) -> v1::Token {
     v1::Token {
-        id: t.id.clone(),
-        name: t.name.clone(),
+        name: token_name(&t.id),
+        display_name: t.name.clone(),
         role: t.role.clone(),
         services: split_services(&t.services),
         create_time: Some(timestamp(t.created_at)),
@@ -83,20 +87,23 @@ impl TokenService for Tokens {
         let req = request.get_ref();
         // The name is the actor of the token's calls: a plain label, and never one that
         // passes for another actor.
-        let plain = req.name.len() <= 64
-            && req.name.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && req
-                .name
+        let display_name = &req.display_name;
+        let plain = display_name.len() <= 64
+            && display_name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && display_name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
         if !plain {
             return Err(bad_request(
-                "name",
+                "display_name",
                 "required: 1 to 64 letters, digits, '.', '_', '-' or '@', starting with a letter or digit",
             ));
         }
-        if RESERVED_NAMES.contains(&req.name.as_str()) {
-            return Err(bad_request("name", format!("{:?} is reserved", req.name)));
+        if RESERVED_NAMES.contains(&display_name.as_str()) {
+            return Err(bad_request(
+                "display_name",
+                format!("{display_name:?} is reserved"),
+            ));
         }
         let live = self
             .shared
@@ -104,14 +111,18 @@ impl TokenService for Tokens {
             .list_tokens()
             .await
             .map_err(store_status)?;
-        if live
+        if let Some(taken) = live
             .iter()
-            .any(|t| t.name == req.name && t.revoked_at.is_none())
+            .find(|t| t.name == *display_name && t.revoked_at.is_none())
         {
-            return Err(Status::already_exists(format!(
-                "a live token is named {:?}; revoke it or choose another name",
-                req.name
-            )));
+            return Err(write_error_status(&WriteError::AlreadyExists {
+                kind: ResourceKind::Token,
+                name: token_name(&taken.id),
+                message: format!(
+                    "a live token ({}) is named {display_name:?}; revoke it or choose another name",
+                    token_name(&taken.id)
+                ),
+            }));
         }
         let role = Role::parse(&req.role).ok_or_else(|| {
             bad_request(
@@ -151,13 +162,20 @@ impl TokenService for Tokens {
                     i64::try_from(secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
                 )),
             };
-        let secret = generate_token().map_err(|_| Status::unavailable("no randomness"))?;
+        let secret = generate_token().map_err(|_| {
+            status(
+                Code::Unavailable,
+                "RANDOMNESS_UNAVAILABLE",
+                "the system has no randomness to make a token from",
+                [],
+            )
+        })?;
         let ctx = self
             .shared
             .context(&request, &format!("{SERVICE}/CreateToken"), "", &req.reason);
         let record = new_record(
             &secret,
-            &req.name,
+            display_name,
             role,
             &req.services,
             &ctx.actor,
@@ -186,7 +204,7 @@ impl TokenService for Tokens {
             .get_token(&id)
             .await
             .map_err(store_status)?
-            .ok_or_else(|| Status::internal("token not stored"))?;
+            .ok_or_else(|| status(Code::Internal, "TOKEN_NOT_STORED", "token not stored", []))?;
         tracing::info!(id, name = %stored.name, role = %stored.role, "token created");
         Ok(Response::new(v1::CreateTokenResponse {
             secret,
@@ -196,16 +214,39 @@ impl TokenService for Tokens {
 
     async fn list_tokens(
         &self,
-        _request: Request<v1::ListTokensRequest>,
+        request: Request<v1::ListTokensRequest>,
     ) -> Result<Response<v1::ListTokensResponse>, Status> {
-        let tokens = self
+        let req = request.into_inner();
+        let limit = page_size(
+            req.page_size,
+            self.shared.pages.default,
+            self.shared.pages.max,
+        )?;
+        let page_tokens = &self.shared.page_tokens;
+        let after = page_tokens
+            .decode(&req.page_token, "tokens", "")?
+            .map(|position| {
+                position
+                    .split_once(':')
+                    .and_then(|(time, id)| Some((time.parse::<i64>().ok()?, id.to_owned())))
+                    .ok_or_else(|| bad_request("page_token", "not a page token of this listing"))
+            })
+            .transpose()?;
+        let mut tokens = self
             .shared
             .store
-            .list_tokens()
+            .list_tokens_page(
+                after.as_ref().map(|(time, id)| (*time, id.as_str())),
+                limit + 1,
+            )
             .await
             .map_err(store_status)?;
+        let next_page_token = page_tokens.finish(&mut tokens, limit, "tokens", "", |last| {
+            format!("{}:{}", last.created_at, last.id)
+        });
         Ok(Response::new(v1::ListTokensResponse {
             tokens: tokens.iter().map(token_to_proto).collect(),
+            next_page_token,
         }))
     }
 
@@ -214,17 +255,15 @@ impl TokenService for Tokens {
         request: Request<v1::RevokeTokenRequest>,
     ) -> Result<Response<v1::Token>, Status> {
         let req = request.get_ref();
-        if req.id.is_empty() {
-            return Err(bad_request("id", "required"));
-        }
+        let id = name_arg("name", &req.name, parse_token_name)?.to_owned();
         let ctx = self
             .shared
             .context(&request, &format!("{SERVICE}/RevokeToken"), "", &req.reason);
-        let id = req.id.clone();
+        let planned = id.clone();
         let written = self
             .shared
             .store
-            .write(ctx, Box::new(move |_| Plan::RevokeToken(id)))
+            .write(ctx, Box::new(move |_| Plan::RevokeToken(planned)))
             .await
             .map_err(store_status)?;
         self.shared.published(&written);
@@ -235,10 +274,10 @@ impl TokenService for Tokens {
         let stored = self
             .shared
             .store
-            .get_token(&req.id)
+            .get_token(&id)
             .await
             .map_err(store_status)?
-            .ok_or_else(|| Status::internal("token vanished"))?;
+            .ok_or_else(|| status(Code::Internal, "TOKEN_VANISHED", "token vanished", []))?;
         tracing::info!(id = %stored.id, "token revoked");
         Ok(Response::new(token_to_proto(&stored)))
     }

@@ -9,6 +9,7 @@
 //! revision, no forked chain), and a failure anywhere leaves nothing behind.
 
 pub mod postgres;
+mod refusal;
 mod sql;
 pub mod sqlite;
 
@@ -17,9 +18,11 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use corsair_policy::{PolicySpec, Rejected};
+use corsair_policy::PolicySpec;
 
 use crate::audit;
+
+pub use refusal::{ResourceKind, WriteError};
 
 /// A policy as stored: the canonical spec and its bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,55 +180,6 @@ pub struct WriteContext {
     pub peer: String,
 }
 
-/// Why a write was refused. Each maps to one [`Outcome`] and one gRPC code.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WriteError {
-    /// Nothing to change.
-    #[error("{0}")]
-    NotFound(String),
-    /// Created twice.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// Stale or missing etag.
-    #[error("{0}")]
-    Conflict(String),
-    /// The policy is invalid, or a risk is not acknowledged.
-    #[error(transparent)]
-    Invalid(Box<Rejected>),
-    /// The request does not fit the current state.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// No credential, or one that is not (or no longer) valid.
-    #[error("{0}")]
-    Unauthenticated(String),
-    /// A known identity without the role the call needs.
-    #[error("{0}")]
-    PermissionDenied(String),
-    /// A malformed request (bad name, bad mask, missing etag, …).
-    #[error("{field}: {message}")]
-    BadRequest {
-        /// The request field at fault.
-        field: String,
-        /// What is wrong with it.
-        message: String,
-    },
-}
-
-impl WriteError {
-    /// The outcome the audit log records for this refusal.
-    pub fn outcome(&self) -> Outcome {
-        match self {
-            WriteError::NotFound(_) => Outcome::NotFound,
-            WriteError::AlreadyExists(_) => Outcome::AlreadyExists,
-            WriteError::Conflict(_) => Outcome::Conflict,
-            WriteError::Invalid(r) if r.only_risks() => Outcome::RiskNotAcknowledged,
-            WriteError::Invalid(_) | WriteError::BadRequest { .. } => Outcome::Invalid,
-            WriteError::FailedPrecondition(_) => Outcome::FailedPrecondition,
-            WriteError::Unauthenticated(_) | WriteError::PermissionDenied(_) => Outcome::Denied,
-        }
-    }
-}
-
 /// What a write does, decided from the service's current policy while it is locked.
 #[derive(Debug)]
 pub enum Plan {
@@ -358,6 +312,21 @@ impl AuditFilter {
             && self.since.is_none_or(|t| event.time >= t)
             && self.until.is_none_or(|t| event.time < t)
     }
+
+    /// Every filter in one string, different for different filters: what a page token is
+    /// bound to.
+    pub fn fingerprint(&self) -> String {
+        let time = |t: Option<i64>| t.map_or_else(String::new, |t| t.to_string());
+        [
+            self.service.as_str(),
+            self.actor.as_str(),
+            self.method.as_str(),
+            self.outcome.map_or("", Outcome::as_str),
+            &time(self.since),
+            &time(self.until),
+        ]
+        .join("\u{1}")
+    }
 }
 
 /// Where an audit page starts: strictly older than this (time, sequence).
@@ -442,6 +411,18 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Every access token, revoked and expired ones included, by creation time.
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Tokens in creation order, `limit` at most, strictly after `after` (creation time,
+    /// id) when given.
+    async fn list_tokens_page(
+        &self,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// The secret named `name`: the stored one, or `candidate`, stored now, when there is
+    /// none yet. Every replica on one database gets the same.
+    async fn secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError>;
 }
 
 /// A sidecar's sync state, as fleet status shows it.
@@ -675,7 +656,11 @@ pub(crate) async fn write_in(
         } => {
             event.changed_fields = vec![format!("token:{}", token.id)];
             if only_if_first && tx.count_tokens().await? > 0 {
-                let error = WriteError::AlreadyExists("a token exists already".into());
+                let error = WriteError::AlreadyExists {
+                    kind: ResourceKind::Token,
+                    name: String::new(),
+                    message: "a token exists already".into(),
+                };
                 event.outcome = error.outcome();
                 event.error = error.to_string();
                 (current, Err(error))
@@ -693,7 +678,11 @@ pub(crate) async fn write_in(
             if tx.revoke_token(&id, time).await? {
                 (current, Ok(()))
             } else {
-                let error = WriteError::NotFound(format!("no live token has id {id}"));
+                let error = WriteError::not_found(
+                    ResourceKind::Token,
+                    format!("tokens/{id}"),
+                    format!("no live token is named tokens/{id}"),
+                );
                 event.outcome = error.outcome();
                 event.error = error.to_string();
                 (current, Err(error))

@@ -372,6 +372,36 @@ macro_rules! sql_store {
                     .await?)
             }
 
+            async fn secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+                sqlx::query("INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+                    .bind(name)
+                    .bind(candidate)
+                    .execute(&self.pool)
+                    .await?;
+                let (value,): (Vec<u8>,) = sqlx::query_as("SELECT value FROM secrets WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(value)
+            }
+
+            async fn list_tokens_page(
+                &self,
+                after: Option<(i64, &str)>,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::TokenRecord>, StoreError> {
+                let (time, id) = after.unwrap_or((i64::MIN, ""));
+                Ok(sqlx::query_as(
+                    "SELECT * FROM tokens WHERE created_at > $1 OR (created_at = $1 AND id > $2)
+                     ORDER BY created_at, id LIMIT $3",
+                )
+                .bind(time)
+                .bind(id)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
             async fn list_tokens(&self) -> Result<Vec<$crate::store::TokenRecord>, StoreError> {
                 Ok(sqlx::query_as("SELECT * FROM tokens ORDER BY created_at, id")
                     .fetch_all(&self.pool)

@@ -355,7 +355,7 @@ pub async fn write_policy(channel: &Channel, n: u64) -> i64 {
 pub async fn sidecar_token(channel: &Channel) -> String {
     v1::token_service_client::TokenServiceClient::new(channel.clone())
         .create_token(bearer(v1::CreateTokenRequest {
-            name: "e2e-sidecar".into(),
+            display_name: "e2e-sidecar".into(),
             role: "sidecar".into(),
             services: vec![SERVICE.into()],
             ..Default::default()

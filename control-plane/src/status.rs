@@ -1,0 +1,167 @@
+//! The error model (AIP-193): every failure the API returns is a gRPC status whose details
+//! carry a `google.rpc.ErrorInfo` with a domain reason, plus what the failure is about: the
+//! field (`BadRequest`), the missing resource (`ResourceInfo`), the current etag, the roles
+//! that may call.
+
+use corsair_policy::Rejected;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::store::{StoreError, WriteError};
+
+/// The `google.rpc.ErrorInfo` domain of Corsair's errors.
+pub const ERROR_DOMAIN: &str = "corsair.dev";
+
+/// A status with an `ErrorInfo` of `reason` and `metadata`, and nothing more.
+pub fn status(
+    code: Code,
+    reason: &str,
+    message: impl Into<String>,
+    metadata: impl IntoIterator<Item = (String, String)>,
+) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        reason,
+        ERROR_DOMAIN,
+        metadata
+            .into_iter()
+            .collect::<std::collections::HashMap<_, _>>(),
+    );
+    Status::with_error_details(code, message, details)
+}
+
+/// `INVALID_ARGUMENT` for one malformed request field: a `BadRequest` naming it, and the
+/// reason `INVALID_<FIELD>`.
+pub fn bad_request(field: &str, message: impl Into<String>) -> Status {
+    write_error_status(&WriteError::bad_request(field, message))
+}
+
+/// The status for a refused call.
+pub fn write_error_status(error: &WriteError) -> Status {
+    let reason = error.reason();
+    let message = error.to_string();
+    let mut details = ErrorDetails::new();
+    let code = match error {
+        WriteError::NotFound { kind, name, .. } | WriteError::AlreadyExists { kind, name, .. } => {
+            details.set_error_info(
+                &reason,
+                ERROR_DOMAIN,
+                [("resource".to_owned(), name.clone())],
+            );
+            if !name.is_empty() {
+                details.set_resource_info(kind.type_url(), name, "", message.clone());
+            }
+            if matches!(error, WriteError::NotFound { .. }) {
+                Code::NotFound
+            } else {
+                Code::AlreadyExists
+            }
+        }
+        WriteError::Conflict {
+            current_etag,
+            current_revision,
+            ..
+        } => {
+            details.set_error_info(
+                &reason,
+                ERROR_DOMAIN,
+                [
+                    ("current_etag".to_owned(), current_etag.clone()),
+                    ("current_revision".to_owned(), current_revision.to_string()),
+                ],
+            );
+            Code::Aborted
+        }
+        WriteError::Invalid(rejected) => return rejected_status(rejected, "policy."),
+        WriteError::FailedPrecondition { .. } => {
+            details.set_error_info(&reason, ERROR_DOMAIN, []);
+            Code::FailedPrecondition
+        }
+        WriteError::Unauthenticated { .. } => {
+            details.set_error_info(&reason, ERROR_DOMAIN, []);
+            Code::Unauthenticated
+        }
+        WriteError::PermissionDenied { required_roles, .. } => {
+            details.set_error_info(
+                &reason,
+                ERROR_DOMAIN,
+                [("required_roles".to_owned(), required_roles.join(","))],
+            );
+            Code::PermissionDenied
+        }
+        WriteError::BadRequest { field, message } => {
+            details.add_bad_request_violation(field, message);
+            details.set_error_info(&reason, ERROR_DOMAIN, []);
+            Code::InvalidArgument
+        }
+    };
+    Status::with_error_details(code, message, details)
+}
+
+/// `INVALID_ARGUMENT` for a refused policy: one field violation per blocking finding, its
+/// path under `prefix` and its code as the violation's reason; `ErrorInfo` says whether
+/// errors (`INVALID_POLICY`) or only unacknowledged risks (`RISK_NOT_ACKNOWLEDGED`) refused it.
+pub fn rejected_status(rejected: &Rejected, prefix: &str) -> Status {
+    let violations: Vec<tonic_types::FieldViolation> = rejected
+        .blocking
+        .iter()
+        .map(|f| {
+            let field = if f.field.is_empty() {
+                prefix.trim_end_matches('.').to_owned()
+            } else {
+                format!("{prefix}{}", f.field)
+            };
+            let mut violation = tonic_types::FieldViolation::new(field, f.message.clone());
+            violation.reason = f.code.as_str().to_owned();
+            violation
+        })
+        .collect();
+    let mut details = ErrorDetails::with_bad_request(violations);
+    let codes = rejected
+        .blocking
+        .iter()
+        .map(|f| f.code.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let reason = if rejected.only_risks() {
+        "RISK_NOT_ACKNOWLEDGED"
+    } else {
+        "INVALID_POLICY"
+    };
+    details.set_error_info(reason, ERROR_DOMAIN, [("codes".to_owned(), codes)]);
+    let summary = rejected
+        .blocking
+        .iter()
+        .map(|f| format!("{prefix}{}: {} [{}]", f.field, f.message, f.code))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let message = if rejected.only_risks() {
+        format!("unacknowledged risks (acknowledge their codes to proceed): {summary}")
+    } else {
+        format!("invalid policy: {summary}")
+    };
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// The status for a storage failure.
+pub fn store_status(error: StoreError) -> Status {
+    match error {
+        StoreError::Unavailable => status(
+            Code::Unavailable,
+            "STORAGE_UNAVAILABLE",
+            "storage unavailable; nothing was changed",
+            [],
+        ),
+        StoreError::Corrupt(m) => status(Code::Internal, "STORAGE_CORRUPT", m, []),
+    }
+}
+
+/// The effective page size: 0 means `default`, anything above `max` is `max`, negative is
+/// refused.
+pub fn page_size(requested: i32, default: u32, max: u32) -> Result<u32, Status> {
+    match requested {
+        0 => Ok(default),
+        n if n < 0 => Err(bad_request("page_size", "must not be negative")),
+        n => Ok((n as u32).min(max)),
+    }
+}
