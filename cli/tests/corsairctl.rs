@@ -520,3 +520,37 @@ fn tokens_never_appear_in_logs_output_or_the_audit_log() {
         assert!(!everything.contains(token), "a token leaked");
     }
 }
+
+#[test]
+fn refused_credentials_say_how_to_present_a_token() {
+    let cp = ControlPlane::start();
+    let hint = "set CORSAIR_TOKEN (or pass --token)";
+    // No token at all, then one the control plane does not know.
+    let out = ctl(&["--addr", &cp.addr, "policy", "list"], None);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("to authenticate: ") && out.stderr.contains(hint),
+        "{out:?}"
+    );
+    let bogus = "corsair_0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab";
+    let out = cp.ctl_as(bogus, &["audit", "list"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(hint), "{out:?}");
+    // A known token without the role: the hint names the role.
+    let viewer = cp.token("reader", "viewer", &[]);
+    let out = cp.ctl_as(&viewer, &["token", "list"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("role does not allow this") && out.stderr.contains(hint),
+        "{out:?}"
+    );
+    // apply reports each document's error itself, hint included.
+    let shop = cp.file("shop.yaml", SHOP_WIDER);
+    let out = ctl(&["--addr", &cp.addr, "policy", "apply", "-f", &shop], None);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(hint), "{out:?}");
+    // Other errors carry no such hint.
+    let out = cp.ctl(&["policy", "get", "nothing"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(!out.stderr.contains("CORSAIR_TOKEN"), "{out:?}");
+}
