@@ -554,3 +554,71 @@ fn refused_credentials_say_how_to_present_a_token() {
     assert_eq!(out.code, 1, "{out:?}");
     assert!(!out.stderr.contains("CORSAIR_TOKEN"), "{out:?}");
 }
+
+#[test]
+fn a_followed_audit_table_lines_up_with_its_header() {
+    let cp = ControlPlane::start();
+    // Cells longer than their columns: a long actor, service and reason.
+    let actor = "a-rather-long-token-name-for-the-deploy-pipeline@example.com";
+    let editor = cp.token(actor, "editor", &[]);
+    let service = "a-service-whose-name-is-longer-than-its-column-in-the-table";
+    let policy = cp.file(
+        "long.yaml",
+        &format!("service: {service}\nallowed_origins: [https://a.example.com]\n"),
+    );
+    let out = cp.ctl_as(
+        &editor,
+        &["policy", "apply", "-f", &policy, "--reason", "first"],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let follow = spawn_plain(
+        std::path::Path::new(support::CTL),
+        &[
+            "--addr",
+            &cp.addr,
+            "--token",
+            support::ADMIN_TOKEN,
+            "audit",
+            "list",
+            "--follow",
+        ],
+    );
+    let header = follow.next_line().unwrap();
+    assert!(header.starts_with("SEQ "), "{header}");
+    // The listing (the admin token's creation, the editor's, the policy), then one live.
+    let mut lines = vec![
+        follow.next_line().unwrap(),
+        follow.next_line().unwrap(),
+        follow.next_line().unwrap(),
+    ];
+    let wider = cp.file(
+        "wider.yaml",
+        &format!(
+            "service: {service}\nallowed_origins: [https://a.example.com, https://b.example.com]\n"
+        ),
+    );
+    let reason = "a reason longer than anything else in the row, which runs to its end";
+    let out = cp.ctl_as(
+        &editor,
+        &["policy", "apply", "-f", &wider, "--reason", reason],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    lines.push(follow.next_line().unwrap());
+    assert!(lines[3].ends_with(reason), "{lines:?}");
+
+    // Where each column after the first starts in the header; every row has a cell there.
+    let head: Vec<char> = header.chars().collect();
+    let starts: Vec<usize> = (2..head.len())
+        .filter(|&i| head[i] != ' ' && head[i - 1] == ' ' && head[i - 2] == ' ')
+        .collect();
+    assert_eq!(starts.len(), 8, "{header}");
+    for line in &lines {
+        let chars: Vec<char> = line.chars().collect();
+        for &p in &starts {
+            assert!(
+                chars.len() > p && chars[p - 2..p] == [' ', ' '] && chars[p] != ' ',
+                "not aligned at column {p}:\n{header}\n{line}"
+            );
+        }
+    }
+}
