@@ -742,9 +742,16 @@ struct Explained {
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<i32>,
     forwarded: bool,
-    headers: Vec<(String, String)>,
+    headers: Vec<HeaderView>,
     revision: i64,
     findings: Vec<String>,
+}
+
+/// A response header: the API's `Header`.
+#[derive(Debug, Serialize)]
+struct HeaderView {
+    name: String,
+    value: String,
 }
 
 /// `policy explain`: how a sidecar would answer one request.
@@ -812,7 +819,10 @@ pub async fn explain(client: &Client, args: &ExplainArgs, format: Format) -> Res
         headers: resp
             .headers
             .into_iter()
-            .map(|h| (h.name, h.value))
+            .map(|h| HeaderView {
+                name: h.name,
+                value: h.value,
+            })
             .collect(),
         revision: resp.revision,
         findings: resp.findings.iter().map(finding_line).collect(),
@@ -838,8 +848,8 @@ pub async fn explain(client: &Client, args: &ExplainArgs, format: Format) -> Res
         text.push_str("headers:   (none)\n");
     } else {
         text.push_str("headers:\n");
-        for (name, value) in &view.headers {
-            text.push_str(&format!("  {name}: {value}\n"));
+        for h in &view.headers {
+            text.push_str(&format!("  {}: {}\n", h.name, h.value));
         }
     }
     for f in &view.findings {

@@ -277,10 +277,10 @@ fn history_rollback_delete_and_explain() {
         allowed["headers"]
             .as_array()
             .unwrap()
-            .contains(&serde_json::json!([
-                "access-control-allow-origin",
-                "https://admin.example.com"
-            ])),
+            .contains(&serde_json::json!({
+                "name": "access-control-allow-origin",
+                "value": "https://admin.example.com"
+            })),
         "{allowed}"
     );
 
