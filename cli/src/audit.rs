@@ -105,11 +105,11 @@ impl Filters {
     }
 }
 
-/// One event as printed.
+/// One event as printed: the API's `AuditEvent` (its time as `event_time`), hashes in hex.
 #[derive(Debug, Serialize)]
 struct EventView {
     sequence: u64,
-    time: String,
+    event_time: String,
     actor: String,
     method: String,
     service: String,
@@ -134,7 +134,7 @@ fn view(e: &v1::AuditEvent) -> Result<EventView, CliError> {
     let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
     Ok(EventView {
         sequence: e.sequence,
-        time: output::timestamp_or_dash(e.time.as_ref()),
+        event_time: output::timestamp_or_dash(e.time.as_ref()),
         actor: e.actor.clone(),
         method: e.method.clone(),
         service: e.service.clone(),
@@ -175,7 +175,7 @@ fn row(v: &EventView) -> Vec<String> {
     let or_dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
     vec![
         v.sequence.to_string(),
-        v.time.clone(),
+        v.event_time.clone(),
         or_dash(v.actor.clone()),
         or_dash(action),
         or_dash(v.service.clone()),

@@ -622,3 +622,140 @@ fn a_followed_audit_table_lines_up_with_its_header() {
         }
     }
 }
+
+#[test]
+fn json_output_uses_the_api_field_names() {
+    let cp = ControlPlane::start();
+    let shop = cp.file("shop.yaml", SHOP_AND_WEB.split("---").next().unwrap());
+    let wider = cp.file("wider.yaml", SHOP_WIDER);
+    assert_eq!(cp.ctl(&["policy", "apply", "-f", &shop]).code, 0);
+    assert_eq!(cp.ctl(&["policy", "apply", "-f", &wider]).code, 0);
+    let keys = |value: &serde_json::Value| -> Vec<String> {
+        let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    let has = |value: &serde_json::Value, expected: &[&str]| {
+        let keys = keys(value);
+        for key in expected {
+            assert!(keys.iter().any(|k| k == key), "no {key} in {value}");
+        }
+    };
+    let lacks = |value: &serde_json::Value, invented: &[&str]| {
+        let keys = keys(value);
+        for key in invented {
+            assert!(!keys.iter().any(|k| k == key), "{key} in {value}");
+        }
+    };
+
+    let policy = cp.json(&["policy", "get", "shop"]);
+    has(
+        &policy,
+        &[
+            "revision",
+            "etag",
+            "create_time",
+            "update_time",
+            "update_actor",
+        ],
+    );
+    has(
+        &cp.json(&["policy", "list"])[0],
+        &["create_time", "update_time"],
+    );
+    let revision = &cp.json(&["policy", "history", "shop"])[0];
+    has(
+        revision,
+        &["revision", "create_time", "actor", "audit_sequence"],
+    );
+    lacks(revision, &["time"]);
+    let event = &cp.json(&["audit", "list"])[0];
+    has(
+        event,
+        &["sequence", "event_time", "actor", "method", "outcome"],
+    );
+    lacks(event, &["time"]);
+
+    let explained = cp.json(&[
+        "policy",
+        "explain",
+        "--service",
+        "shop",
+        "--origin",
+        "https://shop.example.com",
+        "--method",
+        "PUT",
+    ]);
+    has(
+        &explained,
+        &["decision", "kind", "reason", "headers", "revision"],
+    );
+    for header in explained["headers"].as_array().unwrap() {
+        assert_eq!(keys(header), ["name", "value"], "{explained}");
+    }
+    // Findings are the API's Finding, not sentences.
+    let risky = cp.file("risky.yaml", "service: web\nallowed_origins: ['null']\n");
+    let applied = cp.json(&[
+        "policy",
+        "apply",
+        "-f",
+        &risky,
+        "--acknowledge",
+        "NULL_ORIGIN",
+    ]);
+    let finding = &applied[0]["findings"][0];
+    assert_eq!(
+        keys(finding),
+        ["code", "field", "message", "severity"],
+        "{applied}"
+    );
+    assert_eq!(finding["code"], "NULL_ORIGIN");
+    assert_eq!(finding["severity"], "RISK");
+
+    let created = cp.json(&["token", "create", "--name", "ci", "--role", "editor"]);
+    assert!(created["secret"].is_string(), "{created}");
+    has(
+        &created["token"],
+        &["id", "name", "role", "create_time", "created_by"],
+    );
+    let id = created["token"]["id"].as_str().unwrap().to_owned();
+    let revoked = cp.json(&["token", "revoke", &id]);
+    has(&revoked, &["create_time", "revoke_time"]);
+    lacks(&revoked, &["created", "revoked", "expires"]);
+    let expiring = cp.json(&[
+        "token",
+        "create",
+        "--name",
+        "temp",
+        "--role",
+        "viewer",
+        "--expires-in",
+        "1h",
+    ]);
+    has(&expiring["token"], &["expire_time"]);
+
+    // The sidecar's host is the machine's name, whatever HOSTNAME says.
+    let token = cp.token("shop-1", "sidecar", &["shop"]);
+    let mut sidecar = support::shop_sidecar(
+        &cp.addr,
+        &["--sidecar-id", "shop-1"],
+        &[("CORSAIR_TOKEN", &token), ("HOSTNAME", "not-this-machine")],
+    );
+    sidecar.wait_for_log("sidecar listening");
+    wait_until("the sidecar is SYNCED", || {
+        cp.json(&["fleet", "status"])[0]["state"] == "SYNCED"
+    });
+    let row = &cp.json(&["fleet", "status"])[0];
+    has(
+        row,
+        &["sidecar_id", "connect_time", "last_seen_time", "host"],
+    );
+    lacks(row, &["connected_since", "last_seen", "disconnected_at"]);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(row["host"], host.trim(), "{row}");
+    assert!(sidecar.terminate().success());
+    wait_until("the sidecar is DISCONNECTED", || {
+        cp.json(&["fleet", "status"])[0]["state"] == "DISCONNECTED"
+    });
+    has(&cp.json(&["fleet", "status"])[0], &["disconnect_time"]);
+}
