@@ -97,11 +97,11 @@ impl Filters {
     }
 }
 
-/// One event as printed.
+/// One event as printed: the API's `AuditEvent` (its time as `create_time`), hashes in hex.
 #[derive(Debug, Serialize)]
 struct EventView {
     sequence: u64,
-    time: String,
+    create_time: String,
     actor: String,
     method: String,
     service: String,
@@ -126,7 +126,7 @@ fn view(e: &v1::AuditEvent) -> Result<EventView, CliError> {
     let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
     Ok(EventView {
         sequence: e.sequence,
-        time: output::timestamp_or_dash(e.create_time.as_ref()),
+        create_time: output::timestamp_or_dash(e.create_time.as_ref()),
         actor: e.actor.clone(),
         method: e.method.clone(),
         service: e.service.clone(),
@@ -151,30 +151,58 @@ const HEADER: [&str; 9] = [
     "SEQ", "TIME", "BY", "ACTION", "SERVICE", "REVISION", "OUTCOME", "DETAIL", "REASON",
 ];
 
+/// Widths of the columns of a followed table, all but the last (the reason, which runs free):
+/// rows are printed as they come, so the columns cannot fit what is not known yet. Wide
+/// enough for every time and outcome, the control plane's own actor name and the usual
+/// actions; a longer cell is cut (`-o json` has it whole).
+const FOLLOW_WIDTHS: [usize; 8] = [8, 20, 21, 16, 16, 8, 21, 20];
+
 fn row(v: &EventView) -> Vec<String> {
     let action = v.method.rsplit('/').next().unwrap_or(&v.method).to_owned();
     let detail = if !v.error.is_empty() {
         v.error.clone()
-    } else if v.changed_fields.is_empty() {
-        "-".to_owned()
     } else {
         v.changed_fields.join(",")
     };
+    let or_dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
     vec![
         v.sequence.to_string(),
-        v.time.clone(),
-        v.actor.clone(),
-        action,
-        v.service.clone(),
+        v.create_time.clone(),
+        or_dash(v.actor.clone()),
+        or_dash(action),
+        or_dash(v.service.clone()),
         if v.revision == 0 {
             "-".to_owned()
         } else {
             v.revision.to_string()
         },
         v.outcome.clone(),
-        detail,
-        v.reason.clone(),
+        or_dash(detail),
+        or_dash(v.reason.clone()),
     ]
+}
+
+/// One line of a followed table: each cell but the last padded to its column, or cut to it
+/// with `…`, and two spaces between columns.
+fn fixed_line(cells: &[String]) -> String {
+    let mut line = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        let cell = cell.replace(['\t', '\n'], " ");
+        let Some(&width) = FOLLOW_WIDTHS.get(i) else {
+            line.push_str(&cell);
+            break;
+        };
+        if cell.chars().count() > width {
+            line.extend(cell.chars().take(width - 1));
+            line.push('…');
+        } else {
+            line.push_str(&format!("{cell:<width$}"));
+        }
+        line.push_str("  ");
+    }
+    line.truncate(line.trim_end().len());
+    line.push('\n');
+    line
 }
 
 /// `audit list`: up to `limit` matching events, newest first. With `follow`, the same events
@@ -280,11 +308,10 @@ async fn page(
         .await
 }
 
-/// Prints a stream of events: table rows in columns wide enough for what has been seen
-/// (the header first), one JSON object per line, or one YAML document per event.
+/// Prints a stream of events: table rows in fixed columns under the header, one JSON object
+/// per line, or one YAML document per event.
 struct Follower {
     format: Format,
-    widths: Vec<usize>,
     header_done: bool,
 }
 
@@ -292,7 +319,6 @@ impl Follower {
     fn new(format: Format) -> Self {
         Follower {
             format,
-            widths: HEADER.iter().map(|h| h.len()).collect(),
             header_done: false,
         }
     }
@@ -306,31 +332,14 @@ impl Follower {
             }
             Format::Yaml => output::print(&format!("---\n{}", output::yaml(v)?)),
             Format::Table => {
-                // Fixed minimum widths keep a live tail aligned without knowing later rows.
-                const MIN: [usize; 9] = [4, 20, 8, 14, 10, 8, 9, 16, 0];
-                let mut rows = Vec::new();
+                let mut text = String::new();
                 if !self.header_done {
-                    for (w, m) in self.widths.iter_mut().zip(MIN) {
-                        *w = (*w).max(m);
-                    }
-                    rows.push(HEADER.iter().map(|h| (*h).to_owned()).collect());
+                    let header: Vec<String> = HEADER.iter().map(|h| (*h).to_owned()).collect();
+                    text.push_str(&fixed_line(&header));
                     self.header_done = true;
                 }
-                rows.push(row(v));
-                let mut text = String::new();
-                for cells in rows {
-                    let last = cells.len() - 1;
-                    for (i, cell) in cells.iter().enumerate() {
-                        if i == last {
-                            text.push_str(cell);
-                        } else {
-                            self.widths[i] = self.widths[i].max(cell.chars().count());
-                            text.push_str(&format!("{cell:<w$}  ", w = self.widths[i]));
-                        }
-                    }
-                    text.push('\n');
-                }
-                output::print(text.trim_end_matches(' '))
+                text.push_str(&fixed_line(&row(v)));
+                output::print(&text)
             }
         }
     }
@@ -400,5 +409,55 @@ mod tests {
         );
         let err = parse_time("yesterday").unwrap_err();
         assert!(err.contains("neither a duration"), "{err}");
+    }
+
+    #[test]
+    fn followed_rows_line_up_with_the_header_whatever_their_cells() {
+        let header: Vec<String> = HEADER.iter().map(|h| (*h).to_owned()).collect();
+        let head: Vec<char> = fixed_line(&header).chars().collect();
+        // Where each column but the first starts in the header.
+        let starts: Vec<usize> = (2..head.len())
+            .filter(|&i| head[i] != ' ' && head[i - 1] == ' ' && head[i - 2] == ' ')
+            .collect();
+        assert_eq!(starts.len(), HEADER.len() - 1);
+        let long = "x".repeat(70);
+        let rows = [
+            [
+                "1",
+                "2026-01-01T00:00:00Z",
+                "a",
+                "UpdatePolicy",
+                "shop",
+                "1",
+                "OK",
+                "-",
+                "why",
+            ],
+            [
+                "123456789012",
+                "2026-01-01T00:00:00Z",
+                &long,
+                "ListPolicyRevisions",
+                &long,
+                "1234567890",
+                "RISK_NOT_ACKNOWLEDGED",
+                &long,
+                "a reason\twith a tab",
+            ],
+        ];
+        for cells in rows {
+            let cells: Vec<String> = cells.iter().map(|c| (*c).to_owned()).collect();
+            let text = fixed_line(&cells);
+            let line: Vec<char> = text.chars().collect();
+            for &p in &starts {
+                assert!(
+                    line[p - 2..p] == [' ', ' '] && line[p] != ' ',
+                    "column at {p} does not line up:\n{}{text}",
+                    head.iter().collect::<String>()
+                );
+            }
+        }
+        let cut = fixed_line(&[long.clone(), "b".into()]);
+        assert_eq!(cut, format!("{}…  b\n", "x".repeat(7)));
     }
 }

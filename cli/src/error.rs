@@ -1,5 +1,6 @@
 //! What can go wrong, and how it reads on a terminal: a server error prints the server's
-//! message, then one line per field violation (`allowed_origins[2]: why [CODE]`).
+//! message, then one line per field violation (`allowed_origins[2]: why [CODE]`), or, for a
+//! refused credential, how to present another one.
 
 use std::fmt;
 use std::time::Duration;
@@ -121,6 +122,18 @@ impl fmt::Display for Refusal<'_> {
                 codes.join(" --acknowledge ")
             )?;
         }
+        match status.code() {
+            Code::Unauthenticated => f.write_str(
+                "\n  to authenticate: set CORSAIR_TOKEN (or pass --token) to a token from \
+                 `corsairctl token create`, or to the admin token the control plane printed \
+                 on its first start",
+            )?,
+            Code::PermissionDenied => f.write_str(
+                "\n  the token's role does not allow this: set CORSAIR_TOKEN (or pass --token) \
+                 to a token with a role that does (see `corsairctl token list`)",
+            )?,
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -159,6 +172,25 @@ mod tests {
             text,
             "services/shop/policy: refused: invalid\n  allowed_origins[2]: not an origin [INVALID_ORIGIN]"
         );
+    }
+
+    #[test]
+    fn refused_credentials_say_how_to_present_a_token() {
+        let status = Status::unauthenticated("no credential");
+        let text = CliError::status("listing policies", status).to_string();
+        assert!(
+            text.starts_with("listing policies: no credential\n  to authenticate: set CORSAIR_TOKEN (or pass --token)"),
+            "{text}"
+        );
+        let status = Status::permission_denied("ci (role editor) may not call ListTokens");
+        let text = CliError::status("listing tokens", status).to_string();
+        assert!(
+            text.contains("role does not allow this: set CORSAIR_TOKEN (or pass --token)"),
+            "{text}"
+        );
+        let status = Status::not_found("no such policy");
+        let text = CliError::status("services/shop/policy", status).to_string();
+        assert!(!text.contains("CORSAIR_TOKEN"), "{text}");
     }
 
     #[test]

@@ -33,6 +33,8 @@ impl StateArg {
     }
 }
 
+/// A sidecar as printed, with the API's field names (`Sidecar`; its times as `connect_time`,
+/// `last_seen_time` and `disconnect_time`).
 #[derive(Debug, Serialize)]
 struct SidecarView {
     sidecar_id: String,
@@ -45,10 +47,10 @@ struct SidecarView {
     version: String,
     host: String,
     control_plane: String,
-    connected_since: String,
-    last_seen: String,
+    connect_time: String,
+    last_seen_time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    disconnected_at: Option<String>,
+    disconnect_time: Option<String>,
     #[serde(skip)]
     last_seen_age: String,
 }
@@ -97,9 +99,9 @@ pub async fn status(
             version: s.version.clone(),
             host: s.host.clone(),
             control_plane: s.control_plane.clone(),
-            connected_since: output::timestamp_or_dash(s.connect_time.as_ref()),
-            last_seen: output::timestamp_or_dash(s.last_seen_time.as_ref()),
-            disconnected_at: s.disconnect_time.as_ref().map(output::timestamp),
+            connect_time: output::timestamp_or_dash(s.connect_time.as_ref()),
+            last_seen_time: output::timestamp_or_dash(s.last_seen_time.as_ref()),
+            disconnect_time: s.disconnect_time.as_ref().map(output::timestamp),
             last_seen_age: output::age(s.last_seen_time.as_ref()),
         })
         .collect();

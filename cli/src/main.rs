@@ -165,8 +165,12 @@ enum PolicyCommand {
         /// Delete only if the policy still has this etag.
         #[arg(long)]
         etag: Option<String>,
-        #[command(flatten)]
-        write: Write,
+        /// Why: recorded in the policy's history and the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Have the server check the deletion, without deleting anything.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// A policy's revisions, newest first, each with what it changed.
     History {
@@ -380,8 +384,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                 PolicyCommand::Delete {
                     service,
                     etag,
-                    write,
-                } => policy::delete(&client, service, etag.clone(), &write.options(), format).await,
+                    reason,
+                    dry_run,
+                } => {
+                    // A deletion has no risks to acknowledge.
+                    let options = WriteOptions {
+                        reason: reason.clone(),
+                        acknowledge: Vec::new(),
+                        dry_run: *dry_run,
+                    };
+                    policy::delete(&client, service, etag.clone(), &options, format).await
+                }
                 PolicyCommand::History { service, limit } => {
                     policy::history(&client, service, *limit, format).await
                 }

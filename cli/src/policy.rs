@@ -103,7 +103,7 @@ struct Written {
     #[serde(skip_serializing_if = "Option::is_none")]
     revision: Option<i64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    findings: Vec<String>,
+    findings: Vec<FindingView>,
 }
 
 impl Written {
@@ -113,7 +113,7 @@ impl Written {
             return output::emit(format, self, Table::default);
         }
         for finding in &self.findings {
-            eprintln!("{}: {finding}", policy_name(&self.service));
+            eprintln!("{}: {}", policy_name(&self.service), finding.line(true));
         }
         output::print(&format!("{}\n", line()))
     }
@@ -187,7 +187,7 @@ pub async fn rollback(
         action: "rolled back",
         dry_run: opts.dry_run,
         revision: (!opts.dry_run).then_some(resp.revision),
-        findings: resp.findings.iter().map(finding_line).collect(),
+        findings: resp.findings.iter().map(FindingView::from_proto).collect(),
     };
     result.report(format, || {
         if opts.dry_run {
@@ -201,11 +201,12 @@ pub async fn rollback(
     })
 }
 
-/// One revision as `policy history` prints it.
+/// One revision as `policy history` prints it: the API's `PolicyRevision` (its time as
+/// `create_time`), and what it changed.
 #[derive(Debug, Serialize)]
 struct RevisionView {
     revision: i64,
-    time: String,
+    create_time: String,
     actor: String,
     reason: String,
     deleted: bool,
@@ -268,7 +269,7 @@ pub async fn history(
         };
         views.push(RevisionView {
             revision: r.revision,
-            time: output::timestamp_or_dash(r.create_time.as_ref()),
+            create_time: output::timestamp_or_dash(r.create_time.as_ref()),
             actor: r.actor.clone(),
             reason: r.reason.clone(),
             deleted: r.deleted,
@@ -282,7 +283,7 @@ pub async fn history(
         for v in &views {
             t.row(vec![
                 v.revision.to_string(),
-                v.time.clone(),
+                v.create_time.clone(),
                 v.actor.clone(),
                 v.change.clone(),
                 v.reason.clone(),
@@ -474,7 +475,7 @@ struct Applied {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     changed_fields: Vec<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    findings: Vec<String>,
+    findings: Vec<FindingView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -531,7 +532,11 @@ async fn apply_one(
     opts: &WriteOptions,
 ) -> Result<Applied, CliError> {
     let planned = plan(client, sourced, &opts.acknowledge).await?;
-    let findings = planned.findings.iter().map(finding_line).collect();
+    let findings = planned
+        .findings
+        .iter()
+        .map(FindingView::from_proto)
+        .collect();
     let mut applied = Applied {
         service: sourced.doc.service.clone(),
         source: sourced.source.clone(),
@@ -608,23 +613,50 @@ fn report(a: &Applied) -> Result<(), CliError> {
     }
     line.push('\n');
     for f in &a.findings {
-        line.push_str(&format!("  {f}\n"));
+        line.push_str(&format!("  {}\n", f.line(true)));
     }
     output::print(&line)
 }
 
-fn finding_line(f: &v1::Finding) -> String {
-    let severity = match v1::Severity::try_from(f.severity) {
-        Ok(v1::Severity::Risk) => "acknowledged risk",
-        Ok(v1::Severity::Notice) => "notice",
-        _ => "finding",
-    };
-    let field = if f.field.is_empty() {
-        "(policy)"
-    } else {
-        &f.field
-    };
-    format!("{severity}: {field}: {} [{}]", f.message, f.code)
+/// A lint finding as printed: the API's `Finding`, its severity without the prefix (`RISK`).
+#[derive(Debug, Serialize)]
+struct FindingView {
+    field: String,
+    code: String,
+    severity: String,
+    message: String,
+}
+
+impl FindingView {
+    fn from_proto(f: &v1::Finding) -> Self {
+        FindingView {
+            field: f.field.clone(),
+            code: f.code.clone(),
+            severity: enum_name(
+                v1::Severity::try_from(f.severity).map(|s| s.as_str_name()),
+                "SEVERITY_",
+            ),
+            message: f.message.clone(),
+        }
+    }
+
+    /// One line for people: `acknowledged risk: allowed_origins[0]: why [CODE]`. A `written`
+    /// policy's risks were accepted (an unacknowledged one refuses the write); `explain` only
+    /// reports them.
+    fn line(&self, written: bool) -> String {
+        let severity = match self.severity.as_str() {
+            "RISK" if written => "acknowledged risk",
+            "RISK" => "risk",
+            "NOTICE" => "notice",
+            _ => "finding",
+        };
+        let field = if self.field.is_empty() {
+            "(policy)"
+        } else {
+            &self.field
+        };
+        format!("{severity}: {field}: {} [{}]", self.message, self.code)
+    }
 }
 
 /// What `policy diff` found.
@@ -729,6 +761,7 @@ pub fn needs_preflight(method: &str, headers: &[String]) -> bool {
             .any(|h| !SAFELISTED.contains(&h.to_ascii_lowercase().as_str()))
 }
 
+/// What `policy explain` prints: the API's `ExplainResponse`.
 #[derive(Debug, Serialize)]
 struct Explained {
     decision: String,
@@ -738,9 +771,16 @@ struct Explained {
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<i32>,
     forwarded: bool,
-    headers: Vec<(String, String)>,
+    headers: Vec<HeaderView>,
     revision: i64,
-    findings: Vec<String>,
+    findings: Vec<FindingView>,
+}
+
+/// A response header: the API's `Header`.
+#[derive(Debug, Serialize)]
+struct HeaderView {
+    name: String,
+    value: String,
 }
 
 /// `policy explain`: how a sidecar would answer one request.
@@ -808,10 +848,13 @@ pub async fn explain(client: &Client, args: &ExplainArgs, format: Format) -> Res
         headers: resp
             .headers
             .into_iter()
-            .map(|h| (h.name, h.value))
+            .map(|h| HeaderView {
+                name: h.name,
+                value: h.value,
+            })
             .collect(),
         revision: resp.revision,
-        findings: resp.findings.iter().map(finding_line).collect(),
+        findings: resp.findings.iter().map(FindingView::from_proto).collect(),
     };
     if format != Format::Table {
         return output::emit(format, &view, Table::default);
@@ -834,12 +877,12 @@ pub async fn explain(client: &Client, args: &ExplainArgs, format: Format) -> Res
         text.push_str("headers:   (none)\n");
     } else {
         text.push_str("headers:\n");
-        for (name, value) in &view.headers {
-            text.push_str(&format!("  {name}: {value}\n"));
+        for h in &view.headers {
+            text.push_str(&format!("  {}: {}\n", h.name, h.value));
         }
     }
     for f in &view.findings {
-        text.push_str(&format!("{f}\n"));
+        text.push_str(&format!("{}\n", f.line(false)));
     }
     output::print(&text)
 }

@@ -1,7 +1,8 @@
 //! `corsairctl quickstart`: the whole system on one machine, on the embedded default. Starts
 //! the real `corsair-control-plane` (SQLite) and `corsair-sidecar` binaries found next to
 //! this one, a small demo service in this process, and applies an example policy; prints
-//! what to try; on Ctrl-C or SIGTERM stops the sidecar, then the control plane, cleanly.
+//! the policy in force and what to try; on Ctrl-C or SIGTERM stops the sidecar, then the
+//! control plane, cleanly. Each run appends to the logs of the ones before.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use tokio::sync::oneshot;
 use tonic::Code;
 
 use crate::client::Client;
-use crate::doc;
+use crate::doc::{self, PolicyDoc};
 use crate::error::CliError;
 
 /// The example policy for the demo service.
@@ -70,11 +71,14 @@ struct Process {
 /// How long a process may take to say it listens.
 const START_LIMIT: Duration = Duration::from_secs(60);
 
+/// The start of the line that opens each run's part of a log.
+const RUN_SEPARATOR: &str = "===== quickstart run started";
+
 impl Process {
     /// Starts `bin` with `args` in its own process group (so a terminal's Ctrl-C reaches only
-    /// the quickstart, which stops the processes in order), copies its standard output and
-    /// error to `log`, and waits for the log line whose message is `ready`; returns that
-    /// line's fields.
+    /// the quickstart, which stops the processes in order), appends its standard output and
+    /// error to `log` after a line opening this run, and waits for the log line whose message
+    /// is `ready`; returns that line's fields.
     async fn start(
         name: &'static str,
         bin: &Path,
@@ -96,9 +100,16 @@ impl Process {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| CliError::Local(format!("cannot start {}: {e}", bin.display())))?;
-        let file = tokio::fs::File::create(&log)
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
             .await
-            .map_err(|e| CliError::Local(format!("cannot create {}: {e}", log.display())))?;
+            .map_err(|e| CliError::Local(format!("cannot open {}: {e}", log.display())))?;
+        let started = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        file.write_all(format!("{RUN_SEPARATOR} {started} =====\n").as_bytes())
+            .await
+            .map_err(|e| CliError::Local(format!("cannot write {}: {e}", log.display())))?;
         let file = std::sync::Arc::new(tokio::sync::Mutex::new(file));
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
@@ -262,7 +273,19 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
     let demo = tokio::spawn(serve_demo(upstream));
 
     let client = Client::connect(&grpc, deadline, Some(&admin_token), None).await?;
-    let created = ensure_demo_policy(&client).await?;
+    let created = match ensure_demo_policy(&client).await {
+        // The database was made with another admin token than the one kept beside it.
+        Err(e) if e.code() == Some(Code::Unauthenticated) => {
+            return Err(CliError::Local(format!(
+                "the control plane refuses the admin token in {}: the database in {} was \
+                 created with another one; remove {} to start afresh",
+                admin_token_file.display(),
+                dir.display(),
+                dir.display()
+            )));
+        }
+        created => created?,
+    };
     let sidecar_token = sidecar_token(&client, &dir.join("sidecar.token")).await?;
 
     let (sidecar, fields) = Process::start(
@@ -292,6 +315,7 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
     let sidecar_addr = field_addr(&fields, "address", "the sidecar")?;
     let admin_addr = field_addr(&fields, "admin", "the sidecar")?;
     wait_ready(admin_addr, Duration::from_secs(30)).await?;
+    let in_force = policy_in_force(&client).await?;
 
     crate::output::print(&banner(&Banner {
         dir,
@@ -301,6 +325,7 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
         admin: admin_addr,
         upstream: upstream_addr,
         created,
+        in_force: &in_force,
         add_origin_file: &add_origin_file,
         demo_file: &demo_file,
         admin_token_file: &admin_token_file,
@@ -317,6 +342,7 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
         status = control_plane.child.wait() => Some(("the control plane", status, control_plane.log.clone())),
     };
     eprintln!("stopping…");
+    let logs = [control_plane.log.clone(), sidecar.log.clone()];
     let sidecar_stopped = sidecar.stop().await;
     let control_plane_stopped = control_plane.stop().await;
     demo.abort();
@@ -335,7 +361,13 @@ pub async fn run(args: &QuickstartArgs, deadline: Duration) -> Result<bool, CliE
         }
     }
     if clean {
-        eprintln!("stopped; the database and logs are in {}", dir.display());
+        eprintln!(
+            "stopped; the database is in {}; the logs are in {} and {}, earlier runs' kept \
+             above this one's (each run starts at a \"{RUN_SEPARATOR}\" line)",
+            dir.display(),
+            logs[0].display(),
+            logs[1].display()
+        );
     }
     Ok(clean)
 }
@@ -400,8 +432,8 @@ async fn sidecar_token(client: &Client, path: &Path) -> Result<String, CliError>
 /// The example policy with a second origin.
 fn add_origin_example() -> String {
     DEMO_POLICY.replace(
-        "  - https://app.example.com\n",
-        "  - https://app.example.com\n  - https://admin.example.com\n",
+        &format!("  - {APP_ORIGIN}\n"),
+        &format!("  - {APP_ORIGIN}\n  - {ADMIN_ORIGIN}\n"),
     )
 }
 
@@ -437,6 +469,58 @@ async fn ensure_demo_policy(client: &Client) -> Result<bool, CliError> {
         Err(e) if e.code() == Some(Code::AlreadyExists) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// The origin the example policy allows.
+const APP_ORIGIN: &str = "https://app.example.com";
+
+/// The origin the second example adds.
+const ADMIN_ORIGIN: &str = "https://admin.example.com";
+
+/// The demo service's policy as the control plane holds it, and how it answers the
+/// preflights the banner suggests.
+struct InForce {
+    policy: PolicyDoc,
+    app_allowed: bool,
+    admin_allowed: bool,
+}
+
+/// Reads the demo policy back from the control plane, and has it explain a preflight from
+/// each example origin, so that the banner says what is in force, whichever run stored it.
+async fn policy_in_force(client: &Client) -> Result<InForce, CliError> {
+    let name = corsair_proto::convert::policy_name(DEMO_SERVICE);
+    let stored = client
+        .call(
+            &name,
+            client
+                .policies()
+                .get_policy(client.request(v1::GetPolicyRequest { name: name.clone() })),
+        )
+        .await?;
+    let allowed = async |origin: &str| -> Result<bool, CliError> {
+        let explained = client
+            .call(
+                &name,
+                client
+                    .policies()
+                    .explain_request(client.request(v1::ExplainRequestRequest {
+                        target: Some(v1::explain_request_request::Target::Name(name.clone())),
+                        request: Some(v1::ExplainedRequest {
+                            origin: origin.into(),
+                            method: "PUT".into(),
+                            preflight: true,
+                            ..Default::default()
+                        }),
+                    })),
+            )
+            .await?;
+        Ok(explained.decision == v1::Decision::Allowed as i32)
+    };
+    Ok(InForce {
+        policy: PolicyDoc::from_proto(&stored)?,
+        app_allowed: allowed(APP_ORIGIN).await?,
+        admin_allowed: allowed(ADMIN_ORIGIN).await?,
+    })
 }
 
 /// Polls the sidecar's `/readyz` until it answers 200: the sidecar holds a policy.
@@ -513,20 +597,84 @@ struct Banner<'a> {
     admin: SocketAddr,
     upstream: SocketAddr,
     created: bool,
+    in_force: &'a InForce,
     add_origin_file: &'a Path,
     demo_file: &'a Path,
     admin_token_file: &'a Path,
 }
 
+/// The policy in force, a line per field.
+fn policy_lines(p: &InForce, created: bool) -> String {
+    let doc = &p.policy;
+    let list = |items: &[String], none: &str| {
+        if items.is_empty() {
+            none.to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    format!(
+        "\
+The policy in force for the demo service (revision {revision}, {origin}):
+
+  origins      {origins}
+  methods      {methods}
+  credentials  {credentials}
+  mode         {mode}
+",
+        revision = doc.revision.unwrap_or_default(),
+        origin = if created {
+            "the example, created now"
+        } else {
+            "kept from an earlier run"
+        },
+        origins = list(&doc.allowed_origins, "none"),
+        methods = list(&doc.allowed_methods, "none beyond GET, HEAD, POST"),
+        credentials = if doc.allow_credentials {
+            "allowed"
+        } else {
+            "not allowed"
+        },
+        mode = format!("{:?}", doc.mode).to_lowercase(),
+    )
+}
+
+/// A suggested preflight, with what the policy in force makes of it.
+fn preflight_lines(sidecar: SocketAddr, origin: &str, allowed: bool) -> String {
+    let outcome = if allowed {
+        "allows: 204 with Access-Control-Allow-* headers"
+    } else {
+        "denies: no Access-Control-Allow-* headers, so the browser refuses"
+    };
+    format!(
+        "  # A preflight the policy {outcome}\n  curl -i -X OPTIONS http://{sidecar}/orders \
+         -H 'Origin: {origin}' -H 'Access-Control-Request-Method: PUT'\n"
+    )
+}
+
 /// What is running and what to try, with commands that work as printed.
 fn banner(b: &Banner<'_>) -> String {
     let ctl = ctl_command(b.grpc, b.default_grpc);
-    let policy = if b.created {
-        "The example policy (created now) allows https://app.example.com."
-    } else {
-        "The demo service keeps its policy from an earlier run."
-    };
     let s = b.sidecar;
+    let change = if b.in_force.admin_allowed {
+        format!(
+            "  # See what applying the example policy (or your edit of it) would change, and apply it;
+  # the sidecar takes it without a restart
+  {ctl} policy diff -f {demo}
+  {ctl} policy apply -f {demo} --reason 'back to the example'
+",
+            demo = b.demo_file.display(),
+        )
+    } else {
+        format!(
+            "  # Allow {ADMIN_ORIGIN} too: see the change, apply it; the sidecar takes it
+  # without a restart, and the denied preflight above is now allowed
+  {ctl} policy diff -f {add}
+  {ctl} policy apply -f {add} --reason 'admin app'
+",
+            add = b.add_origin_file.display(),
+        )
+    };
     format!(
         "\
 Corsair is running.
@@ -534,24 +682,17 @@ Corsair is running.
   control plane  {grpc}  (SQLite database in {dir})
   sidecar        http://{s}  in front of the demo service http://{up}
   sidecar admin  http://{admin}  (/readyz /metrics /policy)
-  logs           {dir}/control-plane.log, {dir}/sidecar.log
+  logs           {dir}/control-plane.log, {dir}/sidecar.log (appended: earlier runs' kept above)
 
-{policy} Try:
+{policy}
+Try:
 
-  # A preflight that is allowed: 204 with Access-Control-Allow-* headers
-  curl -i -X OPTIONS http://{s}/orders -H 'Origin: https://app.example.com' -H 'Access-Control-Request-Method: PUT'
-
-  # One that is denied: no Access-Control-Allow-* headers, so the browser refuses
-  curl -i -X OPTIONS http://{s}/orders -H 'Origin: https://admin.example.com' -H 'Access-Control-Request-Method: PUT'
-
+{app}
+{admin_preflight}
   # corsairctl authenticates with the admin token created on the first run
   export CORSAIR_TOKEN=$(cat {token})
 
-  # Allow https://admin.example.com too: see the change, apply it; the sidecar takes it
-  # without a restart, and the denied preflight above is now allowed
-  {ctl} policy diff -f {add}
-  {ctl} policy apply -f {add} --reason 'admin app'
-
+{change}
   # Watch the audit log (another terminal), see the sidecar in sync, explain a request
   {ctl} audit list --follow
   {ctl} fleet status
@@ -565,7 +706,9 @@ Ctrl-C stops everything.
         dir = b.dir.display(),
         up = b.upstream,
         admin = b.admin,
-        add = b.add_origin_file.display(),
+        policy = policy_lines(b.in_force, b.created),
+        app = preflight_lines(s, APP_ORIGIN, b.in_force.app_allowed),
+        admin_preflight = preflight_lines(s, ADMIN_ORIGIN, b.in_force.admin_allowed),
         demo = b.demo_file.display(),
         token = b.admin_token_file.display(),
     )

@@ -9,7 +9,8 @@ use crate::client::Client;
 use crate::error::CliError;
 use crate::output::{self, Format, Table};
 
-/// A token as printed; never its secret, except once at creation.
+/// A token as printed, with the API's field names (`Token`); never its secret, except once
+/// at creation.
 #[derive(Debug, Serialize)]
 struct TokenView {
     id: String,
@@ -17,12 +18,12 @@ struct TokenView {
     role: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     services: Vec<String>,
-    created: String,
+    create_time: String,
     created_by: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    expires: Option<String>,
+    expire_time: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    revoked: Option<String>,
+    revoke_time: Option<String>,
 }
 
 fn view(t: &v1::Token) -> TokenView {
@@ -31,10 +32,10 @@ fn view(t: &v1::Token) -> TokenView {
         name: t.display_name.clone(),
         role: t.role.clone(),
         services: t.services.clone(),
-        created: output::timestamp_or_dash(t.create_time.as_ref()),
+        create_time: output::timestamp_or_dash(t.create_time.as_ref()),
         created_by: t.created_by.clone(),
-        expires: t.expire_time.as_ref().map(output::timestamp),
-        revoked: t.revoke_time.as_ref().map(output::timestamp),
+        expire_time: t.expire_time.as_ref().map(output::timestamp),
+        revoke_time: t.revoke_time.as_ref().map(output::timestamp),
     }
 }
 
@@ -53,10 +54,10 @@ pub struct CreateArgs {
     pub reason: String,
 }
 
+/// What `token create -o json|yaml` prints: the API's `CreateTokenResponse`.
 #[derive(Debug, Serialize)]
 struct Created {
     secret: String,
-    #[serde(flatten)]
     token: TokenView,
 }
 
@@ -89,7 +90,7 @@ pub async fn create(client: &Client, args: &CreateArgs, format: Format) -> Resul
             token.name,
             token.role,
             token
-                .expires
+                .expire_time
                 .as_ref()
                 .map_or_else(String::new, |e| format!(", expires {e}"))
         );
@@ -135,10 +136,10 @@ pub async fn list(client: &Client, format: Format) -> Result<(), CliError> {
                 v.name.clone(),
                 v.role.clone(),
                 output::list(&v.services, 40),
-                v.created.clone(),
+                v.create_time.clone(),
                 v.created_by.clone(),
-                v.expires.clone().unwrap_or_else(|| "never".into()),
-                v.revoked.clone().unwrap_or_else(|| "-".into()),
+                v.expire_time.clone().unwrap_or_else(|| "never".into()),
+                v.revoke_time.clone().unwrap_or_else(|| "-".into()),
             ]);
         }
         t

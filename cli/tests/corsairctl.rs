@@ -277,10 +277,10 @@ fn history_rollback_delete_and_explain() {
         allowed["headers"]
             .as_array()
             .unwrap()
-            .contains(&serde_json::json!([
-                "access-control-allow-origin",
-                "https://admin.example.com"
-            ])),
+            .contains(&serde_json::json!({
+                "name": "access-control-allow-origin",
+                "value": "https://admin.example.com"
+            })),
         "{allowed}"
     );
 
@@ -519,4 +519,243 @@ fn tokens_never_appear_in_logs_output_or_the_audit_log() {
     for token in [support::ADMIN_TOKEN, &editor, &sidecar_token, bogus] {
         assert!(!everything.contains(token), "a token leaked");
     }
+}
+
+#[test]
+fn refused_credentials_say_how_to_present_a_token() {
+    let cp = ControlPlane::start();
+    let hint = "set CORSAIR_TOKEN (or pass --token)";
+    // No token at all, then one the control plane does not know.
+    let out = ctl(&["--addr", &cp.addr, "policy", "list"], None);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("to authenticate: ") && out.stderr.contains(hint),
+        "{out:?}"
+    );
+    let bogus = "corsair_0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab";
+    let out = cp.ctl_as(bogus, &["audit", "list"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(hint), "{out:?}");
+    // A known token without the role: the hint names the role.
+    let viewer = cp.token("reader", "viewer", &[]);
+    let out = cp.ctl_as(&viewer, &["token", "list"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("role does not allow this") && out.stderr.contains(hint),
+        "{out:?}"
+    );
+    // apply reports each document's error itself, hint included.
+    let shop = cp.file("shop.yaml", SHOP_WIDER);
+    let out = ctl(&["--addr", &cp.addr, "policy", "apply", "-f", &shop], None);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(hint), "{out:?}");
+    // Other errors carry no such hint.
+    let out = cp.ctl(&["policy", "get", "nothing"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(!out.stderr.contains("CORSAIR_TOKEN"), "{out:?}");
+}
+
+#[test]
+fn a_followed_audit_table_lines_up_with_its_header() {
+    let cp = ControlPlane::start();
+    // Cells longer than their columns: a long actor, service and reason.
+    let actor = "a-rather-long-token-name-for-the-deploy-pipeline@example.com";
+    let editor = cp.token(actor, "editor", &[]);
+    let service = "a-service-whose-name-is-longer-than-its-column-in-the-table";
+    let policy = cp.file(
+        "long.yaml",
+        &format!("service: {service}\nallowed_origins: [https://a.example.com]\n"),
+    );
+    let out = cp.ctl_as(
+        &editor,
+        &["policy", "apply", "-f", &policy, "--reason", "first"],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let follow = spawn_plain(
+        std::path::Path::new(support::CTL),
+        &[
+            "--addr",
+            &cp.addr,
+            "--token",
+            support::ADMIN_TOKEN,
+            "audit",
+            "list",
+            "--follow",
+        ],
+    );
+    let header = follow.next_line().unwrap();
+    assert!(header.starts_with("SEQ "), "{header}");
+    // The listing (the admin token's creation, the editor's, the policy), then one live.
+    let mut lines = vec![
+        follow.next_line().unwrap(),
+        follow.next_line().unwrap(),
+        follow.next_line().unwrap(),
+    ];
+    let wider = cp.file(
+        "wider.yaml",
+        &format!(
+            "service: {service}\nallowed_origins: [https://a.example.com, https://b.example.com]\n"
+        ),
+    );
+    let reason = "a reason longer than anything else in the row, which runs to its end";
+    let out = cp.ctl_as(
+        &editor,
+        &["policy", "apply", "-f", &wider, "--reason", reason],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    lines.push(follow.next_line().unwrap());
+    assert!(lines[3].ends_with(reason), "{lines:?}");
+
+    // Where each column after the first starts in the header; every row has a cell there.
+    let head: Vec<char> = header.chars().collect();
+    let starts: Vec<usize> = (2..head.len())
+        .filter(|&i| head[i] != ' ' && head[i - 1] == ' ' && head[i - 2] == ' ')
+        .collect();
+    assert_eq!(starts.len(), 8, "{header}");
+    for line in &lines {
+        let chars: Vec<char> = line.chars().collect();
+        for &p in &starts {
+            assert!(
+                chars.len() > p && chars[p - 2..p] == [' ', ' '] && chars[p] != ' ',
+                "not aligned at column {p}:\n{header}\n{line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn json_output_uses_the_api_field_names() {
+    let cp = ControlPlane::start();
+    let shop = cp.file("shop.yaml", SHOP_AND_WEB.split("---").next().unwrap());
+    let wider = cp.file("wider.yaml", SHOP_WIDER);
+    assert_eq!(cp.ctl(&["policy", "apply", "-f", &shop]).code, 0);
+    assert_eq!(cp.ctl(&["policy", "apply", "-f", &wider]).code, 0);
+    let keys = |value: &serde_json::Value| -> Vec<String> {
+        let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    let has = |value: &serde_json::Value, expected: &[&str]| {
+        let keys = keys(value);
+        for key in expected {
+            assert!(keys.iter().any(|k| k == key), "no {key} in {value}");
+        }
+    };
+    let lacks = |value: &serde_json::Value, invented: &[&str]| {
+        let keys = keys(value);
+        for key in invented {
+            assert!(!keys.iter().any(|k| k == key), "{key} in {value}");
+        }
+    };
+
+    let policy = cp.json(&["policy", "get", "shop"]);
+    has(
+        &policy,
+        &[
+            "revision",
+            "etag",
+            "create_time",
+            "update_time",
+            "update_actor",
+        ],
+    );
+    has(
+        &cp.json(&["policy", "list"])[0],
+        &["create_time", "update_time"],
+    );
+    let revision = &cp.json(&["policy", "history", "shop"])[0];
+    has(
+        revision,
+        &["revision", "create_time", "actor", "audit_sequence"],
+    );
+    lacks(revision, &["time"]);
+    let event = &cp.json(&["audit", "list"])[0];
+    has(
+        event,
+        &["sequence", "create_time", "actor", "method", "outcome"],
+    );
+    lacks(event, &["time"]);
+
+    let explained = cp.json(&[
+        "policy",
+        "explain",
+        "--service",
+        "shop",
+        "--origin",
+        "https://shop.example.com",
+        "--method",
+        "PUT",
+    ]);
+    has(
+        &explained,
+        &["decision", "kind", "reason", "headers", "revision"],
+    );
+    for header in explained["headers"].as_array().unwrap() {
+        assert_eq!(keys(header), ["name", "value"], "{explained}");
+    }
+    // Findings are the API's Finding, not sentences.
+    let risky = cp.file("risky.yaml", "service: web\nallowed_origins: ['null']\n");
+    let applied = cp.json(&[
+        "policy",
+        "apply",
+        "-f",
+        &risky,
+        "--acknowledge",
+        "NULL_ORIGIN",
+    ]);
+    let finding = &applied[0]["findings"][0];
+    assert_eq!(
+        keys(finding),
+        ["code", "field", "message", "severity"],
+        "{applied}"
+    );
+    assert_eq!(finding["code"], "NULL_ORIGIN");
+    assert_eq!(finding["severity"], "RISK");
+
+    let created = cp.json(&["token", "create", "--name", "ci", "--role", "editor"]);
+    assert!(created["secret"].is_string(), "{created}");
+    has(
+        &created["token"],
+        &["id", "name", "role", "create_time", "created_by"],
+    );
+    let id = created["token"]["id"].as_str().unwrap().to_owned();
+    let revoked = cp.json(&["token", "revoke", &id]);
+    has(&revoked, &["create_time", "revoke_time"]);
+    lacks(&revoked, &["created", "revoked", "expires"]);
+    let expiring = cp.json(&[
+        "token",
+        "create",
+        "--name",
+        "temp",
+        "--role",
+        "viewer",
+        "--expires-in",
+        "1h",
+    ]);
+    has(&expiring["token"], &["expire_time"]);
+
+    // The sidecar's host is the machine's name, whatever HOSTNAME says.
+    let token = cp.token("shop-1", "sidecar", &["shop"]);
+    let mut sidecar = support::shop_sidecar(
+        &cp.addr,
+        &["--sidecar-id", "shop-1"],
+        &[("CORSAIR_TOKEN", &token), ("HOSTNAME", "not-this-machine")],
+    );
+    sidecar.wait_for_log("sidecar listening");
+    wait_until("the sidecar is SYNCED", || {
+        cp.json(&["fleet", "status"])[0]["state"] == "SYNCED"
+    });
+    let row = &cp.json(&["fleet", "status"])[0];
+    has(
+        row,
+        &["sidecar_id", "connect_time", "last_seen_time", "host"],
+    );
+    lacks(row, &["connected_since", "last_seen", "disconnected_at"]);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(row["host"], host.trim(), "{row}");
+    assert!(sidecar.terminate().success());
+    wait_until("the sidecar is DISCONNECTED", || {
+        cp.json(&["fleet", "status"])[0]["state"] == "DISCONNECTED"
+    });
+    has(&cp.json(&["fleet", "status"])[0], &["disconnect_time"]);
 }

@@ -1,12 +1,13 @@
 //! `corsairctl quickstart` as a newcomer runs it: the real control plane and sidecar
-//! binaries, a demo service and the example policy, answering a preflight, then a clean stop.
+//! binaries, a demo service and the example policy, answering a preflight, then a clean stop;
+//! and run again, with the policy left by the first run and the first run's logs.
 
 mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use support::{CTL, sibling, spawn_plain};
+use support::{CTL, Running, sibling, spawn_plain};
 
 fn preflight(sidecar: &str, origin: &str) -> String {
     let mut stream = TcpStream::connect(sidecar).unwrap();
@@ -21,14 +22,9 @@ fn preflight(sidecar: &str, origin: &str) -> String {
     response.to_ascii_lowercase()
 }
 
-#[test]
-fn quickstart_runs_the_system_answers_a_preflight_and_stops_cleanly() {
-    // The binaries it starts are found next to corsairctl.
-    sibling("corsair-control-plane");
-    sibling("corsair-sidecar");
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("qs");
-    let mut quickstart = spawn_plain(
+/// Starts the quickstart with its state in `state`; returns it and its banner.
+fn start(state: &std::path::Path) -> (Running, String) {
+    let quickstart = spawn_plain(
         std::path::Path::new(CTL),
         &[
             "quickstart",
@@ -50,7 +46,51 @@ fn quickstart_runs_the_system_answers_a_preflight_and_stops_cleanly() {
             break;
         }
     }
-    let banner = banner.join("\n");
+    (quickstart, banner.join("\n"))
+}
+
+/// Whether `banner` says the preflight from `origin` is allowed (or denied) right above the
+/// command that sends it.
+fn says(banner: &str, origin: &str, outcome: &str) -> bool {
+    let lines: Vec<&str> = banner.lines().collect();
+    lines.windows(2).any(|w| {
+        w[0].contains(&format!("A preflight the policy {outcome}"))
+            && w[1].contains("curl")
+            && w[1].contains(&format!("'Origin: {origin}'"))
+    })
+}
+
+#[test]
+fn quickstart_runs_the_system_answers_a_preflight_and_stops_cleanly() {
+    // The binaries it starts are found next to corsairctl.
+    sibling("corsair-control-plane");
+    sibling("corsair-sidecar");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("qs");
+    let (mut quickstart, banner) = start(&state);
+
+    // The banner shows the policy the control plane holds, and what it makes of the
+    // preflights it suggests.
+    for line in [
+        "The policy in force for the demo service (revision 1, the example, created now):",
+        "  origins      https://app.example.com",
+        "  methods      GET, POST, PUT, DELETE",
+        "  credentials  allowed",
+        "  mode         standard",
+    ] {
+        assert!(
+            banner.lines().any(|l| l == line),
+            "no {line:?} in:\n{banner}"
+        );
+    }
+    assert!(
+        says(&banner, "https://app.example.com", "allows"),
+        "{banner}"
+    );
+    assert!(
+        says(&banner, "https://admin.example.com", "denies"),
+        "{banner}"
+    );
     let url = |label: &str| -> String {
         let line = banner
             .lines()
@@ -113,4 +153,31 @@ fn quickstart_runs_the_system_answers_a_preflight_and_stops_cleanly() {
         TcpStream::connect(&sidecar).is_err(),
         "the sidecar still listens"
     );
+
+    // A second run keeps the policy the first one left, says so, and suggests going back.
+    let (mut again, banner) = start(&state);
+    for line in [
+        "The policy in force for the demo service (revision 2, kept from an earlier run):",
+        "  origins      https://app.example.com, https://admin.example.com",
+    ] {
+        assert!(
+            banner.lines().any(|l| l == line),
+            "no {line:?} in:\n{banner}"
+        );
+    }
+    assert!(
+        says(&banner, "https://admin.example.com", "allows"),
+        "{banner}"
+    );
+    assert!(banner.contains("policy apply -f"), "{banner}");
+    assert!(again.terminate().success());
+
+    // Each log holds both runs, each after its own opening line, the first one whole.
+    for name in ["control-plane.log", "sidecar.log"] {
+        let log = std::fs::read_to_string(state.join(name)).unwrap();
+        let runs: Vec<&str> = log.split("===== quickstart run started ").skip(1).collect();
+        assert_eq!(runs.len(), 2, "{name}:\n{log}");
+        assert!(runs[0].contains(r#""message":"stopped""#), "{name}:\n{log}");
+        assert!(runs[1].contains(r#""message":"stopped""#), "{name}:\n{log}");
+    }
 }

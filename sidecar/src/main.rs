@@ -124,6 +124,17 @@ fn parse_secret(text: &str) -> Result<Secret, String> {
     Ok(Secret(text.to_owned()))
 }
 
+/// The machine's host name for fleet status, as the kernel reports it (`uname`; `(none)` when
+/// it was never set). Most shells do not export `HOSTNAME`, so it is only the fallback.
+fn host_name() -> String {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy();
+    if !name.is_empty() && name != "(none)" {
+        return name.into_owned();
+    }
+    std::env::var("HOSTNAME").unwrap_or_default()
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum NoPolicyArg {
     Deny,
@@ -314,7 +325,7 @@ async fn run() -> ExitCode {
             }),
             services: vec![args.service.clone()],
             version: env!("CARGO_PKG_VERSION").into(),
-            host: std::env::var("HOSTNAME").unwrap_or_default(),
+            host: host_name(),
             backoff: Default::default(),
         };
         let mut client = SyncClient::with_replicas(replicas, config, policies.clone());
