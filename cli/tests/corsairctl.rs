@@ -241,6 +241,16 @@ fn history_rollback_delete_and_explain() {
         0
     );
 
+    // An unknown service's history fails as `policy get` of it does, not as an empty table.
+    let get = cp.ctl(&["policy", "get", "nobody"]);
+    let unknown = cp.ctl(&["policy", "history", "nobody"]);
+    assert_eq!((get.code, unknown.code), (1, 1), "{get:?} {unknown:?}");
+    assert!(unknown.stdout.is_empty(), "{unknown:?}");
+    assert!(
+        unknown.stderr.contains("services/nobody/policy") && unknown.stderr.contains("no policy"),
+        "{unknown:?}"
+    );
+
     let history = cp.ctl(&["policy", "history", "shop"]);
     let lines: Vec<&str> = history.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{history:?}");
