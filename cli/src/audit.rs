@@ -356,22 +356,32 @@ struct Verified {
     error: String,
 }
 
-/// `audit verify`: recomputes the hash chain. Returns whether it verified.
+/// `audit verify`: recomputes the hash chain, in as many calls as the server needs for the
+/// range. Returns whether it verified.
 pub async fn verify(client: &Client, from: u64, to: u64, format: Format) -> Result<bool, CliError> {
-    let resp = client
-        .call(
-            "verifying the audit log",
-            client
-                .audit()
-                .verify_audit_chain(client.request(v1::VerifyAuditChainRequest {
-                    start_sequence: from,
-                    end_sequence: to,
-                })),
-        )
-        .await?;
+    let mut start = from;
+    let mut verified_events = 0;
+    let resp = loop {
+        let resp = client
+            .call(
+                "verifying the audit log",
+                client
+                    .audit()
+                    .verify_audit_chain(client.request(v1::VerifyAuditChainRequest {
+                        start_sequence: start,
+                        end_sequence: to,
+                    })),
+            )
+            .await?;
+        verified_events += resp.verified_events;
+        if !resp.ok || resp.next_start_sequence == 0 {
+            break resp;
+        }
+        start = resp.next_start_sequence;
+    };
     let v = Verified {
         ok: resp.ok,
-        verified_events: resp.verified_events,
+        verified_events,
         first_bad_sequence: (!resp.ok).then_some(resp.first_bad_sequence),
         error: resp.error,
     };

@@ -12,6 +12,10 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{CliError, chain};
 
+/// The largest response read: above the control plane's largest page (`--max-page-bytes`
+/// at most 32 MiB), so every page it sends can be read.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
 /// A connected control-plane client.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -84,22 +88,22 @@ impl Client {
 
     /// The policy service.
     pub fn policies(&self) -> PolicyServiceClient<Channel> {
-        PolicyServiceClient::new(self.channel.clone())
+        PolicyServiceClient::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 
     /// The audit service.
     pub fn audit(&self) -> AuditServiceClient<Channel> {
-        AuditServiceClient::new(self.channel.clone())
+        AuditServiceClient::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 
     /// The fleet service.
     pub fn fleet(&self) -> FleetServiceClient<Channel> {
-        FleetServiceClient::new(self.channel.clone())
+        FleetServiceClient::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 
     /// The token service.
     pub fn tokens(&self) -> TokenServiceClient<Channel> {
-        TokenServiceClient::new(self.channel.clone())
+        TokenServiceClient::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 
     /// A request carrying the credential and the deadline (so the server gives up when the

@@ -87,8 +87,15 @@ impl Table {
     }
 }
 
-/// A timestamp as RFC 3339 in UTC, to the second.
+/// The last second RFC 3339 can write, 9999-12-31T23:59:59Z.
+const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
+
+/// A timestamp as RFC 3339 in UTC, to the second; one outside years 1970 to 9999 (which a
+/// well-behaved server never sends) as its seconds since the epoch, `@<seconds>`.
 pub fn timestamp(t: &prost_types::Timestamp) -> String {
+    if !(0..=LAST_RFC3339_SECOND).contains(&t.seconds) {
+        return format!("@{}", t.seconds);
+    }
     humantime::format_rfc3339_seconds(system_time(t)).to_string()
 }
 
@@ -102,11 +109,12 @@ fn system_time(t: &prost_types::Timestamp) -> SystemTime {
         t.seconds.unsigned_abs(),
         t.nanos.clamp(0, 999_999_999) as u32,
     );
-    if t.seconds >= 0 {
-        UNIX_EPOCH + nanos
+    let time = if t.seconds >= 0 {
+        UNIX_EPOCH.checked_add(nanos)
     } else {
-        UNIX_EPOCH - nanos
-    }
+        UNIX_EPOCH.checked_sub(nanos)
+    };
+    time.unwrap_or(UNIX_EPOCH)
 }
 
 /// How long ago `t` was, shortly: `42s`, `5m`, `3h`, `2d`.
@@ -147,6 +155,16 @@ pub fn list(items: &[String], max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_out_of_range_print_without_panicking() {
+        let at = |seconds| prost_types::Timestamp { seconds, nanos: 0 };
+        assert_eq!(timestamp(&at(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(timestamp(&at(LAST_RFC3339_SECOND + 1)), "@253402300800");
+        assert_eq!(timestamp(&at(i64::MAX)), format!("@{}", i64::MAX));
+        assert_eq!(timestamp(&at(i64::MIN)), format!("@{}", i64::MIN));
+        assert_eq!(age(Some(&at(i64::MAX))), "0s");
+    }
 
     #[test]
     fn tables_align_columns() {

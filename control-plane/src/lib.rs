@@ -13,6 +13,8 @@
 //! - [`convert`]: wire ↔ domain conversions and resource names.
 //! - [`status`]: the error model, every refusal as a status with its details.
 //! - [`page_token`]: signed, opaque page tokens bound to their listing and filter.
+//! - [`listener`]: accepting connections within a cap, with a first-byte deadline and
+//!   backoff on accept errors.
 //! - [`server`]: assembles services, health and reflection on a listener, and shuts down
 //!   gracefully.
 
@@ -20,6 +22,7 @@ pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod convert;
+pub mod listener;
 pub mod metrics;
 pub mod page_token;
 pub mod server;

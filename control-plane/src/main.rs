@@ -62,6 +62,13 @@ struct Args {
     /// is dropped (its sidecar row turns DISCONNECTED).
     #[arg(long, env = "CORSAIR_KEEPALIVE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     keepalive_secs: u64,
+    /// Connections served at once; beyond, new ones wait in the kernel's backlog.
+    #[arg(long, env = "CORSAIR_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Seconds a new connection may stay silent (and, with TLS, as long again to finish its
+    /// handshake) before it is closed.
+    #[arg(long, env = "CORSAIR_FIRST_BYTE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    first_byte_timeout_secs: u64,
     /// Allow --auth none on a non-loopback address (logged as a warning at start).
     #[arg(long, env = "CORSAIR_INSECURE")]
     insecure: bool,
@@ -92,6 +99,9 @@ struct Args {
     /// back off.
     #[arg(long, env = "CORSAIR_MAX_NEW_STREAMS_PER_SEC", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
     max_new_streams_per_sec: u32,
+    /// Discovery streams one sidecar credential may hold open at once (each a sidecar id).
+    #[arg(long, env = "CORSAIR_MAX_SIDECARS_PER_IDENTITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_sidecars_per_identity: u32,
     /// Seconds disconnected sidecars stay in fleet status.
     #[arg(long, env = "CORSAIR_FLEET_RETENTION_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     fleet_retention_secs: u64,
@@ -101,6 +111,9 @@ struct Args {
     /// Largest page a listing returns.
     #[arg(long, env = "CORSAIR_MAX_PAGE_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     max_page_size: u32,
+    /// Bytes a listing's page holds at most (about); a page always holds at least one item.
+    #[arg(long, env = "CORSAIR_MAX_PAGE_BYTES", default_value_t = 3 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..=32 * 1024 * 1024))]
+    max_page_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -225,6 +238,10 @@ async fn main() -> ExitCode {
         }),
         trust_domain: args.trust_domain,
         keepalive: Duration::from_secs(args.keepalive_secs),
+        connections: corsair_control_plane::listener::ConnectionLimits {
+            max_connections: args.max_connections as usize,
+            first_byte: Duration::from_secs(args.first_byte_timeout_secs),
+        },
         auth,
         write_rate: (args.max_writes_per_sec > 0).then(|| WriteRate {
             per_sec: f64::from(args.max_writes_per_sec),
@@ -235,12 +252,14 @@ async fn main() -> ExitCode {
         pages: PageLimits {
             default: 50.min(args.max_page_size),
             max: args.max_page_size,
+            bytes: usize::try_from(args.max_page_bytes).unwrap_or(usize::MAX),
         },
         drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
         streams: StreamConfig {
             ack_timeout: Duration::from_secs(args.ack_timeout_secs),
             max_connection_age: Duration::from_secs(args.max_connection_age_secs),
             max_new_streams_per_sec: args.max_new_streams_per_sec,
+            max_streams_per_identity: args.max_sidecars_per_identity as usize,
             ..StreamConfig::default()
         },
         fleet_retention: Duration::from_secs(args.fleet_retention_secs),

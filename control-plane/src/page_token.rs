@@ -91,22 +91,9 @@ impl PageTokens {
             .map_err(|_| forged())
     }
 
-    /// Cuts a listing fetched with `limit + 1` rows down to `limit`; when there was more,
-    /// returns the next page's token, made from the last row kept by `position`.
-    pub fn finish<T>(
-        &self,
-        rows: &mut Vec<T>,
-        limit: u32,
-        listing: &str,
-        filter: &str,
-        position: impl FnOnce(&T) -> String,
-    ) -> String {
-        if rows.len() <= limit as usize {
-            return String::new();
-        }
-        rows.truncate(limit as usize);
-        rows.last()
-            .map(|last| self.encode(listing, filter, &position(last)))
+    /// The token of the page after `next`, or none when there is no next page.
+    pub fn next(&self, listing: &str, filter: &str, next: Option<&str>) -> String {
+        next.map(|position| self.encode(listing, filter, position))
             .unwrap_or_default()
     }
 

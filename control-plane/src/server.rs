@@ -12,10 +12,11 @@ use corsair_proto::v1::fleet_service_server::FleetServiceServer;
 use corsair_proto::v1::policy_service_server::PolicyServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 
 use crate::auth::{AuthLayer, AuthMode, WriteRate};
+use crate::listener::{Conn, ConnectionLimits};
 use crate::metrics::Metrics;
 use crate::page_token::PageTokens;
 use crate::service::audit::Audit;
@@ -62,6 +63,8 @@ pub struct Config {
     pub fleet_retention: Duration,
     /// HTTP/2 keepalive ping interval (a peer silent for as long again is dropped).
     pub keepalive: Duration,
+    /// Connections at once, and how long a silent one lives.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for Config {
@@ -83,6 +86,7 @@ impl Default for Config {
             fleet_flush: Duration::from_millis(500),
             fleet_retention: Duration::from_secs(3600),
             keepalive: Duration::from_secs(20),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -119,10 +123,10 @@ async fn page_tokens(store: &dyn Store) -> Result<PageTokens, StoreError> {
 
 /// Accepted connections, plain or TLS.
 enum Incoming {
-    Plain(TcpListener),
+    Plain(ReceiverStream<std::io::Result<Conn<tokio::net::TcpStream>>>),
     Tls(
-        tokio_stream::wrappers::ReceiverStream<
-            std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+        ReceiverStream<
+            std::io::Result<Conn<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
         >,
     ),
 }
@@ -258,9 +262,14 @@ pub async fn serve_with_metrics(
         .map(|a| a.to_string())
         .unwrap_or_default();
     let incoming = match &config.tls {
-        None => Incoming::Plain(listener),
+        None => Incoming::Plain(crate::listener::accept(
+            listener,
+            config.connections,
+            stopped_tls,
+            |stream| async move { Some(stream) },
+        )),
         Some(files) => Incoming::Tls(
-            crate::tls::incoming(listener, files, stopped_tls)
+            crate::tls::incoming(listener, files, config.connections, stopped_tls)
                 .map_err(|e| ServeError::Tls(e.to_string()))?,
         ),
     };
@@ -288,9 +297,7 @@ pub async fn serve_with_metrics(
     let server: std::pin::Pin<
         Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
     > = match incoming {
-        Incoming::Plain(listener) => {
-            Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal))
-        }
+        Incoming::Plain(stream) => Box::pin(router.serve_with_incoming_shutdown(stream, signal)),
         Incoming::Tls(stream) => Box::pin(router.serve_with_incoming_shutdown(stream, signal)),
     };
     // Graceful shutdown waits for every connection to close; a client that never closes its

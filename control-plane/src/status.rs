@@ -7,10 +7,20 @@ use corsair_policy::Rejected;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::store::{StoreError, WriteError};
+use crate::store::{StoreError, WriteError, capped};
 
 /// The `google.rpc.ErrorInfo` domain of Corsair's errors.
 pub const ERROR_DOMAIN: &str = "corsair.dev";
+
+/// Field violations a status carries at most; `ErrorInfo`'s `violations` says how many there
+/// were. Status details travel in HTTP/2 trailers, which clients cap (16 KiB is common).
+pub const MAX_VIOLATIONS: usize = 20;
+/// Violations the status message spells out.
+const SUMMARIZED: usize = 5;
+/// Bytes of one violation's description (it may echo what the caller sent).
+const MAX_DETAIL: usize = 256;
+/// Bytes of a status message.
+const MAX_MESSAGE: usize = 2048;
 
 /// A status with an `ErrorInfo` of `reason` and `metadata`, and nothing more.
 pub fn status(
@@ -39,10 +49,11 @@ pub fn bad_request(field: &str, message: impl Into<String>) -> Status {
 /// The status for a refused call.
 pub fn write_error_status(error: &WriteError) -> Status {
     let reason = error.reason();
-    let message = error.to_string();
+    let message = capped(error.to_string(), MAX_MESSAGE);
     let mut details = ErrorDetails::new();
     let code = match error {
         WriteError::NotFound { kind, name, .. } | WriteError::AlreadyExists { kind, name, .. } => {
+            let name = &capped(name.clone(), MAX_DETAIL);
             details.set_error_info(
                 &reason,
                 ERROR_DOMAIN,
@@ -90,7 +101,10 @@ pub fn write_error_status(error: &WriteError) -> Status {
             Code::PermissionDenied
         }
         WriteError::BadRequest { field, message } => {
-            details.add_bad_request_violation(field, message);
+            details.add_bad_request_violation(
+                capped(field.clone(), MAX_DETAIL),
+                capped(message.clone(), MAX_DETAIL),
+            );
             details.set_error_info(&reason, ERROR_DOMAIN, []);
             Code::InvalidArgument
         }
@@ -98,49 +112,65 @@ pub fn write_error_status(error: &WriteError) -> Status {
     Status::with_error_details(code, message, details)
 }
 
-/// `INVALID_ARGUMENT` for a refused policy: one field violation per blocking finding, its
-/// path under `prefix` and its code as the violation's reason; `ErrorInfo` says whether
-/// errors (`INVALID_POLICY`) or only unacknowledged risks (`RISK_NOT_ACKNOWLEDGED`) refused it.
+/// `INVALID_ARGUMENT` for a refused policy: one field violation per blocking finding (the
+/// first [`MAX_VIOLATIONS`]), its path under `prefix` and its code as the violation's reason;
+/// `ErrorInfo` says whether errors (`INVALID_POLICY`) or only unacknowledged risks
+/// (`RISK_NOT_ACKNOWLEDGED`) refused it, and how many violations there were in all.
 pub fn rejected_status(rejected: &Rejected, prefix: &str) -> Status {
+    let total = rejected.blocking.len();
     let violations: Vec<tonic_types::FieldViolation> = rejected
         .blocking
         .iter()
+        .take(MAX_VIOLATIONS)
         .map(|f| {
             let field = if f.field.is_empty() {
                 prefix.trim_end_matches('.').to_owned()
             } else {
                 format!("{prefix}{}", f.field)
             };
-            let mut violation = tonic_types::FieldViolation::new(field, f.message.clone());
+            let mut violation =
+                tonic_types::FieldViolation::new(field, capped(f.message.clone(), MAX_DETAIL));
             violation.reason = f.code.as_str().to_owned();
             violation
         })
         .collect();
     let mut details = ErrorDetails::with_bad_request(violations);
-    let codes = rejected
-        .blocking
-        .iter()
-        .map(|f| f.code.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
+    let mut codes: Vec<&str> = rejected.blocking.iter().map(|f| f.code.as_str()).collect();
+    codes.sort_unstable();
+    codes.dedup();
+    let codes = codes.join(",");
     let reason = if rejected.only_risks() {
         "RISK_NOT_ACKNOWLEDGED"
     } else {
         "INVALID_POLICY"
     };
-    details.set_error_info(reason, ERROR_DOMAIN, [("codes".to_owned(), codes)]);
-    let summary = rejected
+    details.set_error_info(
+        reason,
+        ERROR_DOMAIN,
+        [
+            ("codes".to_owned(), codes),
+            ("violations".to_owned(), total.to_string()),
+        ],
+    );
+    let mut summary = rejected
         .blocking
         .iter()
-        .map(|f| format!("{prefix}{}: {} [{}]", f.field, f.message, f.code))
+        .take(SUMMARIZED)
+        .map(|f| {
+            let message = capped(f.message.clone(), MAX_DETAIL);
+            format!("{prefix}{}: {message} [{}]", f.field, f.code)
+        })
         .collect::<Vec<_>>()
         .join("; ");
+    if total > SUMMARIZED {
+        summary.push_str(&format!("; and {} more", total - SUMMARIZED));
+    }
     let message = if rejected.only_risks() {
         format!("unacknowledged risks (acknowledge their codes to proceed): {summary}")
     } else {
         format!("invalid policy: {summary}")
     };
-    Status::with_error_details(Code::InvalidArgument, message, details)
+    Status::with_error_details(Code::InvalidArgument, capped(message, MAX_MESSAGE), details)
 }
 
 /// The status for a storage failure.

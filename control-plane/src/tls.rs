@@ -16,10 +16,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+
+use crate::listener::Conn;
 
 /// Where the listener's TLS material is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,8 +89,9 @@ impl ResolvesServerCert for Reloading {
 pub fn incoming(
     listener: TcpListener,
     files: &TlsFiles,
-    mut stop: watch::Receiver<bool>,
-) -> Result<ReceiverStream<std::io::Result<TlsStream<TcpStream>>>, TlsError> {
+    limits: crate::listener::ConnectionLimits,
+    stop: watch::Receiver<bool>,
+) -> Result<ReceiverStream<std::io::Result<Conn<TlsStream<TcpStream>>>>, TlsError> {
     let pair = load_pair(&files.cert, &files.key)?;
     let reloading = Arc::new(Reloading {
         current: ArcSwap::from_pointee(pair),
@@ -146,44 +149,28 @@ pub fn incoming(
         }
     });
 
-    let (tx, rx) = mpsc::channel(64);
-    // At most this many handshakes at once; beyond, new connections wait to be accepted.
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = handshakes.clone().acquire_owned().await else {
-                return;
-            };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = stop.wait_for(|s| *s) => return,
-                () = tx.closed() => return,
-            };
-            let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, say: wait rather than spin.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+    Ok(crate::listener::accept(
+        listener,
+        limits,
+        stop,
+        move |stream: TcpStream| {
             let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+            async move {
+                let peer = stream.peer_addr().ok();
+                match tokio::time::timeout(limits.first_byte, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => Some(tls),
+                    Ok(Err(error)) => {
+                        tracing::debug!(?peer, %error, "TLS handshake failed");
+                        None
                     }
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Err(_) => {
+                        tracing::debug!(?peer, "TLS handshake timed out");
+                        None
+                    }
                 }
-            });
-        }
-    });
-    Ok(ReceiverStream::new(rx))
+            }
+        },
+    ))
 }
 
 /// The sidecar a client certificate names: its leaf must carry exactly one URI SAN,

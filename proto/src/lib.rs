@@ -32,6 +32,7 @@
 //! [`FILE_DESCRIPTOR_SET`] holds the encoded descriptor set of the package
 //! and its imports, for gRPC server reflection.
 
+pub mod codec;
 pub mod convert;
 pub mod names;
 

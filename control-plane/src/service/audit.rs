@@ -8,12 +8,13 @@ use corsair_proto::v1::{self, audit_service_server::AuditService};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use super::Shared;
+use crate::audit::RangeError;
 use crate::convert::{event_to_proto, micros, name_arg, outcome_from_proto};
-use crate::status::{bad_request, page_size, store_status, write_error_status};
+use crate::status::{bad_request, page_size, status, store_status, write_error_status};
 use crate::store::{AuditFilter, ResourceKind, WriteError};
 
 /// Events read per query while tailing.
@@ -67,18 +68,24 @@ impl AuditService for Audit {
                 cursor.ok_or_else(|| bad_request("page_token", "not a page token of this listing"))
             })
             .transpose()?;
-        let mut events = self
-            .shared
-            .store
-            .list_audit(&filter, cursor, limit + 1)
-            .await
-            .map_err(store_status)?;
-        let next_page_token = tokens.finish(&mut events, limit, "audit", &fingerprint, |last| {
-            format!("{}:{}", last.time, last.sequence)
-        });
+        let store = &self.shared.store;
+        let filter = &filter;
+        let page = super::paging::read(
+            limit,
+            self.shared.pages.bytes,
+            cursor,
+            |cursor, n| async move { store.list_audit(filter, cursor, n).await },
+            event_to_proto,
+            |e| (e.time, e.sequence),
+        )
+        .await
+        .map_err(store_status)?;
+        let next = page
+            .next
+            .map(|(time, sequence)| format!("{time}:{sequence}"));
         Ok(Response::new(v1::ListAuditEventsResponse {
-            events: events.iter().map(event_to_proto).collect(),
-            next_page_token,
+            events: page.items,
+            next_page_token: tokens.next("audit", &fingerprint, next.as_deref()),
         }))
     }
 
@@ -139,13 +146,24 @@ impl AuditService for Audit {
             req.end_sequence,
         )
         .await
-        .map_err(store_status)?;
+        .map_err(|e| match e {
+            RangeError::Store(e) => store_status(e),
+            RangeError::Reversed { .. } => bad_request("end_sequence", e.to_string()),
+            RangeError::PastEnd { last, .. } => status(
+                Code::OutOfRange,
+                "START_PAST_END",
+                e.to_string(),
+                [("last_sequence".to_owned(), last.to_string())],
+            ),
+        })?;
         let (first_bad_sequence, error) = v.first_bad.unwrap_or_default();
         Ok(Response::new(v1::VerifyAuditChainResponse {
             ok: first_bad_sequence == 0,
             verified_events: v.verified,
             first_bad_sequence,
             error,
+            end_sequence: v.end,
+            next_start_sequence: v.next_start,
         }))
     }
 }

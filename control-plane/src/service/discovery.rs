@@ -38,6 +38,8 @@ pub struct StreamConfig {
     pub age_jitter: f64,
     /// New streams admitted per second (with a burst of as many); beyond, `RESOURCE_EXHAUSTED`.
     pub max_new_streams_per_sec: u32,
+    /// Streams one sidecar credential may hold open at once; beyond, `RESOURCE_EXHAUSTED`.
+    pub max_streams_per_identity: usize,
 }
 
 impl Default for StreamConfig {
@@ -47,6 +49,7 @@ impl Default for StreamConfig {
             max_connection_age: Duration::from_secs(30 * 60),
             age_jitter: 0.1,
             max_new_streams_per_sec: 2000,
+            max_streams_per_identity: 1024,
         }
     }
 }
@@ -69,6 +72,76 @@ pub struct Discovery {
     admission: Arc<Mutex<Bucket>>,
     tasks: tokio_util::task::TaskTracker,
     guard: Option<Guard>,
+    /// Open streams per sidecar credential.
+    held: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One open stream of a sidecar credential, counted in [`Discovery::held`] while it lives.
+struct Held {
+    held: Arc<Mutex<HashMap<String, usize>>>,
+    identity: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().expect("held streams");
+        if let Some(count) = held.get_mut(&self.identity) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// Bytes of a sidecar's `Hello` fields, at most: they are stored in the fleet table and shown
+/// by fleet status.
+mod hello_caps {
+    /// `sidecar_id`.
+    pub(super) const SIDECAR_ID: usize = 256;
+    /// `host`.
+    pub(super) const HOST: usize = 255;
+    /// `version`.
+    pub(super) const VERSION: usize = 128;
+    /// One service name.
+    pub(super) const SERVICE: usize = 253;
+    /// How many services (and known revisions).
+    pub(super) const SERVICES: usize = 10_000;
+}
+
+/// Refuses a `Hello` whose fields exceed [`hello_caps`], naming the field.
+fn check_hello(hello: &v1::Hello) -> Result<(), Status> {
+    use hello_caps::*;
+    let field = |name: &str, value: &str, max: usize| {
+        if value.len() > max {
+            return Err(bad_request(
+                &format!("hello.{name}"),
+                format!("{} bytes; at most {max}", value.len()),
+            ));
+        }
+        Ok(())
+    };
+    if hello.sidecar_id.is_empty() {
+        return Err(bad_request("hello.sidecar_id", "required"));
+    }
+    field("sidecar_id", &hello.sidecar_id, SIDECAR_ID)?;
+    field("host", &hello.host, HOST)?;
+    field("version", &hello.version, VERSION)?;
+    if hello.services.len() > SERVICES || hello.known_revisions.len() > SERVICES {
+        return Err(bad_request(
+            "hello.services",
+            format!("at most {SERVICES} services"),
+        ));
+    }
+    for service in hello.services.iter().chain(hello.known_revisions.keys()) {
+        if service.is_empty() || service.len() > SERVICE {
+            return Err(bad_request(
+                "hello.services",
+                format!("a service name is 1 to {SERVICE} bytes"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a stream needs to keep checking its caller's token: the store, and the signal that
@@ -104,6 +177,7 @@ impl Discovery {
                 last: Instant::now(),
             })),
             guard: None,
+            held: Arc::default(),
         }
     }
 
@@ -209,6 +283,33 @@ struct InFlight {
 }
 
 impl Discovery {
+    /// Counts one more open stream of a sidecar credential, or refuses it past
+    /// `max_streams_per_identity`. Other callers (and a control plane without auth) are not
+    /// counted.
+    fn hold(&self, principal: Option<&crate::auth::Principal>) -> Result<Option<Held>, Status> {
+        let Some(p) = principal.filter(|p| p.role == crate::auth::Role::Sidecar) else {
+            return Ok(None);
+        };
+        let mut held = self.held.lock().expect("held streams");
+        let count = held.entry(p.name.clone()).or_default();
+        if *count >= self.config.max_streams_per_identity {
+            return Err(status(
+                Code::ResourceExhausted,
+                "SIDECARS_PER_IDENTITY_EXCEEDED",
+                format!(
+                    "{} holds {} open streams already, the most one credential may",
+                    p.name, count
+                ),
+                [],
+            ));
+        }
+        *count += 1;
+        Ok(Some(Held {
+            held: self.held.clone(),
+            identity: p.name.clone(),
+        }))
+    }
+
     /// Why the stream's token no longer admits it (revoked, expired or gone), if it does not.
     async fn token_refusal(&self, token_id: Option<&str>) -> Option<Status> {
         let (guard, id) = (self.guard.as_ref()?, token_id?);
@@ -239,15 +340,17 @@ impl Discovery {
             }
             Ok(None) | Err(_) => return,
         };
-        if hello.sidecar_id.is_empty() || hello.sidecar_id.len() > 256 {
-            let _ = tx
-                .send(Err(Box::new(bad_request(
-                    "hello.sidecar_id",
-                    "required, at most 256 bytes",
-                ))))
-                .await;
+        if let Err(refused) = check_hello(&hello) {
+            let _ = tx.send(Err(Box::new(refused))).await;
             return;
         }
+        let _held = match self.hold(principal.as_ref()) {
+            Ok(held) => held,
+            Err(refused) => {
+                let _ = tx.send(Err(Box::new(refused))).await;
+                return;
+            }
+        };
         tracing::Span::current().record("sidecar", hello.sidecar_id.as_str());
         // A sidecar token streams only its own services, named explicitly.
         if let (Some(guard), Some(p), Some(ctx)) = (&self.guard, &principal, ctx)

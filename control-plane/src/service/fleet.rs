@@ -196,25 +196,27 @@ impl FleetService for FleetApi {
             Err(_) => return Err(bad_request("state", format!("unknown state {}", req.state))),
         };
         let filter = format!("{}\u{1}{state}", req.service);
-        let after = self
-            .tokens
-            .decode(&req.page_token, "sidecars", &filter)?
-            .unwrap_or_default();
+        let after = self.tokens.decode(&req.page_token, "sidecars", &filter)?;
         self.fleet.flush().await.map_err(store_status)?;
-        let mut rows = self
-            .fleet
-            .store
-            .list_sidecars(&req.service, state, &after, limit + 1)
-            .await
-            .map_err(store_status)?;
-        let next_page_token = self
-            .tokens
-            .finish(&mut rows, limit, "sidecars", &filter, |last| {
-                last.sidecar_id.clone()
-            });
+        let store = &self.fleet.store;
+        let service = req.service.as_str();
+        let page = super::paging::read(
+            limit,
+            self.pages.bytes,
+            after,
+            |after: Option<String>, n| async move {
+                store
+                    .list_sidecars(service, state, after.as_deref().unwrap_or_default(), n)
+                    .await
+            },
+            sidecar_to_proto,
+            |r| r.sidecar_id.clone(),
+        )
+        .await
+        .map_err(store_status)?;
         Ok(Response::new(v1::ListSidecarsResponse {
-            sidecars: rows.iter().map(sidecar_to_proto).collect(),
-            next_page_token,
+            sidecars: page.items,
+            next_page_token: self.tokens.next("sidecars", &filter, page.next.as_deref()),
         }))
     }
 

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod discovery;
 pub mod fleet;
+pub mod paging;
 pub mod policy;
 pub mod token;
 
@@ -37,6 +38,8 @@ pub struct PageLimits {
     pub default: u32,
     /// Largest page served; larger requests are served this many.
     pub max: u32,
+    /// Bytes a page holds at most, about (see [`paging`]).
+    pub bytes: usize,
 }
 
 impl Default for PageLimits {
@@ -44,6 +47,7 @@ impl Default for PageLimits {
         PageLimits {
             default: 50,
             max: 1000,
+            bytes: paging::PAGE_BYTES,
         }
     }
 }
@@ -69,6 +73,18 @@ pub struct Shared {
     pub refusals: Arc<std::sync::Mutex<crate::auth::RefusalBudget>>,
     /// Makes and checks the page tokens of every listing.
     pub page_tokens: crate::page_token::PageTokens,
+}
+
+/// Refuses a write's `reason` longer than the audit log keeps.
+pub(crate) fn check_reason(reason: &str) -> Result<(), crate::store::WriteError> {
+    use crate::store::caps::REASON;
+    if reason.len() > REASON {
+        return Err(crate::store::WriteError::bad_request(
+            "reason",
+            format!("{} bytes; at most {REASON}", reason.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// The caller's `x-request-id`, or a new one.

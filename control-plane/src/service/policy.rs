@@ -15,7 +15,7 @@ use corsair_proto::v1::{self, policy_service_server::PolicyService};
 use http::{HeaderMap, HeaderValue, Method};
 use tonic::{Request, Response, Status};
 
-use super::Shared;
+use super::{Shared, paging};
 use crate::convert::{
     self, finding_to_proto, parse_policy_name, policy_name, spec_from_proto, spec_to_proto,
     stored_to_proto, with_findings,
@@ -48,6 +48,10 @@ impl Policies {
         validate_only: bool,
         planner: Planner,
     ) -> Result<(Option<StoredPolicy>, i64), Status> {
+        let planner = match super::check_reason(reason) {
+            Ok(()) => planner,
+            Err(e) => refuse(e),
+        };
         if validate_only {
             let current = self
                 .shared
@@ -281,23 +285,24 @@ impl PolicyService for Policies {
             self.shared.pages.max,
         )?;
         let tokens = &self.shared.page_tokens;
-        let after = tokens.decode(&req.page_token, "policies", &req.service_prefix)?;
-        let mut policies = self
-            .shared
-            .store
-            .list_policies(&req.service_prefix, after.as_deref(), limit + 1)
-            .await
-            .map_err(store_status)?;
-        let next_page_token = tokens.finish(
-            &mut policies,
+        let prefix = req.service_prefix.as_str();
+        let after = tokens.decode(&req.page_token, "policies", prefix)?;
+        let store = &self.shared.store;
+        let page = paging::read(
             limit,
-            "policies",
-            &req.service_prefix,
-            |last| last.spec.service.clone(),
-        );
+            self.shared.pages.bytes,
+            after,
+            |after: Option<String>, n| async move {
+                store.list_policies(prefix, after.as_deref(), n).await
+            },
+            stored_to_proto,
+            |p| p.spec.service.clone(),
+        )
+        .await
+        .map_err(store_status)?;
         Ok(Response::new(v1::ListPoliciesResponse {
-            policies: policies.iter().map(stored_to_proto).collect(),
-            next_page_token,
+            policies: page.items,
+            next_page_token: tokens.next("policies", prefix, page.next.as_deref()),
         }))
     }
 
@@ -486,24 +491,27 @@ impl PolicyService for Policies {
             .map(|p| p.parse::<i64>())
             .transpose()
             .map_err(|_| bad_request("page_token", "not a page token of this listing"))?;
-        let mut revisions = self
-            .shared
-            .store
-            .list_revisions(service, before, limit + 1)
-            .await
-            .map_err(store_status)?;
-        if before.is_none() && revisions.is_empty() {
+        let store = &self.shared.store;
+        let page = paging::read(
+            limit,
+            self.shared.pages.bytes,
+            before,
+            |before: Option<i64>, n| async move { store.list_revisions(service, before, n).await },
+            convert::revision_to_proto,
+            |r| r.revision,
+        )
+        .await
+        .map_err(store_status)?;
+        if before.is_none() && page.items.is_empty() {
             return Err(write_error_status(&no_policy(
                 service,
                 " and never had one",
             )));
         }
-        let next_page_token = tokens.finish(&mut revisions, limit, "revisions", service, |last| {
-            last.revision.to_string()
-        });
+        let next = page.next.map(|revision| revision.to_string());
         Ok(Response::new(v1::ListPolicyRevisionsResponse {
-            revisions: revisions.iter().map(convert::revision_to_proto).collect(),
-            next_page_token,
+            revisions: page.items,
+            next_page_token: tokens.next("revisions", service, next.as_deref()),
         }))
     }
 

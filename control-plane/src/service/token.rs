@@ -26,6 +26,9 @@ const RESERVED_NAMES: [&str; 4] = [
     "local",
 ];
 
+/// The longest lifetime a token may be given: ten years.
+pub const MAX_TTL_SECONDS: u64 = 10 * 365 * 24 * 3600;
+
 /// The token service.
 #[derive(Debug, Clone)]
 pub struct Tokens {
@@ -85,6 +88,7 @@ impl TokenService for Tokens {
         request: Request<v1::CreateTokenRequest>,
     ) -> Result<Response<v1::CreateTokenResponse>, Status> {
         let req = request.get_ref();
+        super::check_reason(&req.reason).map_err(|e| write_error_status(&e))?;
         // The name is the actor of the token's calls: a plain label, and never one that
         // passes for another actor.
         let display_name = &req.display_name;
@@ -105,21 +109,25 @@ impl TokenService for Tokens {
                 format!("{display_name:?} is reserved"),
             ));
         }
-        let live = self
+        let existing = self
             .shared
             .store
             .list_tokens()
             .await
             .map_err(store_status)?;
-        if let Some(taken) = live
-            .iter()
-            .find(|t| t.name == *display_name && t.revoked_at.is_none())
-        {
+        // The display name is the actor the audit log records, and the log keeps every
+        // event: a name, once given, stays with its token, revoked or not.
+        if let Some(taken) = existing.iter().find(|t| t.name == *display_name) {
+            let state = if taken.revoked_at.is_some() {
+                "a revoked token"
+            } else {
+                "a token"
+            };
             return Err(write_error_status(&WriteError::AlreadyExists {
                 kind: ResourceKind::Token,
                 name: token_name(&taken.id),
                 message: format!(
-                    "a live token ({}) is named {display_name:?}; revoke it or choose another name",
+                    "{state} ({}) is named {display_name:?}, and the audit log names its calls so; choose another name",
                     token_name(&taken.id)
                 ),
             }));
@@ -155,13 +163,19 @@ impl TokenService for Tokens {
                 format!("{bad:?} is not a service name"),
             ));
         }
-        let expires_at =
-            match req.ttl_seconds {
-                0 => None,
-                secs => Some(now_micros().saturating_add(
-                    i64::try_from(secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
-                )),
-            };
+        if req.ttl_seconds > MAX_TTL_SECONDS {
+            return Err(bad_request(
+                "ttl_seconds",
+                format!(
+                    "{} seconds; a token lives at most {MAX_TTL_SECONDS} seconds (10 years), or 0 for no expiry",
+                    req.ttl_seconds
+                ),
+            ));
+        }
+        let expires_at = match req.ttl_seconds {
+            0 => None,
+            secs => Some(now_micros() + secs as i64 * 1_000_000),
+        };
         let secret = generate_token().map_err(|_| {
             status(
                 Code::Unavailable,
@@ -232,21 +246,25 @@ impl TokenService for Tokens {
                     .ok_or_else(|| bad_request("page_token", "not a page token of this listing"))
             })
             .transpose()?;
-        let mut tokens = self
-            .shared
-            .store
-            .list_tokens_page(
-                after.as_ref().map(|(time, id)| (*time, id.as_str())),
-                limit + 1,
-            )
-            .await
-            .map_err(store_status)?;
-        let next_page_token = page_tokens.finish(&mut tokens, limit, "tokens", "", |last| {
-            format!("{}:{}", last.created_at, last.id)
-        });
+        let store = &self.shared.store;
+        let page = super::paging::read(
+            limit,
+            self.shared.pages.bytes,
+            after,
+            |after: Option<(i64, String)>, n| async move {
+                store
+                    .list_tokens_page(after.as_ref().map(|(time, id)| (*time, id.as_str())), n)
+                    .await
+            },
+            token_to_proto,
+            |t| (t.created_at, t.id.clone()),
+        )
+        .await
+        .map_err(store_status)?;
+        let next = page.next.map(|(time, id)| format!("{time}:{id}"));
         Ok(Response::new(v1::ListTokensResponse {
-            tokens: tokens.iter().map(token_to_proto).collect(),
-            next_page_token,
+            tokens: page.items,
+            next_page_token: page_tokens.next("tokens", "", next.as_deref()),
         }))
     }
 
@@ -256,6 +274,7 @@ impl TokenService for Tokens {
     ) -> Result<Response<v1::Token>, Status> {
         let req = request.get_ref();
         let id = name_arg("name", &req.name, parse_token_name)?.to_owned();
+        super::check_reason(&req.reason).map_err(|e| write_error_status(&e))?;
         let ctx = self
             .shared
             .context(&request, &format!("{SERVICE}/RevokeToken"), "", &req.reason);

@@ -163,6 +163,57 @@ pub struct AuditEvent {
     pub hash: Vec<u8>,
 }
 
+impl AuditEvent {
+    /// About how many bytes the event takes: its text and its policies.
+    pub fn approximate_size(&self) -> usize {
+        let text = [
+            &self.actor,
+            &self.method,
+            &self.service,
+            &self.reason,
+            &self.request_id,
+            &self.peer,
+            &self.error,
+        ];
+        text.iter().map(|t| t.len()).sum::<usize>()
+            + self.before.as_ref().map_or(0, String::len)
+            + self.after.as_ref().map_or(0, String::len)
+            + self.changed_fields.iter().map(String::len).sum::<usize>()
+            + 128
+    }
+}
+
+/// The most bytes each text of an audit event stores; longer text is cut, marked with `…`.
+pub mod caps {
+    /// The actor.
+    pub const ACTOR: usize = 256;
+    /// The method.
+    pub const METHOD: usize = 256;
+    /// The service.
+    pub const SERVICE: usize = 256;
+    /// The caller's reason; a longer one is refused before it is written.
+    pub const REASON: usize = 1024;
+    /// The request id.
+    pub const REQUEST_ID: usize = 128;
+    /// The peer's address.
+    pub const PEER: usize = 64;
+    /// The error of a refusal.
+    pub const ERROR: usize = 4096;
+}
+
+/// `text` cut to at most `max` bytes (on a character boundary), marked with `…` when cut.
+pub fn capped(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub('…'.len_utf8());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// Who is writing, and why: everything the audit event records besides the change.
 #[derive(Debug, Clone, Default)]
 pub struct WriteContext {
@@ -267,9 +318,16 @@ pub enum StoreError {
 }
 
 impl From<sqlx::Error> for StoreError {
+    /// A row that does not decode (text that is not UTF-8, a column of the wrong type) is
+    /// corrupt data; anything else is the database being unavailable.
     fn from(error: sqlx::Error) -> Self {
         tracing::warn!(%error, "database error");
-        StoreError::Unavailable
+        match error {
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+                StoreError::Corrupt(format!("a stored row cannot be read: {error}"))
+            }
+            _ => StoreError::Unavailable,
+        }
     }
 }
 
@@ -584,19 +642,20 @@ pub(crate) async fn write_in(
         last_time: time,
     };
     let before = current.as_ref().map(|p| spec_json(&p.spec));
+    // Whatever a caller sent, the event stores bounded text.
     let mut event = AuditEvent {
         sequence,
         time,
-        actor: ctx.actor.clone(),
-        method: ctx.method,
-        service: ctx.service.clone(),
+        actor: capped(ctx.actor.clone(), caps::ACTOR),
+        method: capped(ctx.method, caps::METHOD),
+        service: capped(ctx.service.clone(), caps::SERVICE),
         revision: 0,
         before,
         after: None,
         changed_fields: Vec::new(),
-        reason: ctx.reason.clone(),
-        request_id: ctx.request_id,
-        peer: ctx.peer,
+        reason: capped(ctx.reason.clone(), caps::REASON),
+        request_id: capped(ctx.request_id, caps::REQUEST_ID),
+        peer: capped(ctx.peer, caps::PEER),
         outcome: Outcome::Ok,
         error: String::new(),
         prev_hash: head.last_hash,
@@ -612,7 +671,7 @@ pub(crate) async fn write_in(
                 revision: next.revision,
                 create_time: current.as_ref().map_or(time, |p| p.create_time),
                 update_time: time,
-                update_actor: ctx.actor.clone(),
+                update_actor: event.actor.clone(),
                 spec,
             };
             tx.put_policy(&PolicyRow::from(&stored)).await?;
@@ -621,8 +680,8 @@ pub(crate) async fn write_in(
                 service: ctx.service,
                 spec: event.after.clone(),
                 time,
-                actor: ctx.actor,
-                reason: ctx.reason,
+                actor: event.actor.clone(),
+                reason: event.reason.clone(),
                 audit_sequence: sequence as i64,
             })
             .await?;
@@ -638,8 +697,8 @@ pub(crate) async fn write_in(
                 service: ctx.service,
                 spec: None,
                 time,
-                actor: ctx.actor,
-                reason: ctx.reason,
+                actor: event.actor.clone(),
+                reason: event.reason.clone(),
                 audit_sequence: sequence as i64,
             })
             .await?;
@@ -647,7 +706,7 @@ pub(crate) async fn write_in(
         }
         Plan::Refuse(error) => {
             event.outcome = error.outcome();
-            event.error = error.to_string();
+            event.error = capped(error.to_string(), caps::ERROR);
             (current, Err(error))
         }
         Plan::PutToken {
@@ -662,7 +721,7 @@ pub(crate) async fn write_in(
                     message: "a token exists already".into(),
                 };
                 event.outcome = error.outcome();
-                event.error = error.to_string();
+                event.error = capped(error.to_string(), caps::ERROR);
                 (current, Err(error))
             } else {
                 tx.put_token(&TokenRecord {
@@ -684,7 +743,7 @@ pub(crate) async fn write_in(
                     format!("no live token is named tokens/{id}"),
                 );
                 event.outcome = error.outcome();
-                event.error = error.to_string();
+                event.error = capped(error.to_string(), caps::ERROR);
                 (current, Err(error))
             }
         }

@@ -196,6 +196,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn long_text_is_cut_on_a_character_boundary_within_its_bound() {
+        use crate::store::capped;
+        // 'é' is two bytes and '…' three: "h" + "…" is the most of "héllo" 5 bytes hold.
+        assert_eq!(capped("héllo".into(), 5), "h…");
+        assert_eq!(capped("héllo world".into(), 6), "hé…");
+        assert_eq!(capped("short".into(), 10), "short");
+        assert!(capped("x".repeat(5000), 4096).len() <= 4096);
+    }
+
+    #[test]
     fn reasons_name_the_cause_not_the_code() {
         let cases = [
             (
