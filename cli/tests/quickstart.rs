@@ -17,8 +17,11 @@ fn preflight(sidecar: &str, origin: &str) -> String {
          Access-Control-Request-Method: PUT\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
+    stream.set_read_timeout(Some(support::PATIENCE)).unwrap();
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    stream
+        .read_to_string(&mut response)
+        .unwrap_or_else(|e| panic!("no whole answer from the sidecar at {sidecar}: {e}"));
     response.to_ascii_lowercase()
 }
 

@@ -5,9 +5,10 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 
 use corsair_proto::v1;
-use support::{Backend, TestServer, bearer, fresh_db};
+use support::{Backend, Deadline, TestServer, bearer, fresh_db};
 
 const BIN: &str = env!("CARGO_BIN_EXE_corsair-control-plane");
 
@@ -41,19 +42,34 @@ fn start(url: &str, env: &[(&str, &str)], args: &[&str]) -> Started {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Its log is read on a thread, so that waiting for a line can have a deadline and the
+    // process never blocks on a full pipe.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Deadline::new("the control plane to log \"control plane listening\"");
     let addr = loop {
-        let line = lines
-            .next()
-            .expect("the control plane logs its address")
-            .unwrap();
+        let line = match lines.recv_timeout(deadline.remaining()) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => deadline.expire(""),
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!("the control plane exited before it listened: {out:?}")
+            }
+        };
         let log: serde_json::Value = serde_json::from_str(&line).expect("json logs");
         if log["fields"]["message"] == "control plane listening" {
             break log["fields"]["address"].as_str().unwrap().to_owned();
         }
     };
-    // Keep reading its log so it never blocks on a full pipe.
-    let log = std::thread::spawn(move || lines.map_while(Result::ok).collect());
+    let log = std::thread::spawn(move || lines.iter().collect());
     Started { child, addr, log }
 }
 
@@ -64,7 +80,19 @@ fn stop(started: Started) -> (String, Vec<String>) {
         .status()
         .unwrap();
     assert!(status.success());
-    let out = started.child.wait_with_output().unwrap();
+    let (pid, child) = (started.child.id(), started.child);
+    let (tx, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let deadline = Deadline::new("the control plane to exit after SIGTERM");
+    let out = exited
+        .recv_timeout(deadline.remaining())
+        .unwrap_or_else(|_| {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            deadline.expire("still running")
+        });
+    let out = out.unwrap();
     assert!(out.status.success(), "{out:?}");
     (
         String::from_utf8(out.stderr).unwrap(),

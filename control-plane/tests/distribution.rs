@@ -14,7 +14,7 @@ use corsair_proto::v1::{
 };
 use corsair_sidecar::policies::PolicySet;
 use corsair_sidecar::sync::{Backoff, Replica, SyncClient, SyncConfig, SyncState, first_replica};
-use support::{Backend, TestServer, eventually, fresh_db};
+use support::{Backend, Deadline, TestServer, eventually, fresh_db, within};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -70,6 +70,7 @@ async fn set_origin(server: &TestServer, service: &str, origin: &str) -> i64 {
 
 /// A real sync client on its own task.
 struct Sidecar {
+    id: String,
     set: Arc<PolicySet>,
     state: watch::Receiver<SyncState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -116,6 +117,7 @@ impl Sidecar {
                 .unwrap();
         });
         Sidecar {
+            id: id.into(),
             set,
             state,
             stop: Some(stop),
@@ -124,10 +126,20 @@ impl Sidecar {
     }
 
     async fn at(&mut self, revision: i64) {
-        self.state
-            .wait_for(|s| matches!(s, SyncState::Connected { revision: r } if *r >= revision))
+        let deadline = Deadline::new(format!(
+            "sidecar {} connected at revision {revision} or later",
+            self.id
+        ));
+        let reached = self
+            .state
+            .wait_for(|s| matches!(s, SyncState::Connected { revision: r } if *r >= revision));
+        let reached = tokio::time::timeout(deadline.remaining(), reached)
             .await
-            .unwrap();
+            .map(|reached| reached.map(drop));
+        match reached {
+            Ok(reached) => reached.unwrap(),
+            Err(_) => deadline.expire(format_args!("{:?}", *self.state.borrow())),
+        }
     }
 
     fn origins(&self, service: &str) -> Option<Vec<String>> {
@@ -166,7 +178,7 @@ impl RawStream {
     }
 
     async fn next(&mut self) -> Result<Option<v1::DiscoveryResponse>, tonic::Status> {
-        self.inbound.message().await
+        within("a message on the discovery stream", self.inbound.message()).await
     }
 
     async fn send(&self, kind: Kind) {
@@ -243,7 +255,7 @@ async fn snapshot_updates_and_removals(backend: Backend) {
     );
 
     // The ACK crosses the wire after the sidecar applied the change.
-    let row = eventually(|| async {
+    let row = eventually("fleet status to list sc-1 SYNCED", || async {
         let row = fleet_row(&server, "sc-1").await;
         (row.state == v1::SidecarState::Synced as i32).then_some(row)
     })
@@ -284,7 +296,7 @@ async fn snapshot_updates_and_removals(backend: Backend) {
         .into_inner();
     assert!(nacked.sidecars.is_empty());
     sidecar.stop().await;
-    let row = eventually(|| async {
+    let row = eventually("fleet status to list sc-1 DISCONNECTED", || async {
         let row = fleet_row(&server, "sc-1").await;
         (row.state == v1::SidecarState::Disconnected as i32).then_some(row)
     })
@@ -368,7 +380,7 @@ async fn nack_is_not_resent_and_shows_in_fleet(backend: Backend) {
         }))
         .await;
 
-    let row = eventually(|| async {
+    let row = eventually("fleet status to list sc-n NACKED", || async {
         let row = fleet_row(&server, "sc-n").await;
         (row.state == v1::SidecarState::Nacked as i32).then_some(row)
     })
@@ -419,7 +431,9 @@ async fn burst_of_updates_coalesces(backend: Backend) {
         sidecar.origins("shop").unwrap(),
         ["https://a100.example.com"]
     );
-    let revisions = recorder.await.unwrap();
+    let revisions = within("the recorder to see revision 101", recorder)
+        .await
+        .unwrap();
     assert!(
         revisions.windows(2).all(|w| w[0] <= w[1]),
         "never backwards: {revisions:?}"
@@ -439,11 +453,14 @@ async fn control_plane_restart(backend: Backend) {
     let mut sidecar = Sidecar::start(&server.url(), "sc-x", &["shop"], Arc::default()).await;
     sidecar.at(r1).await;
     server.stop().await;
-    sidecar
-        .state
-        .wait_for(|s| matches!(s, SyncState::Connecting { .. }))
-        .await
-        .unwrap();
+    within(
+        "sidecar sc-x to reconnect after the control plane stopped",
+        sidecar
+            .state
+            .wait_for(|s| matches!(s, SyncState::Connecting { .. })),
+    )
+    .await
+    .unwrap();
     // The last good policy keeps serving while the control plane is away.
     assert_eq!(sidecar.origins("shop").unwrap(), ["https://a.example.com"]);
 
@@ -536,10 +553,13 @@ async fn two_replicas_on_postgres() {
 
     // Fleet status is the same from either replica: the sidecar's replica writes it before
     // answering, and then the other reads it from the database.
-    let row = eventually(|| async {
-        let row = fleet_row(&two, "sc-pg").await;
-        (row.last_acked_revision == r2).then_some(row)
-    })
+    let row = eventually(
+        "replica two to list sc-pg at the last revision it applied",
+        || async {
+            let row = fleet_row(&two, "sc-pg").await;
+            (row.last_acked_revision == r2).then_some(row)
+        },
+    )
     .await;
     assert_eq!(row.state, v1::SidecarState::Synced as i32);
     assert_eq!(row, fleet_row(&one, "sc-pg").await);
@@ -584,10 +604,13 @@ async fn a_sidecar_fails_over_between_replicas() {
     let mut sidecar = Sidecar::start_on(&urls, &id, &["shop"], Arc::default()).await;
     let r1 = create(&two, "shop", "https://a.example.com").await;
     sidecar.at(r1).await;
-    let row = eventually(|| async {
-        let row = listed_row(&two, &id).await?;
-        (row.last_acked_revision == r1).then_some(row)
-    })
+    let row = eventually(
+        "replica two to list the sidecar at its first revision",
+        || async {
+            let row = listed_row(&two, &id).await?;
+            (row.last_acked_revision == r1).then_some(row)
+        },
+    )
     .await;
     let first = row.control_plane;
 
@@ -598,10 +621,13 @@ async fn a_sidecar_fails_over_between_replicas() {
     sidecar.at(r2).await;
     assert_eq!(sidecar.origins("shop").unwrap(), ["https://b.example.com"]);
     // Its row on the new replica is written once the ACK arrives there.
-    let row = eventually(|| async {
-        let row = listed_row(&two, &id).await?;
-        (row.last_acked_revision == r2).then_some(row)
-    })
+    let row = eventually(
+        "replica two, which it moved to, to list the sidecar at the new revision",
+        || async {
+            let row = listed_row(&two, &id).await?;
+            (row.last_acked_revision == r2).then_some(row)
+        },
+    )
     .await;
     assert_ne!(row.control_plane, first, "it moved to the other replica");
     sidecar.stop().await;

@@ -2,12 +2,16 @@
 //! control plane is down, reports that on its admin endpoints, refuses a corrupt cache file,
 //! and stops cleanly on SIGTERM.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 
 use corsair_proto::v1;
 use corsair_sidecar::cache_file;
+use support::{Deadline, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -56,8 +60,18 @@ fn field(line: &str, name: &str) -> Option<String> {
     Some(line[at..].split_whitespace().next()?.to_owned())
 }
 
+/// A sidecar process, killed when dropped (so a failing test leaves none behind).
+struct Sidecar(Child);
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the sidecar; returns it with its proxy and admin addresses.
-fn start(args: &[&str]) -> (Child, String, String) {
+fn start(args: &[&str]) -> (Sidecar, String, String) {
     let mut child = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(args)
@@ -65,23 +79,29 @@ fn start(args: &[&str]) -> (Child, String, String) {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (proxy, admin) = loop {
-        let line = strip_ansi(
-            &lines
-                .next()
-                .expect("the sidecar logs its addresses")
-                .unwrap(),
-        );
-        if line.contains("sidecar listening") {
-            break (
-                field(&line, "address").unwrap(),
-                field(&line, "admin").unwrap(),
-            );
+    // Its log is read on a thread, so that waiting for a line can have a deadline and the
+    // process never blocks on a full pipe.
+    let stdout = child.stdout.take().unwrap();
+    let sidecar = Sidecar(child);
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
         }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, proxy, admin)
+    });
+    let deadline = Deadline::new("the sidecar to log \"sidecar listening\"");
+    loop {
+        let line = match lines.recv_timeout(deadline.remaining()) {
+            Ok(line) => strip_ansi(&line),
+            Err(RecvTimeoutError::Timeout) => deadline.expire(""),
+            Err(RecvTimeoutError::Disconnected) => panic!("the sidecar exited before it listened"),
+        };
+        if line.contains("sidecar listening") {
+            let proxy = field(&line, "address").unwrap();
+            let admin = field(&line, "admin").unwrap();
+            return (sidecar, proxy, admin);
+        }
+    }
 }
 
 /// One HTTP/1.1 request; the whole response as text.
@@ -89,7 +109,12 @@ async fn http(addr: &str, request: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
-    s.read_to_string(&mut response).await.unwrap();
+    within(
+        &format!("{addr} to answer and close"),
+        s.read_to_string(&mut response),
+    )
+    .await
+    .unwrap();
     response
 }
 
@@ -133,13 +158,21 @@ fn nice_of_threads(pid: u32, name: &str) -> Vec<i32> {
     nice
 }
 
-fn stop(mut child: Child) {
+fn stop(mut sidecar: Sidecar) {
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &sidecar.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    assert!(child.wait().unwrap().success());
+    let deadline = Deadline::new("the sidecar to exit after SIGTERM");
+    loop {
+        if let Some(status) = sidecar.0.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            return;
+        }
+        deadline.check("still running");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,20 +325,24 @@ async fn a_policy_file_is_enforced_and_edits_go_live() {
         }
     };
     // The file is read shortly after start, and again after each edit: re-check until it is.
+    let deadline = Deadline::new("the policy file allowing https://a.example.com to apply");
     while !allows("https://a.example.com").await {
+        deadline.check("");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     std::fs::write(&file, r#"{"service":"shop","allowed_origins":["https://b.example.com"],"allowed_methods":["PUT"]}"#).unwrap();
+    let deadline = Deadline::new("the edited policy file allowing https://b.example.com to apply");
     while !allows("https://b.example.com").await {
+        deadline.check("");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(!allows("https://a.example.com").await);
     // The watcher runs on the background thread, 10 nice steps below the proxy, which keeps
     // the priority of the thread that started it (this one).
     let ours = nice_in("/proc/thread-self/stat".as_ref());
-    assert_eq!(nice_of_threads(child.id(), "corsair-sidecar"), [ours]);
+    assert_eq!(nice_of_threads(child.0.id(), "corsair-sidecar"), [ours]);
     assert_eq!(
-        nice_of_threads(child.id(), "corsair-sync"),
+        nice_of_threads(child.0.id(), "corsair-sync"),
         [(ours + 10).min(19)]
     );
     let policy = admin_get(&admin, "/policy").await;

@@ -2,8 +2,10 @@
 //! origin, and the page fetches from sidecars on other origins (same host, other ports) and
 //! reports what the browser let its script see.
 //!
-//! Needs Debian's `chromium` (or `CORSAIR_CHROMIUM`). Without it the test skips loudly, or
-//! fails under `CI=true`.
+//! Needs Debian's `chromium` (or `CORSAIR_CHROMIUM`). Without it the test skips (see
+//! [`support::skip`]), or fails under `CI=true`.
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -123,7 +125,7 @@ fn snapshot(revision: i64, policy: v1::Policy) -> v1::DiscoveryResponse {
     }
 }
 
-/// The browser to drive, or `None` (after saying so loudly) when this machine has none.
+/// The browser to drive, or `None` (a skip) when this machine has none.
 fn chromium() -> Option<PathBuf> {
     let candidates = std::env::var_os("CORSAIR_CHROMIUM")
         .map(PathBuf::from)
@@ -134,12 +136,9 @@ fn chromium() -> Option<PathBuf> {
             return Some(candidate);
         }
     }
-    let message =
-        "headless Chromium not found (install Debian's `chromium`, or set CORSAIR_CHROMIUM)";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{message}; CI=true requires the browser suite");
-    }
-    eprintln!("\n!!! SKIPPING the browser suite: {message}\n");
+    support::skip(
+        "headless Chromium not found (install Debian's `chromium`, or set CORSAIR_CHROMIUM)",
+    );
     None
 }
 
@@ -313,10 +312,13 @@ async fn the_browser_allows_exactly_what_the_policy_says() {
         let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
         let _ = exited_tx.send(text);
     });
-    let results = tokio::select! {
-        results = results_rx.recv() => results.unwrap(),
-        output = exited_rx => panic!("Chromium exited before the page reported:\n{}", output.unwrap_or_default()),
-    };
+    let results = support::within("the page in Chromium to report its checks", async {
+        tokio::select! {
+            results = results_rx.recv() => results.unwrap(),
+            output = exited_rx => panic!("Chromium exited before the page reported:\n{}", output.unwrap_or_default()),
+        }
+    })
+    .await;
     child.kill().await.unwrap();
     log.abort();
 

@@ -3,6 +3,8 @@
 //! no-policy setting, upgrades, metrics, hot swaps (one, and many under load), and HTTP/1
 //! keep-alive connections giving back their buffers while idle.
 
+mod support;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::{Deadline, within};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -213,17 +216,18 @@ impl Sidecar {
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
-        let response = client
-            .request(
-                req.body(Full::new(Bytes::from_static(body.as_bytes())))
-                    .unwrap(),
-            )
-            .await
+        let request = req
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, headers, body)
+        let what = format!("the sidecar's whole answer to {} {path}", request.method());
+        within(&what, async {
+            let response = client.request(request).await.unwrap();
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, headers, body)
+        })
+        .await
     }
 }
 
@@ -373,7 +377,12 @@ async fn a_silent_client_is_closed_after_the_header_timeout() {
     for client in [&mut silent, &mut halfway] {
         let mut byte = [0u8; 1];
         // Closed by the sidecar (EOF or reset), without a byte of response.
-        assert!(matches!(client.read(&mut byte).await, Ok(0) | Err(_)));
+        let read = within(
+            "the sidecar to close a silent client",
+            client.read(&mut byte),
+        )
+        .await;
+        assert!(matches!(read, Ok(0) | Err(_)));
     }
     // Others are served meanwhile and after.
     sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
@@ -602,10 +611,13 @@ async fn bodies_many_times_the_buffers_stream_through_whole() {
         .body(Full::new(sent.clone()))
         .unwrap();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let response = client.request(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.headers()["access-control-allow-origin"], APP);
-    let echoed = response.into_body().collect().await.unwrap().to_bytes();
+    let echoed = within("the 4 MiB body echoed back", async {
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["access-control-allow-origin"], APP);
+        response.into_body().collect().await.unwrap().to_bytes()
+    })
+    .await;
     assert!(
         echoed == sent,
         "{} bytes back of {}",
@@ -772,11 +784,13 @@ async fn an_upstream_stalled_mid_body_is_cut_off_after_the_response_timeout() {
     let mut raw = Raw::connect(sidecar.addr).await;
     raw.send(b"GET /stall HTTP/1.1\r\nHost: shop\r\n\r\n").await;
     let mut received = Vec::new();
-    let _ = raw.stream.read_to_end(&mut received).await;
+    let cut_off = raw.stream.read_to_end(&mut received);
+    let _ = within("the sidecar to cut off the stalled response", cut_off).await;
     let received = String::from_utf8(received).unwrap();
     assert!(received.starts_with("HTTP/1.1 200 OK\r\n"), "{received}");
     assert!(received.ends_with("\r\n\r\n0123456789"), "{received}");
-    closes.recv().await.unwrap();
+    let closed = "the sidecar to close the stalled upstream connection";
+    within(closed, closes.recv()).await.unwrap();
 
     let h2 = Client::builder(TokioExecutor::new())
         .http2_only(true)
@@ -784,10 +798,20 @@ async fn an_upstream_stalled_mid_body_is_cut_off_after_the_response_timeout() {
     let request = Request::get(format!("http://{}/stall", sidecar.addr))
         .body(Full::default())
         .unwrap();
-    let response = h2.request(request).await.unwrap();
+    let response = within(
+        "the head of the stalled response over HTTP/2",
+        h2.request(request),
+    )
+    .await
+    .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert!(response.into_body().collect().await.is_err());
-    closes.recv().await.unwrap();
+    let body = response.into_body().collect();
+    assert!(
+        within("the sidecar to reset the stalled stream", body)
+            .await
+            .is_err()
+    );
+    within(closed, closes.recv()).await.unwrap();
 
     let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
     let line = r#"corsair_sidecar_upstream_errors_total{kind="timeout"} 2"#;
@@ -837,10 +861,13 @@ async fn over_http2_the_response_timeout_counts_from_the_end_of_the_body() {
             parts.send(Ok(part)).await.unwrap();
         }
     };
-    let (response, ()) = tokio::join!(upload, slowly);
-    let response = response.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let answered = async {
+        let (response, ()) = tokio::join!(upload, slowly);
+        let response = response.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.unwrap().to_bytes()
+    };
+    let body = within("the answer to a slow upload over HTTP/2", answered).await;
     assert_eq!(body, "slowly");
     let hang = Client::builder(TokioExecutor::new())
         .http2_only(true)
@@ -892,7 +919,8 @@ async fn upgrades_are_spliced_to_the_upstream() {
     for message in [&b"ping"[..], b"\x00\xffbinary", b"GET / HTTP/1.1\r\n\r\n"] {
         stream.write_all(message).await.unwrap();
         let mut echoed = vec![0u8; message.len()];
-        stream.read_exact(&mut echoed).await.unwrap();
+        let echo = stream.read_exact(&mut echoed);
+        within("the echo through the tunnel", echo).await.unwrap();
         assert_eq!(echoed, message);
     }
     drop(stream);
@@ -1056,13 +1084,16 @@ async fn upgrade_from(
         .await
         .unwrap();
     let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        if stream.read(&mut byte).await.unwrap() == 0 {
-            break;
+    within("the head of the answer to an upgrade", async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if stream.read(&mut byte).await.unwrap() == 0 {
+                break;
+            }
+            head.push(byte[0]);
         }
-        head.push(byte[0]);
-    }
+    })
+    .await;
     (stream, String::from_utf8(head).unwrap())
 }
 
@@ -1089,12 +1120,18 @@ async fn idle_tunnels_are_closed() {
         tokio::time::sleep(std::time::Duration::from_millis(40)).await;
         stream.write_all(&[i]).await.unwrap();
         let mut echo = [0u8; 1];
-        stream.read_exact(&mut echo).await.unwrap();
+        let echoed = stream.read_exact(&mut echo);
+        within("the echo through the tunnel", echoed).await.unwrap();
         assert_eq!(echo[0], i);
     }
     // Then nothing: closed.
     let mut byte = [0u8; 1];
-    assert!(matches!(stream.read(&mut byte).await, Ok(0) | Err(_)));
+    let read = within(
+        "the sidecar to close the idle tunnel",
+        stream.read(&mut byte),
+    )
+    .await;
+    assert!(matches!(read, Ok(0) | Err(_)));
 }
 
 #[tokio::test]
@@ -1163,7 +1200,8 @@ async fn upstream_connections_are_reused_and_closed_when_idle() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     // Left idle, it is closed by the sidecar, and the next request opens a new one.
-    closed.recv().await.unwrap();
+    let idle = "the sidecar to close the idle upstream connection";
+    within(idle, closed.recv()).await.unwrap();
     let (status, _, _) = sidecar.send(Method::GET, "/", &[], "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -1223,23 +1261,33 @@ async fn shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
     busy.write_all(b"GET /slow HTTP/1.1\r\nHost: shop\r\n\r\n")
         .await
         .unwrap();
-    arrived.notified().await;
+    within("the request to reach the upstream", arrived.notified()).await;
 
     stop.send(()).unwrap();
     let mut byte = [0u8; 1];
-    assert!(matches!(idle.read(&mut byte).await, Ok(0) | Err(_)));
+    let read = within(
+        "shutdown to close the idle connection",
+        idle.read(&mut byte),
+    )
+    .await;
+    assert!(matches!(read, Ok(0) | Err(_)));
     // The listener closed before the idle connections did: no one is queued meanwhile.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     assert!(!serving.is_finished());
 
     release.notify_one();
     let mut response = Vec::new();
-    busy.read_to_end(&mut response).await.unwrap();
+    let finished = busy.read_to_end(&mut response);
+    within("the request in flight to be answered", finished)
+        .await
+        .unwrap();
     let response = String::from_utf8(response).unwrap().to_ascii_lowercase();
     assert!(response.starts_with("http/1.1 200"), "{response}");
     assert!(response.contains("connection: close"), "{response}");
     assert!(response.ends_with("done"), "{response}");
-    serving.await.unwrap();
+    within("the sidecar to finish shutting down", serving)
+        .await
+        .unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
@@ -1298,6 +1346,10 @@ impl Raw {
 
     /// Reads one response: its status, lowercase headers and body (by `Content-Length`).
     async fn response(&mut self) -> (u16, Vec<(String, String)>, String) {
+        within("a whole response on the connection", self.read_response()).await
+    }
+
+    async fn read_response(&mut self) -> (u16, Vec<(String, String)>, String) {
         use tokio::io::{AsyncBufReadExt, AsyncReadExt};
         let mut status_line = String::new();
         self.stream.read_line(&mut status_line).await.unwrap();
@@ -1326,11 +1378,14 @@ impl Raw {
         (status, headers, String::from_utf8(body).unwrap())
     }
 
-    /// True once the sidecar has closed the connection (EOF or reset).
+    /// True once the sidecar has closed the connection (EOF or reset), false if it sent
+    /// something instead.
     async fn closed(&mut self) -> bool {
         use tokio::io::AsyncReadExt;
         let mut byte = [0u8; 1];
-        matches!(self.stream.read(&mut byte).await, Ok(0) | Err(_))
+        let read = self.stream.read(&mut byte);
+        let read = within("the sidecar to close the connection", read).await;
+        matches!(read, Ok(0) | Err(_))
     }
 }
 
@@ -1356,7 +1411,15 @@ impl Sidecar {
 
     /// Waits until `idle` connections wait with their buffers released and `serving` serve.
     async fn wait_for_connections(&self, idle: i64, serving: i64) {
-        while (self.connections("idle"), self.connections("serving")) != (idle, serving) {
+        let deadline = Deadline::new(format!(
+            "the sidecar to report {idle} idle and {serving} serving connection(s)"
+        ));
+        loop {
+            let seen = (self.connections("idle"), self.connections("serving"));
+            if seen == (idle, serving) {
+                return;
+            }
+            deadline.check(format_args!("{} idle, {} serving", seen.0, seen.1));
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     }
@@ -1542,7 +1605,10 @@ async fn a_chunked_trailer_ending_in_a_bare_lf_is_the_clients_error() {
     assert_eq!((status, body.as_str()), (400, "bad request body\n"));
     // Nothing more is read from that connection.
     let mut rest = Vec::new();
-    raw.stream.read_to_end(&mut rest).await.unwrap();
+    let rest_read = raw.stream.read_to_end(&mut rest);
+    within("the sidecar to close the connection", rest_read)
+        .await
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&rest), "");
     assert!(hits.load(Ordering::SeqCst) <= 1);
     let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
@@ -1564,10 +1630,12 @@ async fn a_body_cut_short_by_the_client_is_no_upstream_error() {
         .await;
     drop(raw);
     let metrics = &sidecar.observer.metrics;
+    let deadline = Deadline::new("the sidecar to count 1 client body error");
     while !metrics
         .render(&sidecar.set, None)
         .contains("corsair_sidecar_client_body_errors_total 1")
     {
+        deadline.check("");
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     let metrics = metrics.render(&sidecar.set, None);
@@ -1648,7 +1716,9 @@ async fn a_trickled_head_is_closed_after_the_header_timeout() {
     use tokio::io::AsyncWriteExt;
     raw.send(b"GET /second HTTP/1.1\r\n").await;
     // A header line every 50 ms, until the sidecar closes the connection.
+    let deadline = Deadline::new("the sidecar to close a connection trickling its head");
     for i in 0.. {
+        deadline.check(format_args!("{i} header lines sent"));
         tokio::select! {
             closed = raw.closed() => {
                 assert!(closed);
@@ -1964,29 +2034,36 @@ async fn an_early_answer_never_stops_the_body_on_its_way() {
         .await
         .unwrap();
     let chunk = vec![b'y'; 64 << 10];
-    for _ in 0..SIZE / chunk.len() {
-        client.write_all(&chunk).await.unwrap();
-    }
-    // Only now does the client read.
-    assert_eq!(received.await.unwrap(), SIZE);
-    let mut response = Vec::new();
-    let mut buf = vec![0; 1 << 16];
-    let head_end = loop {
-        let n = client.read(&mut buf).await.unwrap();
-        assert_ne!(n, 0, "closed before the response's head");
-        response.extend_from_slice(&buf[..n]);
-        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end + 4;
+    let uploaded = async {
+        for _ in 0..SIZE / chunk.len() {
+            client.write_all(&chunk).await.unwrap();
         }
+        // Only now does the client read.
+        received.await.unwrap()
     };
-    assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"));
-    let mut body = response.len() - head_end;
-    while body < SIZE {
-        let n = client.read(&mut buf).await.unwrap();
-        assert_ne!(n, 0, "closed after {body} bytes of the response's body");
-        body += n;
-    }
-    assert_eq!(body, SIZE);
+    let uploaded = within("the upstream to read the whole body", uploaded).await;
+    assert_eq!(uploaded, SIZE);
+    let downloaded = async {
+        let mut response = Vec::new();
+        let mut buf = vec![0; 1 << 16];
+        let head_end = loop {
+            let n = client.read(&mut buf).await.unwrap();
+            assert_ne!(n, 0, "closed before the response's head");
+            response.extend_from_slice(&buf[..n]);
+            if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+        };
+        assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        let mut body = response.len() - head_end;
+        while body < SIZE {
+            let n = client.read(&mut buf).await.unwrap();
+            assert_ne!(n, 0, "closed after {body} bytes of the response's body");
+            body += n;
+        }
+        body
+    };
+    assert_eq!(within("the whole response", downloaded).await, SIZE);
 }
 
 /// A request's trailers are not forwarded: nothing declares them (`Trailer` is hop-by-hop),
@@ -2117,7 +2194,9 @@ async fn a_client_gone_with_its_request_in_flight_takes_the_upstream_exchange_al
         let mut idle = Raw::connect(sidecar.addr).await;
         let mut raw = Raw::connect(sidecar.addr).await;
         raw.send(request.as_bytes()).await;
-        received.await.unwrap();
+        within("the request to reach the upstream", received)
+            .await
+            .unwrap();
         match leave {
             Leave::Close => drop(raw),
             Leave::HalfClose => {
@@ -2131,9 +2210,12 @@ async fn a_client_gone_with_its_request_in_flight_takes_the_upstream_exchange_al
                 drop(raw);
             }
         }
-        closed
-            .await
-            .unwrap_or_else(|_| panic!("{leave:?}: the upstream failed"));
+        within(
+            &format!("{leave:?}: the upstream connection to close"),
+            closed,
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{leave:?}: the upstream failed"));
     }
 }
 
@@ -2170,13 +2252,18 @@ async fn a_client_gone_after_an_early_answer_takes_the_upstream_exchange_along()
     raw.send(b"POST /upload HTTP/1.1\r\nHost: shop\r\nContent-Length: 10\r\n\r\nhello")
         .await;
     let mut head = String::new();
-    while !head.ends_with("early\r\n") {
-        raw.stream.read_line(&mut head).await.unwrap();
-    }
+    within("the early answer's first chunk", async {
+        while !head.ends_with("early\r\n") {
+            raw.stream.read_line(&mut head).await.unwrap();
+        }
+    })
+    .await;
     raw.send(b"world").await;
-    assert_eq!(&body.await.unwrap(), b"helloworld");
+    let body = within("the upstream to read the rest of the body", body).await;
+    assert_eq!(&body.unwrap(), b"helloworld");
     drop(raw);
-    assert!(closed.await.unwrap().is_empty());
+    let closed = within("the upstream connection to close", closed).await;
+    assert!(closed.unwrap().is_empty());
 }
 
 /// A request that arrives while the one before it on the connection still waits for its
@@ -2211,7 +2298,9 @@ async fn a_request_sent_while_another_is_in_flight_is_answered_after_it() {
         Sidecar::with_timeouts(up, NoPolicy::PassThrough, proxy::Timeouts::default()).await;
     let mut raw = Raw::connect(sidecar.addr).await;
     raw.send(b"GET /one HTTP/1.1\r\nHost: shop\r\n\r\n").await;
-    first.await.unwrap();
+    within("the first request to reach the upstream", first)
+        .await
+        .unwrap();
     raw.send(b"GET /two HTTP/1.1\r\nHost: shop\r\n\r\n").await;
     answer_tx.send(()).unwrap();
     for body in ["first", "other"] {

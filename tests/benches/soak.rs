@@ -64,7 +64,7 @@ fn main() {
         );
         let launch: Vec<(u64, u64)> = pids.iter().map(|(_, pid)| rss_parts(*pid)).collect();
         let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
-        load.wait_for(1000);
+        load.wait_for(1000, "before the warm-up");
         let warmup = env_secs("CORSAIR_SOAK_WARMUP_SECONDS", 60);
         let mut n = 1;
         let warming = Instant::now();

@@ -4,12 +4,12 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use corsair_proto::v1;
-use support::{Backend, ORIGIN, Plane, Served, bearer, request, revision_of};
+use support::{Backend, Deadline, ORIGIN, Plane, Served, bearer, request, revision_of};
 
 /// Sends `raw` on a new connection and reads until the sidecar answers and closes, or stops
 /// answering (the connection is closed after a reply to a malformed request); the
@@ -162,10 +162,17 @@ async fn the_sidecar_survives_a_malformed_request_corpus() {
         let (code, _) = request(addr, "GET", "/good", &[("Origin", ORIGIN)]).unwrap();
         assert_eq!(code, 200);
     }
+    let deadline = Deadline::new("the sidecar to close 20 connections whose heads never end");
     for mut s in slow {
+        let left = deadline.remaining().max(Duration::from_millis(1));
+        s.set_read_timeout(Some(left)).unwrap();
         let mut rest = Vec::new();
         // Returns once the sidecar closes the connection (with a 408 or nothing).
-        let _ = s.read_to_end(&mut rest);
+        if let Err(e) = s.read_to_end(&mut rest)
+            && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+        {
+            deadline.expire(format_args!("{} bytes, then nothing", rest.len()));
+        }
     }
     assert!(
         !upstream

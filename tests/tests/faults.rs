@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use corsair_proto::v1;
 use support::{
-    Backend, Load, ORIGIN, Plane, SERVICE, Served, Sidecar, Upstream, bearer, converged, policy,
-    request, revision_of, sidecar_token, write_policy,
+    Backend, Deadline, Load, ORIGIN, Plane, SERVICE, Served, Sidecar, Upstream, bearer, converged,
+    policy, request, revision_of, sidecar_token, write_policy,
 };
 
 /// One test per backend for the scenario `$name(backend)`.
@@ -80,11 +80,11 @@ async fn control_plane_killed_and_restarted(backend: Backend) {
         ..
     } = plane.serve(0, 3, dir.path(), &[]).await;
     let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
-    load.wait_for(200);
+    load.wait_for(200, "before the control plane is killed");
 
     // SIGKILL to every replica: traffic goes on under the last policy.
     plane.kill_all();
-    load.wait_for(500);
+    load.wait_for(500, "with every control-plane replica killed");
 
     // Back on the same ports and database: the sidecars reconnect and take a new revision.
     plane.start_all();
@@ -97,7 +97,7 @@ async fn control_plane_killed_and_restarted(backend: Backend) {
         took,
         healed.elapsed()
     );
-    load.wait_for(200);
+    load.wait_for(200, "after the restart");
     let (served, failures) = load.stop();
     assert_clean(served, &failures);
 }
@@ -127,14 +127,19 @@ async fn control_plane_paused_beyond_the_keepalive_timeout(backend: Backend) {
         .count();
     assert!(on_r0 > 0, "some sidecars start on the replica to be frozen");
     let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
-    load.wait_for(100);
+    load.wait_for(100, "before a replica is frozen");
 
     let frozen = &plane.replica(0).process;
     frozen.signal(nix::sys::signal::Signal::SIGSTOP);
     let paused = Instant::now();
     if replicas == 1 {
         for s in &sidecars {
+            let deadline = Deadline::new(format!(
+                "sidecar {} to leave the stream of the frozen control plane",
+                s.addr
+            ));
             while support::sync_connected(s) {
+                deadline.check("its metrics say connected");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -156,7 +161,7 @@ async fn control_plane_paused_beyond_the_keepalive_timeout(backend: Backend) {
             paused.elapsed()
         );
     }
-    load.wait_for(300);
+    load.wait_for(300, "with replica r0 frozen");
 
     frozen.signal(nix::sys::signal::Signal::SIGCONT);
     let next = replicas as u64 + 1;
@@ -169,7 +174,7 @@ async fn control_plane_paused_beyond_the_keepalive_timeout(backend: Backend) {
         "{backend:?}: control plane resumed: fleet SYNCED on a revision written through it {:?} after SIGCONT",
         resumed.elapsed()
     );
-    load.wait_for(100);
+    load.wait_for(100, "after SIGCONT");
     let (served, failures) = load.stop();
     assert_clean(served, &failures);
 }
@@ -201,7 +206,7 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_cac
     assert_eq!(status, 200);
     assert_eq!(revision_of(&head), Ok(2));
     let load = Load::start(&[sidecar.addr], 2, 2);
-    load.wait_for(300);
+    load.wait_for(300, "from the cache with the control plane down");
 
     // The control plane back: the sidecar follows it again.
     plane.start_all();
@@ -211,7 +216,7 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_cac
     eprintln!(
         "{backend:?}: sidecar restarted from its cache: SYNCED {took:?} after the next write"
     );
-    load.wait_for(100);
+    load.wait_for(100, "after the control plane came back");
     let (served, failures) = load.stop();
     assert_clean(served, &failures);
 }
@@ -270,7 +275,7 @@ async fn the_upstream_down_and_back(backend: Backend) {
         ..
     } = plane.serve(0, 2, dir.path(), &[]).await;
     let load = Load::start(&Sidecar::addrs(&sidecars), 2, 1);
-    load.wait_for(200);
+    load.wait_for(200, "before the upstream stops");
 
     load.upstream_down.store(true, Ordering::SeqCst);
     upstream.stop().await;
@@ -281,7 +286,13 @@ async fn the_upstream_down_and_back(backend: Backend) {
             "the sidecar answers 502 while the upstream is down"
         );
     }
-    while load.bad_gateway.load(Ordering::Relaxed) < 20 {
+    let deadline = Deadline::new("20 requests of the load answered 502 with the upstream down");
+    loop {
+        let bad_gateway = load.bad_gateway.load(Ordering::Relaxed);
+        if bad_gateway >= 20 {
+            break;
+        }
+        deadline.check(format_args!("{bad_gateway}"));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
@@ -289,11 +300,16 @@ async fn the_upstream_down_and_back(backend: Backend) {
     upstream.resume().await;
     let back = Instant::now();
     for s in &sidecars {
+        let deadline = Deadline::new(format!(
+            "sidecar {} to answer 200 with the upstream back",
+            s.addr
+        ));
         loop {
             let (status, _) = request(s.addr, "GET", "/item", &[("Origin", ORIGIN)]).unwrap();
             if status == 200 {
                 break;
             }
+            deadline.check(format_args!("status {status}"));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -303,7 +319,7 @@ async fn the_upstream_down_and_back(backend: Backend) {
     );
     load.upstream_down.store(false, Ordering::SeqCst);
     let settle = load.served.load(Ordering::Relaxed);
-    load.wait_for(300);
+    load.wait_for(300, "after the upstream came back");
     let (served, failures) = load.stop();
     assert!(served > settle);
     assert_clean(served, &failures);
@@ -341,7 +357,7 @@ async fn a_burst_of_updates_while_sidecars_serve(backend: Backend) {
         1,
         Some(Duration::from_millis(2)),
     );
-    load.wait_for(100);
+    load.wait_for(100, "before the burst of updates");
     let started = Instant::now();
     let mut policies = v1::policy_service_client::PolicyServiceClient::new(grpc.clone());
     let mut etag = policies
@@ -372,7 +388,7 @@ async fn a_burst_of_updates_while_sidecars_serve(backend: Backend) {
         "{backend:?}: {UPDATES} updates written in {wrote:?}; all {SIDECARS} sidecars on {} replica(s) SYNCED on the last {took:?} after it",
         replicas.len()
     );
-    load.wait_for(100);
+    load.wait_for(100, "after the burst of updates");
     let (served, failures) = load.stop();
     // Every sidecar now serves the last revision.
     for s in &sidecars {
@@ -401,28 +417,34 @@ async fn one_of_two_postgres_replicas_killed_and_restarted_its_sidecars_move() {
         .count();
     assert!(on_r0 > 0, "some sidecars start on r0");
     let load = Load::start(&Sidecar::addrs(&sidecars), 1, 1);
-    load.wait_for(200);
+    load.wait_for(200, "before r0 is killed");
 
     plane.replicas[0].take().unwrap().process.kill();
     let killed = Instant::now();
     load.written.store(2, Ordering::SeqCst);
     let revision = write_policy(&grpc_r1, 2).await;
+    let deadline = Deadline::new(format!(
+        "all 3 sidecars SYNCED on r1 at revision {revision} or later"
+    ));
     loop {
-        let moved = synced_per_replica(&plane, 1)
-            .await
+        let listed = synced_per_replica(&plane, 1).await;
+        let moved = listed
             .iter()
             .filter(|(replica, acked)| replica == "r1" && *acked >= revision)
             .count();
         if moved == 3 {
             break;
         }
+        deadline.check(format_args!(
+            "(replica, revision) of each SYNCED: {listed:?}"
+        ));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!(
         "replica r0 killed: its {on_r0} sidecar(s) SYNCED on r1 {:?} later",
         killed.elapsed()
     );
-    load.wait_for(200);
+    load.wait_for(200, "with r0 killed");
 
     // r0 comes back on its port and takes writes again; the fleet follows them from r1.
     plane.start_all();
@@ -430,7 +452,7 @@ async fn one_of_two_postgres_replicas_killed_and_restarted_its_sidecars_move() {
     let revision = write_policy(&plane.channel(0), 3).await;
     let took = converged(&grpc_r1, 3, revision).await;
     eprintln!("replica r0 restarted: a write through it reached every sidecar in {took:?}");
-    load.wait_for(200);
+    load.wait_for(200, "after r0 came back");
     let (served, failures) = load.stop();
     assert_clean(served, &failures);
 }

@@ -1,12 +1,69 @@
 //! Real processes for the end-to-end tests: the `corsair-control-plane` and `corsair-sidecar`
-//! binaries (built beside `corsairctl`), each test with its own database and ports.
+//! binaries (built beside `corsairctl`), each test with its own database and ports. Every
+//! wait has a [`Deadline`].
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::fmt::Display;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+/// How long any wait here lasts before it fails: a guard against a hang, far above what the
+/// awaited thing takes even on a loaded machine, not a bound on how fast it happens.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A wait that fails, naming what it waited for and what it saw last, once [`PATIENCE`] (or
+/// its own limit) has passed.
+pub struct Deadline {
+    what: String,
+    started: Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    /// A wait for `what`, for at most [`PATIENCE`].
+    pub fn new(what: impl Into<String>) -> Deadline {
+        Deadline::with_limit(PATIENCE, what)
+    }
+
+    pub fn with_limit(limit: Duration, what: impl Into<String>) -> Deadline {
+        Deadline {
+            what: what.into(),
+            started: Instant::now(),
+            limit,
+        }
+    }
+
+    /// Fails the wait once the deadline has passed; `last_seen` says how far it got.
+    pub fn check(&self, last_seen: impl Display) {
+        if self.started.elapsed() >= self.limit {
+            self.expire(last_seen);
+        }
+    }
+
+    /// The time left, for a wait that takes a timeout.
+    pub fn remaining(&self) -> Duration {
+        self.limit.saturating_sub(self.started.elapsed())
+    }
+
+    /// Fails the wait: "timed out after 60s waiting for: … (last seen: …)".
+    pub fn expire(&self, last_seen: impl Display) -> ! {
+        let last_seen = last_seen.to_string();
+        let last_seen = if last_seen.is_empty() {
+            String::new()
+        } else {
+            format!(" (last seen: {last_seen})")
+        };
+        panic!(
+            "timed out after {:?} waiting for: {}{last_seen}",
+            self.limit, self.what
+        );
+    }
+}
 
 /// The `corsairctl` under test.
 pub const CTL: &str = env!("CARGO_BIN_EXE_corsairctl");
@@ -48,26 +105,38 @@ pub fn sibling(name: &str) -> PathBuf {
 /// process behind.
 pub struct Running {
     pub child: Child,
+    /// The program's file name, for messages.
+    pub name: String,
     pub lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Running {
     /// The next line it prints; `None` once it has closed its output.
     pub fn next_line(&self) -> Option<String> {
-        self.lines.recv().ok()
+        self.next_line_before(&Deadline::new(format!("a line from {}", self.name)))
+    }
+
+    fn next_line_before(&self, deadline: &Deadline) -> Option<String> {
+        match self.lines.recv_timeout(deadline.remaining()) {
+            Ok(line) => Some(line),
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => deadline.expire(""),
+        }
     }
 
     /// Every line it printed from now until it closed its output.
     pub fn rest(&self) -> Vec<String> {
-        self.lines.iter().collect()
+        let deadline = Deadline::new(format!("{} to close its output", self.name));
+        std::iter::from_fn(|| self.next_line_before(&deadline)).collect()
     }
 
     /// Reads JSON log lines until one whose message is `message`; returns its fields.
     pub fn wait_for_log(&mut self, message: &str) -> serde_json::Value {
+        let deadline = Deadline::new(format!("{} to log {message:?}", self.name));
         loop {
             let line = self
-                .next_line()
-                .unwrap_or_else(|| panic!("the process exited before logging {message:?}"));
+                .next_line_before(&deadline)
+                .unwrap_or_else(|| panic!("{} exited before logging {message:?}", self.name));
             if let Ok(log) = serde_json::from_str::<serde_json::Value>(&line)
                 && log["fields"]["message"] == message
             {
@@ -80,7 +149,14 @@ impl Running {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        self.child.wait().unwrap()
+        let deadline = Deadline::new(format!("{} to exit after SIGTERM", self.name));
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            deadline.check("still running");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -124,7 +200,8 @@ pub fn spawn_env(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Running {
             }
         }
     });
-    Running { child, lines }
+    let name = bin.file_name().unwrap().to_string_lossy().into_owned();
+    Running { child, name, lines }
 }
 
 /// A control plane on its own SQLite database and port.
@@ -200,16 +277,13 @@ impl ControlPlane {
     }
 }
 
-/// Polls `done` until it holds. Each poll is a full round trip to a process; the bound
-/// only turns a hang into a failure that says what was awaited.
+/// Polls `done` until it holds; fails naming `what` after [`PATIENCE`].
 pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..3000 {
-        if done() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    let deadline = Deadline::new(what);
+    while !done() {
+        deadline.check("");
+        std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("gave up waiting until {what}");
 }
 
 /// What a `corsairctl` run printed.
@@ -253,11 +327,30 @@ pub fn ctl_with(args: &[&str], stdin: Option<&str>, token: Option<&str>) -> Ctl 
             .write_all(text.as_bytes())
             .unwrap();
     }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    // Which command, without a token given on the command line.
+    let shown: Vec<&str> = args
+        .iter()
+        .scan(false, |after_token, arg| {
+            let shown = if *after_token { "…" } else { arg };
+            *after_token = *arg == "--token";
+            Some(shown)
+        })
+        .collect();
+    let deadline = Deadline::new(format!("corsairctl {} to exit", shown.join(" ")));
+    let output = exited
+        .recv_timeout(deadline.remaining())
+        .unwrap_or_else(|_| {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            deadline.expire("still running")
+        });
     let Output {
         status,
         stdout,
         stderr,
-    } = child.wait_with_output().unwrap();
+    } = output.unwrap();
     Ctl {
         code: status.code().expect("exited, not killed"),
         stdout: String::from_utf8(stdout).unwrap(),

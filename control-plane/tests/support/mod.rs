@@ -1,11 +1,15 @@
 //! Test support: a fresh database per test on either backend, a real server on port 0, and
 //! generated clients. PostgreSQL comes from `CORSAIR_TEST_POSTGRES_URL` (default: the local
-//! server); when it is missing, tests skip loudly, except under `CI=true`, where they fail.
+//! server); when it is missing, tests [`skip`], except under `CI=true`, where they fail. Every
+//! wait has a [`Deadline`].
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::fmt::Display;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use corsair_control_plane::server::{self, Config};
 use corsair_control_plane::store::{self, Store};
@@ -39,11 +43,12 @@ impl Drop for TestDb {
                     .build()
                     .unwrap();
                 rt.block_on(async {
-                    if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    use sqlx::Connection;
+                    if let Ok(mut connection) = sqlx::PgConnection::connect(&admin).await {
                         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                             "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
                         )))
-                        .execute(&pool)
+                        .execute(&mut connection)
                         .await;
                     }
                 });
@@ -58,8 +63,7 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// A fresh, empty database; `None` (after a loud message) when PostgreSQL is unavailable
-/// outside CI.
+/// A fresh, empty database; `None` when PostgreSQL is unavailable outside CI (see [`skip`]).
 pub async fn fresh_db(backend: Backend) -> Option<TestDb> {
     match backend {
         Backend::Sqlite => {
@@ -73,21 +77,19 @@ pub async fn fresh_db(backend: Backend) -> Option<TestDb> {
         }
         Backend::Postgres => {
             let admin = postgres_admin_url();
-            let pool = match sqlx::PgPool::connect(&admin).await {
-                Ok(pool) => pool,
+            // One connection, not a pool: a server that is not there fails at once, where a
+            // pool would retry until its acquire timeout.
+            use sqlx::Connection;
+            let mut connection = match sqlx::PgConnection::connect(&admin).await {
+                Ok(connection) => connection,
                 Err(e) => {
-                    if std::env::var("CI").is_ok_and(|v| v == "true") {
-                        panic!(
-                            "PostgreSQL is required under CI=true but {admin} is unreachable: {e}"
-                        );
-                    }
-                    eprintln!("\n!!! SKIPPING PostgreSQL test: {admin} is unreachable ({e}) !!!\n");
+                    skip(&format!("PostgreSQL at {admin} is unreachable ({e})"));
                     return None;
                 }
             };
             let name = format!("corsair_t_{}", uuid::Uuid::new_v4().simple());
             sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-                .execute(&pool)
+                .execute(&mut connection)
                 .await
                 .unwrap();
             let base = admin
@@ -175,23 +177,111 @@ impl TestServer {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await.unwrap();
+            within("the control plane to stop", task).await.unwrap();
         }
     }
 }
 
 /// Re-checks `check` until it yields a value: for state another process or task settles
-/// asynchronously and announces nowhere (fleet rows after an ACK crosses the wire).
-pub async fn eventually<T, F, Fut>(mut check: F) -> T
+/// asynchronously and announces nowhere (fleet rows after an ACK crosses the wire). Fails
+/// naming `what` after [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
+    let deadline = Deadline::new(what);
     loop {
         if let Some(value) = check().await {
             return value;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        deadline.check("");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How long any wait here lasts before it fails: a guard against a hang, far above what the
+/// awaited thing takes even on a loaded machine, not a bound on how fast it happens.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A wait that fails, naming what it waited for and what it saw last, once [`PATIENCE`] (or
+/// its own limit) has passed.
+pub struct Deadline {
+    what: String,
+    started: Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    /// A wait for `what`, for at most [`PATIENCE`].
+    pub fn new(what: impl Into<String>) -> Deadline {
+        Deadline::with_limit(PATIENCE, what)
+    }
+
+    pub fn with_limit(limit: Duration, what: impl Into<String>) -> Deadline {
+        Deadline {
+            what: what.into(),
+            started: Instant::now(),
+            limit,
+        }
+    }
+
+    /// Fails the wait once the deadline has passed; `last_seen` says how far it got.
+    pub fn check(&self, last_seen: impl Display) {
+        if self.started.elapsed() >= self.limit {
+            self.expire(last_seen);
+        }
+    }
+
+    /// The time left, for a wait that takes a timeout.
+    pub fn remaining(&self) -> Duration {
+        self.limit.saturating_sub(self.started.elapsed())
+    }
+
+    /// Fails the wait: "timed out after 60s waiting for: … (last seen: …)".
+    pub fn expire(&self, last_seen: impl Display) -> ! {
+        let last_seen = last_seen.to_string();
+        let last_seen = if last_seen.is_empty() {
+            String::new()
+        } else {
+            format!(" (last seen: {last_seen})")
+        };
+        panic!(
+            "timed out after {:?} waiting for: {}{last_seen}",
+            self.limit, self.what
+        );
+    }
+}
+
+/// `future`'s output, or a failure naming `what` after [`PATIENCE`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    let deadline = Deadline::new(what);
+    tokio::time::timeout(deadline.remaining(), future)
+        .await
+        .unwrap_or_else(|_| deadline.expire(""))
+}
+
+/// Skips the running test because `why`, except under `CI=true`, where that is a failure.
+/// Says so on stderr and adds one line to the file `CORSAIR_SKIP_LOG` names, which
+/// `scripts/test.sh` lists after the run (cargo shows no output of a test that passed).
+pub fn skip(why: &str) {
+    let mut scenario = format!("{} {}", env!("CARGO_PKG_NAME"), env!("CARGO_CRATE_NAME"));
+    // The test harness names each test's thread after the test.
+    if let Some(test) = std::thread::current().name().filter(|n| *n != "main") {
+        scenario = format!("{scenario}::{test}");
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{scenario} cannot be skipped under CI=true: {why}");
+    }
+    eprintln!("\n!!! SKIPPING {scenario}: {why} !!!\n");
+    if let Some(log) = std::env::var_os("CORSAIR_SKIP_LOG") {
+        // One append of one whole line: lines of tests running in parallel never interleave.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut file| file.write_all(format!("{scenario}: {why}\n").as_bytes()))
+            .unwrap_or_else(|e| panic!("recording the skip in {}: {e}", log.to_string_lossy()));
     }
 }
 

@@ -1,10 +1,12 @@
 //! The pieces of an end-to-end run: the real `corsair-control-plane` and `corsair-sidecar`
 //! binaries as processes (found in the target directory beside this test), a real upstream,
 //! policies whose every revision is recognisable in response headers, and steady client
-//! traffic that checks every response.
+//! traffic that checks every response. Every wait here has a [`Deadline`]; a scenario that
+//! cannot run on this machine says so with [`skip`].
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -22,6 +24,91 @@ pub const ADMIN: &str = "corsair_e2e-admin-token-0123456789abcdef0123456789";
 pub const ORIGIN: &str = "https://app.example.com";
 /// The service every sidecar here serves.
 pub const SERVICE: &str = "shop";
+
+/// How long any wait here lasts before it fails: a guard against a hang, far above what the
+/// awaited thing takes even on a loaded machine, not a bound on how fast it happens.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A wait that fails, naming what it waited for and what it saw last, once [`PATIENCE`] (or
+/// its own limit) has passed.
+pub struct Deadline {
+    what: String,
+    started: Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    /// A wait for `what`, for at most [`PATIENCE`].
+    pub fn new(what: impl Into<String>) -> Deadline {
+        Deadline::with_limit(PATIENCE, what)
+    }
+
+    pub fn with_limit(limit: Duration, what: impl Into<String>) -> Deadline {
+        Deadline {
+            what: what.into(),
+            started: Instant::now(),
+            limit,
+        }
+    }
+
+    /// Fails the wait once the deadline has passed; `last_seen` says how far it got.
+    pub fn check(&self, last_seen: impl Display) {
+        if self.started.elapsed() >= self.limit {
+            self.expire(last_seen);
+        }
+    }
+
+    /// The time left, for a wait that takes a timeout.
+    pub fn remaining(&self) -> Duration {
+        self.limit.saturating_sub(self.started.elapsed())
+    }
+
+    /// Fails the wait: "timed out after 60s waiting for: … (last seen: …)".
+    pub fn expire(&self, last_seen: impl Display) -> ! {
+        let last_seen = last_seen.to_string();
+        let last_seen = if last_seen.is_empty() {
+            String::new()
+        } else {
+            format!(" (last seen: {last_seen})")
+        };
+        panic!(
+            "timed out after {:?} waiting for: {}{last_seen}",
+            self.limit, self.what
+        );
+    }
+}
+
+/// `future`'s output, or a failure naming `what` after [`PATIENCE`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    let deadline = Deadline::new(what);
+    tokio::time::timeout(deadline.remaining(), future)
+        .await
+        .unwrap_or_else(|_| deadline.expire(""))
+}
+
+/// Skips the running test because `why`, except under `CI=true`, where that is a failure.
+/// Says so on stderr and adds one line to the file `CORSAIR_SKIP_LOG` names, which
+/// `scripts/test.sh` lists after the run (cargo shows no output of a test that passed).
+pub fn skip(why: &str) {
+    let mut scenario = format!("{} {}", env!("CARGO_PKG_NAME"), env!("CARGO_CRATE_NAME"));
+    // The test harness names each test's thread after the test.
+    if let Some(test) = std::thread::current().name().filter(|n| *n != "main") {
+        scenario = format!("{scenario}::{test}");
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{scenario} cannot be skipped under CI=true: {why}");
+    }
+    eprintln!("\n!!! SKIPPING {scenario}: {why} !!!\n");
+    if let Some(log) = std::env::var_os("CORSAIR_SKIP_LOG") {
+        // One append of one whole line: lines of tests running in parallel never interleave.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut file| file.write_all(format!("{scenario}: {why}\n").as_bytes()))
+            .unwrap_or_else(|e| panic!("recording the skip in {}: {e}", log.to_string_lossy()));
+    }
+}
 
 /// A binary of the workspace, from the target directory this test runs from; built when
 /// missing (when this package's tests run alone).
@@ -68,6 +155,8 @@ pub fn free_port() -> u16 {
 /// A process whose JSON log lines are read on a thread; killed when dropped.
 pub struct Process {
     pub child: Child,
+    /// The binary's file name, for messages.
+    name: String,
     lines: std::sync::mpsc::Receiver<String>,
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -94,16 +183,28 @@ impl Process {
                 let _ = tx.send(line);
             }
         });
-        Process { child, lines, log }
+        let name = bin.file_name().unwrap().to_string_lossy().into_owned();
+        Process {
+            child,
+            name,
+            lines,
+            log,
+        }
     }
 
     /// Waits for the log line whose message is `message`; its fields.
     pub fn wait_for_log(&self, message: &str) -> serde_json::Value {
+        let deadline = Deadline::new(format!("{} to log {message:?}", self.name));
         loop {
-            let line = self
-                .lines
-                .recv()
-                .unwrap_or_else(|_| panic!("exited before logging {message:?}"));
+            let line = match self.lines.recv_timeout(deadline.remaining()) {
+                Ok(line) => line,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    deadline.expire(self.log.lock().unwrap().last().cloned().unwrap_or_default())
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("{} exited before logging {message:?}", self.name)
+                }
+            };
             if let Ok(log) = serde_json::from_str::<serde_json::Value>(&line)
                 && log["fields"]["message"] == message
             {
@@ -130,7 +231,14 @@ impl Process {
     /// SIGTERM; whether it then exited cleanly.
     pub fn terminate(mut self) -> bool {
         self.signal(nix::sys::signal::Signal::SIGTERM);
-        self.child.wait().unwrap().success()
+        let deadline = Deadline::new(format!("{} to exit after SIGTERM", self.name));
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            deadline.check("still running");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -187,22 +295,44 @@ pub struct Plane {
     pub ports: Vec<u16>,
     /// The running replicas (`None`: killed, or not started yet).
     pub replicas: Vec<Option<ControlPlane>>,
+    /// The PostgreSQL database, dropped after the replicas (fields drop in order). A SQLite
+    /// file is in the scenario's temporary directory.
+    database: Option<PgDatabase>,
 }
 
 impl Plane {
     /// A plane on `backend` whose database and ports are chosen but which does not run yet;
     /// `None` when PostgreSQL is unreachable outside CI (see [`postgres_database`]).
     pub async fn prepare(backend: Backend, dir: &Path, extra: &[&str]) -> Option<Plane> {
-        let (database_url, count) = match backend {
-            Backend::Sqlite => (format!("sqlite://{}", dir.join("cp.db").display()), 1),
-            Backend::Postgres => (postgres_database().await?, 2),
-        };
-        Some(Plane {
+        Some(match backend {
+            Backend::Sqlite => Plane::new(
+                format!("sqlite://{}", dir.join("cp.db").display()),
+                None,
+                1,
+                extra,
+            ),
+            Backend::Postgres => Plane::on_postgres(postgres_database().await?, extra),
+        })
+    }
+
+    /// Two replicas on `database`, not running yet.
+    pub fn on_postgres(database: PgDatabase, extra: &[&str]) -> Plane {
+        Plane::new(database.url.clone(), Some(database), 2, extra)
+    }
+
+    fn new(
+        database_url: String,
+        database: Option<PgDatabase>,
+        count: usize,
+        extra: &[&str],
+    ) -> Plane {
+        Plane {
             database_url,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ports: (0..count).map(|_| free_port()).collect(),
             replicas: (0..count).map(|_| None).collect(),
-        })
+            database,
+        }
     }
 
     /// [`Plane::prepare`], then every replica started.
@@ -312,6 +442,9 @@ pub fn policy(n: u64) -> v1::Policy {
 /// plane is unavailable; the global revision it got.
 pub async fn write_policy(channel: &Channel, n: u64) -> i64 {
     let mut client = v1::policy_service_client::PolicyServiceClient::new(channel.clone());
+    let deadline = Deadline::new(format!(
+        "the control plane to take revision {n} of the policy"
+    ));
     loop {
         let result = if n == 1 {
             client
@@ -344,6 +477,7 @@ pub async fn write_policy(channel: &Channel, n: u64) -> i64 {
         match result {
             Ok(revision) => return revision,
             Err(status) if status.code() == tonic::Code::Unavailable => {
+                deadline.check(format_args!("{status:?}"));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(status) => panic!("writing revision {n}: {status:?}"),
@@ -369,30 +503,37 @@ pub async fn sidecar_token(channel: &Channel) -> String {
 /// Waits until every sidecar in fleet status is `SYNCED` at `revision` or later (retrying
 /// while the control plane is away); how long that took.
 pub async fn converged(channel: &Channel, sidecars: usize, revision: i64) -> Duration {
+    let deadline = Deadline::new(format!(
+        "fleet status to list {sidecars} sidecar(s) SYNCED at revision {revision} or later"
+    ));
     let started = Instant::now();
     let mut fleet = v1::fleet_service_client::FleetServiceClient::new(channel.clone());
-    for _ in 0..6000 {
-        if let Ok(list) = fleet
+    loop {
+        let listed = fleet
             .list_sidecars(bearer(v1::ListSidecarsRequest {
                 page_size: 1000,
                 state: v1::SidecarState::Synced as i32,
                 ..Default::default()
             }))
-            .await
-        {
-            let synced = list
-                .into_inner()
-                .sidecars
-                .iter()
-                .filter(|s| s.last_acked_revision >= revision)
-                .count();
-            if synced >= sidecars {
-                return started.elapsed();
+            .await;
+        let last_seen = match listed {
+            Ok(list) => {
+                let synced = list
+                    .into_inner()
+                    .sidecars
+                    .iter()
+                    .filter(|s| s.last_acked_revision >= revision)
+                    .count();
+                if synced >= sidecars {
+                    return started.elapsed();
+                }
+                format!("{synced} there")
             }
-        }
+            Err(status) => format!("{status:?}"),
+        };
+        deadline.check(last_seen);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the fleet never converged on revision {revision}");
 }
 
 /// A sidecar process in front of `upstream`, following a control plane.
@@ -490,6 +631,7 @@ pub fn request(
     headers: &[(&str, &str)],
 ) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(PATIENCE))?;
     let mut text = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         text.push_str(&format!("{name}: {value}\r\n"));
@@ -497,7 +639,12 @@ pub fn request(
     text.push_str("\r\n");
     stream.write_all(text.as_bytes())?;
     let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+    stream.read_to_string(&mut response).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("{method} {path} to {addr}: no whole answer within {PATIENCE:?}: {e}"),
+        )
+    })?;
     let status = response
         .get(9..12)
         .and_then(|s| s.parse().ok())
@@ -593,6 +740,8 @@ impl Load {
                             None => match TcpStream::connect(addr) {
                                 Ok(s) => {
                                     let _ = s.set_nodelay(true);
+                                    // An answer that never comes is a failure, not a hang.
+                                    let _ = s.set_read_timeout(Some(PATIENCE));
                                     connection.insert(BufReader::new(s))
                                 }
                                 Err(e) => {
@@ -663,15 +812,23 @@ impl Load {
         }
     }
 
-    /// Waits until `more` further requests have been served.
-    pub fn wait_for(&self, more: u64) {
-        let target = self.served.load(Ordering::Relaxed) + more;
-        while self.served.load(Ordering::Relaxed) < target {
-            assert!(
-                self.failures.lock().unwrap().len() < 1000,
-                "{:?}",
-                &self.failures.lock().unwrap()[..5]
-            );
+    /// Waits until `more` further requests have been served (`what`: while what happens).
+    pub fn wait_for(&self, more: u64, what: &str) {
+        let deadline = Deadline::new(format!("{more} more requests served {what}"));
+        let start = self.served.load(Ordering::Relaxed);
+        loop {
+            let served = self.served.load(Ordering::Relaxed) - start;
+            if served >= more {
+                return;
+            }
+            let failures = self.failures.lock().unwrap();
+            assert!(failures.len() < 1000, "{:?}", &failures[..5]);
+            deadline.check(format_args!(
+                "{served} served, {} failed, e.g. {:?}",
+                failures.len(),
+                &failures[..failures.len().min(3)]
+            ));
+            drop(failures);
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -789,28 +946,71 @@ impl Upstream {
     }
 }
 
-/// A new, empty PostgreSQL database; `None` (after a loud message) when PostgreSQL is not
-/// reachable outside CI. Under `CI=true` it must be.
-pub async fn postgres_database() -> Option<String> {
+/// A new, empty database on the PostgreSQL at `CORSAIR_TEST_POSTGRES_URL` (default: the
+/// local server); `None` when that is unreachable outside CI (see [`skip`]).
+pub async fn postgres_database() -> Option<PgDatabase> {
     let admin = std::env::var("CORSAIR_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let pool = match sqlx::PgPool::connect(&admin).await {
-        Ok(pool) => pool,
+    match PgDatabase::create(&admin).await {
+        Ok(database) => Some(database),
         Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("PostgreSQL is required under CI=true but {admin} is unreachable: {e}");
-            }
-            eprintln!("\n!!! SKIPPING PostgreSQL scenario: {admin} is unreachable ({e}) !!!\n");
-            return None;
+            skip(&format!("PostgreSQL at {admin} is unreachable ({e})"));
+            None
         }
-    };
-    let name = format!("corsair_e2e_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-    Some(format!("{base}/{name}"))
+    }
+}
+
+/// A PostgreSQL database made for one scenario, dropped when this is, whether the scenario
+/// passed or failed.
+pub struct PgDatabase {
+    pub url: String,
+    admin: String,
+    name: String,
+}
+
+impl PgDatabase {
+    /// A new, empty database on the server `admin` (a URL of any database there) names.
+    pub async fn create(admin: &str) -> Result<PgDatabase, sqlx::Error> {
+        use sqlx::Connection;
+        let mut connection = sqlx::PgConnection::connect(admin).await?;
+        let name = format!("corsair_e2e_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut connection)
+            .await?;
+        let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
+        Ok(PgDatabase {
+            url: format!("{base}/{name}"),
+            admin: admin.to_owned(),
+            name,
+        })
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // On a thread with a runtime of its own: this may run inside the test's runtime,
+        // which cannot block on a future.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    use sqlx::Connection;
+                    let mut connection = sqlx::PgConnection::connect(&admin).await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                    )))
+                    .execute(&mut connection)
+                    .await
+                })
+        })
+        .join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("could not drop the test database {}: {e}", self.name);
+        }
+    }
 }
 
 /// Whether a sidecar's metrics say it is connected to a control plane.
