@@ -239,7 +239,7 @@ async fn main() -> ExitCode {
         trust_domain: args.trust_domain,
         keepalive: Duration::from_secs(args.keepalive_secs),
         connections: corsair_control_plane::listener::ConnectionLimits {
-            max_connections: args.max_connections as usize,
+            max_connections: within_descriptors(args.max_connections as usize),
             first_byte: Duration::from_secs(args.first_byte_timeout_secs),
         },
         auth,
@@ -302,4 +302,27 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// File descriptors kept free of connections: the database pool, files, the metrics listener.
+const RESERVED_DESCRIPTORS: usize = 64;
+
+/// `max_connections`, lowered to what the process's file-descriptor limit leaves after
+/// [`RESERVED_DESCRIPTORS`], so that connections wait in the backlog at the cap instead of
+/// running the process out of descriptors.
+fn within_descriptors(max_connections: usize) -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(usize::MAX);
+    let room = limit.saturating_sub(RESERVED_DESCRIPTORS).max(1);
+    if room < max_connections {
+        tracing::warn!(
+            max_connections,
+            descriptors = limit,
+            serving = room,
+            "--max-connections lowered to fit the file-descriptor limit (ulimit -n)"
+        );
+    }
+    max_connections.min(room)
 }

@@ -129,6 +129,8 @@ pub fn binary(name: &str) -> PathBuf {
                 "corsair-control-plane",
                 "-p",
                 "corsair-sidecar",
+                "-p",
+                "corsair-cli",
             ]);
             if dir.ends_with("release") {
                 build.arg("--release");
@@ -163,7 +165,27 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut child = Command::new(bin)
+        Process::spawn_with(Command::new(bin), bin, args, env)
+    }
+
+    /// [`Process::spawn`] with at most `nofile` file descriptors (`ulimit -n`), set by a
+    /// shell that then becomes the binary.
+    pub fn spawn_limited(bin: &Path, args: &[&str], env: &[(&str, &str)], nofile: u32) -> Process {
+        let mut shell = Command::new("sh");
+        shell
+            .arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(bin);
+        Process::spawn_with(shell, bin, args, env)
+    }
+
+    fn spawn_with(
+        mut command: Command,
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Process {
+        let mut child = command
             .args(args)
             .args(["--log-format", "json"])
             .env_remove("CORSAIR_TOKEN")
@@ -258,16 +280,28 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub fn start(database_url: &str, port: u16, extra: &[&str]) -> ControlPlane {
+        ControlPlane::start_limited(database_url, port, extra, None)
+    }
+
+    /// [`ControlPlane::start`], with at most `nofile` file descriptors when given.
+    pub fn start_limited(
+        database_url: &str,
+        port: u16,
+        extra: &[&str],
+        nofile: Option<u32>,
+    ) -> ControlPlane {
         let listen = format!("127.0.0.1:{port}");
-        let process = Process::spawn(
-            &binary("corsair-control-plane"),
-            &[
-                &["--listen", &listen, "--database-url", database_url],
-                extra,
-            ]
-            .concat(),
-            &[("CORSAIR_BOOTSTRAP_TOKEN", ADMIN)],
-        );
+        let bin = binary("corsair-control-plane");
+        let args = [
+            &["--listen", &listen, "--database-url", database_url],
+            extra,
+        ]
+        .concat();
+        let env = [("CORSAIR_BOOTSTRAP_TOKEN", ADMIN)];
+        let process = match nofile {
+            None => Process::spawn(&bin, &args, &env),
+            Some(nofile) => Process::spawn_limited(&bin, &args, &env, nofile),
+        };
         process.wait_for_log("control plane listening");
         ControlPlane {
             process,
@@ -1035,6 +1069,16 @@ pub fn rss_parts(pid: u32) -> (u64, u64) {
 }
 
 /// A process's resident memory (KiB) and open file descriptors, from /proc.
+/// CPU time a process has used, user and system (from `/proc/<pid>/stat`, in clock ticks of
+/// 10 ms).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let (utime, stime): (u64, u64) = (fields[11].parse().unwrap(), fields[12].parse().unwrap());
+    utime + stime
+}
+
 pub fn rss_and_fds(pid: u32) -> (u64, usize) {
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

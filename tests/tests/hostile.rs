@@ -1,0 +1,413 @@
+//! Hostile clients against the real control plane: silent connections and descriptor
+//! exhaustion under a low `ulimit -n`, oversized fields, huge pages, long validation errors,
+//! a sidecar credential that floods the fleet, absurd token lifetimes and verification
+//! ranges, and bytes that are not protobuf. Each asserts that the attack gets a clear answer
+//! or a bounded cost, and that a legitimate client is served meanwhile or right after.
+
+mod support;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use corsair_proto::v1;
+use support::{
+    ADMIN, Backend, ControlPlane, Deadline, Plane, bearer, cpu_ticks, free_port, rss_and_fds,
+    within,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+/// One test per backend for the scenario `$name(backend)`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_two_replicas() {
+                super::$name(super::Backend::Postgres).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    oversized_and_malformed_requests_get_clear_errors_and_store_bounded_text,
+    huge_policies_page_within_a_stock_clients_limit,
+);
+
+fn policies(channel: &Channel) -> v1::policy_service_client::PolicyServiceClient<Channel> {
+    v1::policy_service_client::PolicyServiceClient::new(channel.clone())
+}
+
+fn audit(channel: &Channel) -> v1::audit_service_client::AuditServiceClient<Channel> {
+    v1::audit_service_client::AuditServiceClient::new(channel.clone())
+}
+
+fn reason_of(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"))
+}
+
+/// `count` origins of about 30 bytes each.
+fn origins(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| format!("https://host{i:06}.example.com"))
+        .collect()
+}
+
+/// Silent TCP connections, more than the process has descriptors: they are closed at the
+/// first-byte deadline, the accept loop neither spins nor floods the log, and a legitimate
+/// client is served once its connection is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_and_descriptor_exhaustion_do_not_stop_the_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cp = ControlPlane::start_limited(
+        &format!("sqlite://{}", dir.path().join("cp.db").display()),
+        port,
+        &["--first-byte-timeout-secs", "2"],
+        Some(128),
+    );
+    let pid = cp.process.child.id();
+    let addr = format!("127.0.0.1:{port}");
+    // The cap was lowered to fit 128 descriptors.
+    assert!(
+        cp.process.logged("--max-connections lowered"),
+        "the cap follows ulimit -n"
+    );
+
+    let before = cpu_ticks(pid);
+    let started = Instant::now();
+    let hogs: Vec<TcpStream> = (0..400)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    // A legitimate call, queued behind every hog.
+    let channel = Channel::from_shared(cp.url.clone()).unwrap().connect_lazy();
+    let served = within("a legitimate call behind 400 silent connections", async {
+        loop {
+            let call = policies(&channel)
+                .list_policies(bearer(v1::ListPoliciesRequest::default()))
+                .await;
+            match call {
+                Ok(_) => break,
+                Err(status) if status.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+        started.elapsed()
+    })
+    .await;
+    let ticks = cpu_ticks(pid) - before;
+    eprintln!(
+        "served after {served:?} behind 400 silent connections; control plane CPU {} ms",
+        ticks * 10
+    );
+    // Every hog was closed by the server; none is still held.
+    for mut hog in hogs {
+        hog.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            matches!(hog.read(&mut byte), Ok(0) | Err(_)),
+            "a silent connection was closed"
+        );
+    }
+    // Waiting is not spinning: the CPU it took is a small share of the time it waited.
+    let waited_ms = started.elapsed().as_millis() as u64;
+    assert!(
+        ticks * 10 < waited_ms / 2,
+        "{} ms of CPU in {waited_ms} ms",
+        ticks * 10
+    );
+    let lines = cp.process.log.lock().unwrap().len();
+    assert!(lines < 200, "the log stays bounded: {lines} lines");
+    let (_, fds) = rss_and_fds(pid);
+    assert!(fds <= 128, "{fds} descriptors");
+}
+
+async fn oversized_and_malformed_requests_get_clear_errors_and_store_bounded_text(
+    backend: Backend,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(plane) =
+        Plane::start(backend, dir.path(), &["--max-sidecars-per-identity", "3"]).await
+    else {
+        return;
+    };
+    let channel = plane.channel(0);
+
+    // A 3 MiB reason is refused before the store, and the refusal stores 1 KiB of it.
+    let refused = policies(&channel)
+        .create_policy(bearer(v1::CreatePolicyRequest {
+            policy: Some(v1::Policy {
+                service: "shop".into(),
+                allowed_origins: vec!["https://a.example.com".into()],
+                ..Default::default()
+            }),
+            reason: "r".repeat(3 * 1024 * 1024),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(reason_of(&refused), "INVALID_REASON");
+    let events = audit(&channel)
+        .list_audit_events(bearer(v1::ListAuditEventsRequest {
+            method: "CreatePolicy".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 1);
+    assert!(events[0].reason.len() <= 1024, "{}", events[0].reason.len());
+
+    // Fifty 3 KB invalid origins: a readable INVALID_ARGUMENT, not a broken transport.
+    let long = (0..50)
+        .map(|i| format!("https://{}{i}.example.com/path", "x".repeat(3000)))
+        .collect();
+    let invalid = policies(&channel)
+        .create_policy(bearer(v1::CreatePolicyRequest {
+            policy: Some(v1::Policy {
+                service: "shop".into(),
+                allowed_origins: long,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument, "{invalid:?}");
+    assert_eq!(reason_of(&invalid), "INVALID_POLICY");
+    let details = invalid.get_details_error_info().unwrap();
+    assert_eq!(details.metadata["violations"], "50");
+    let violations = invalid.get_details_bad_request().unwrap().field_violations;
+    assert_eq!(violations.len(), 20);
+    assert!(violations.iter().all(|v| v.description.len() <= 256));
+    assert!(
+        invalid.message().contains("and 45 more"),
+        "{}",
+        invalid.message()
+    );
+
+    // Tokens that would outlive a timestamp, and verification ranges that make no sense.
+    let mut tokens = v1::token_service_client::TokenServiceClient::new(channel.clone());
+    let forever = tokens
+        .create_token(bearer(v1::CreateTokenRequest {
+            display_name: "forever".into(),
+            role: "viewer".into(),
+            ttl_seconds: 8000 * 365 * 24 * 3600,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&forever), "INVALID_TTL_SECONDS");
+    let verify = |start_sequence, end_sequence| {
+        let mut audit = audit(&channel);
+        async move {
+            audit
+                .verify_audit_chain(bearer(v1::VerifyAuditChainRequest {
+                    start_sequence,
+                    end_sequence,
+                }))
+                .await
+        }
+    };
+    let whole = verify(0, u64::MAX).await.unwrap().into_inner();
+    assert!(whole.ok, "{whole:?}");
+    assert_eq!(
+        whole.end_sequence, whole.verified_events,
+        "clamped to the log"
+    );
+    let reversed = verify(10, 5).await.unwrap_err();
+    assert_eq!(reason_of(&reversed), "INVALID_END_SEQUENCE");
+    let past = verify(1000, 0).await.unwrap_err();
+    assert_eq!(past.code(), Code::OutOfRange);
+    assert_eq!(reason_of(&past), "START_PAST_END");
+
+    // Bytes that are not the expected message: INVALID_ARGUMENT, not INTERNAL.
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<prost_types::Timestamp, v1::Policy>::default();
+    let mut garbage = tonic::Request::new(prost_types::Timestamp {
+        seconds: 5,
+        nanos: 0,
+    });
+    garbage
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+    let malformed = grpc
+        .unary(
+            garbage,
+            "/corsair.v1.PolicyService/GetPolicy".parse().unwrap(),
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(malformed.code(), Code::InvalidArgument, "{malformed:?}");
+    assert_eq!(reason_of(&malformed), "MESSAGE_MALFORMED");
+
+    // A sidecar credential: bounded Hello fields, and a bounded number of live streams.
+    let secret = support::sidecar_token(&channel).await;
+    let open = |id: String, host: String| {
+        let channel = channel.clone();
+        let secret = secret.clone();
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(v1::DiscoveryRequest {
+                kind: Some(v1::discovery_request::Kind::Hello(v1::Hello {
+                    sidecar_id: id,
+                    services: vec![support::SERVICE.into()],
+                    host,
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+            let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+            let mut stream = v1::discovery_service_client::DiscoveryServiceClient::new(channel)
+                .stream_policies(request)
+                .await?
+                .into_inner();
+            let first = stream.message().await;
+            Ok::<_, tonic::Status>((tx, stream, first))
+        }
+    };
+    let huge_host = open("big".into(), "h".repeat(2 * 1024 * 1024)).await;
+    let refused = match huge_host {
+        Err(status) | Ok((_, _, Err(status))) => status,
+        Ok((_, _, first)) => panic!("a 2 MiB host was taken: {first:?}"),
+    };
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let (tx, stream, first) = open(format!("s{i}"), "host".into()).await.unwrap();
+        assert!(first.is_ok(), "stream {i}: {first:?}");
+        held.push((tx, stream));
+    }
+    let fourth = match open("s3".into(), "host".into()).await {
+        Err(status) | Ok((_, _, Err(status))) => status,
+        Ok(_) => panic!("a fourth stream of one credential was let in"),
+    };
+    assert_eq!(fourth.code(), Code::ResourceExhausted);
+    assert_eq!(reason_of(&fourth), "SIDECARS_PER_IDENTITY_EXCEEDED");
+    drop(held);
+}
+
+/// Policies of 20,000 origins: every listing pages within a stock client's 4 MiB limit, the
+/// control plane's memory stays bounded while it lists them, and corsairctl reads every page.
+async fn huge_policies_page_within_a_stock_clients_limit(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(plane) = Plane::start(backend, dir.path(), &[]).await else {
+        return;
+    };
+    let channel = plane.channel(0);
+    let big = origins(20_000);
+    for i in 0..6 {
+        let mut p = v1::Policy {
+            service: format!("big-{i}"),
+            allowed_origins: big.clone(),
+            ..Default::default()
+        };
+        let created = policies(&channel)
+            .create_policy(bearer(v1::CreatePolicyRequest {
+                policy: Some(p.clone()),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        // An update, so the audit log holds events with a large policy before and after.
+        p.etag = created.etag;
+        p.allowed_methods = vec!["PUT".into()];
+        policies(&channel)
+            .update_policy(bearer(v1::UpdatePolicyRequest {
+                policy: Some(p),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    }
+    let pid = plane.replica(0).process.child.id();
+
+    // A stock client (4 MiB limit) asks for 1,000 a page and gets every policy, page by page.
+    let mut seen = 0;
+    let mut token = String::new();
+    let deadline = Deadline::new("the policy listing to end");
+    loop {
+        let page = policies(&channel)
+            .list_policies(bearer(v1::ListPoliciesRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!page.policies.is_empty());
+        seen += page.policies.len();
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        deadline.check(format!("{seen} policies"));
+    }
+    assert_eq!(seen, 6);
+    let mut events = 0;
+    let mut token = String::new();
+    loop {
+        let page = audit(&channel)
+            .list_audit_events(bearer(v1::ListAuditEventsRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        events += page.events.len();
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        deadline.check(format!("{events} events"));
+    }
+    assert!(events >= 12, "{events}");
+    let (rss_kib, _) = rss_and_fds(pid);
+    eprintln!("control plane RSS after listing: {} MiB", rss_kib / 1024);
+    assert!(rss_kib < 512 * 1024, "{rss_kib} KiB");
+
+    // corsairctl reads the same listings whole.
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(support::binary("corsairctl"))
+            .args(["--addr", &plane.replica(0).url, "-o", "json"])
+            .args(args)
+            .env("CORSAIR_TOKEN", ADMIN)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["policy", "list"][..],
+        &["audit", "list", "--limit", "1000"][..],
+    ] {
+        let out = ctl(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
