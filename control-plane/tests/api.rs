@@ -597,6 +597,37 @@ async fn chain_verification_detects_tampering(backend: Backend) {
     assert!(tail.ok, "{tail:?}");
     server.stop().await;
 
+    // A row that cannot be read is named as the bad event, not taken for the storage being
+    // unavailable: an outcome no version wrote, or (SQLite) text that is not UTF-8.
+    run_sql(
+        &db.url,
+        "UPDATE audit_events SET outcome = 'BOGUS' WHERE sequence = 5",
+    )
+    .await;
+    if backend == Backend::Sqlite {
+        run_sql(
+            &db.url,
+            "UPDATE audit_events SET actor = CAST(x'ff' AS TEXT) WHERE sequence = 4",
+        )
+        .await;
+    }
+    let server = TestServer::start(&db.url).await;
+    let unreadable = server
+        .audit()
+        .await
+        .verify_audit_chain(v1::VerifyAuditChainRequest {
+            start_sequence: 4,
+            end_sequence: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!unreadable.ok, "{unreadable:?}");
+    let expected = if backend == Backend::Sqlite { 4 } else { 5 };
+    assert_eq!(unreadable.first_bad_sequence, expected, "{unreadable:?}");
+    assert!(!unreadable.error.is_empty());
+    server.stop().await;
+
     // A deleted row is found too.
     run_sql(&db.url, "DELETE FROM audit_events WHERE sequence = 2").await;
     let server = TestServer::start(&db.url).await;

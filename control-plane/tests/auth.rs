@@ -634,6 +634,32 @@ async fn tokens_are_listed_without_secrets_and_bad_requests_are_refused(backend:
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(error_info(&err).0, "TOKEN_NOT_FOUND");
+    // A revoked token's name is not given again: the audit log names its calls by it.
+    let ci = listed.tokens[1].name.clone();
+    tokens
+        .revoke_token(bearer(
+            ADMIN,
+            v1::RevokeTokenRequest {
+                name: ci,
+                reason: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    let reused = tokens
+        .create_token(bearer(
+            ADMIN,
+            v1::CreateTokenRequest {
+                display_name: "ci".into(),
+                role: "viewer".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists);
+    assert_eq!(error_info(&reused).0, "TOKEN_ALREADY_EXISTS");
+    assert!(reused.message().contains("revoked"), "{}", reused.message());
     let resource = err.get_details_resource_info().expect("ResourceInfo");
     assert_eq!(resource.resource_name, "tokens/0000000000000000");
     assert_eq!(
