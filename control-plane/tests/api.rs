@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashSet;
 
 use corsair_proto::v1;
-use support::{Backend, TestServer, fresh_db};
+use support::{Backend, TestServer, fresh_db, within};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -727,7 +727,10 @@ async fn watch_tails_the_log_live(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    let first = stream.message().await.unwrap().unwrap();
+    let first = within("the next message on the stream stream", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((first.sequence, first.service.as_str()), (2, "two"));
 
     client
@@ -743,7 +746,10 @@ async fn watch_tails_the_log_live(backend: Backend) {
         .into_inner();
     p.allowed_methods = vec!["PATCH".into()];
     client.update_policy(update(p)).await.unwrap();
-    let live = stream.message().await.unwrap().unwrap();
+    let live = within("the next message on the stream stream", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((live.sequence, live.service.as_str()), (4, "two"));
     server.stop().await;
 }
@@ -1209,7 +1215,11 @@ async fn reflection_and_health_list_the_services() {
         .unwrap()
         .into_inner();
     let Some(MessageResponse::ListServicesResponse(list)) =
-        stream.message().await.unwrap().unwrap().message_response
+        within("the next message on the stream stream", stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .message_response
     else {
         panic!("expected a service list");
     };

@@ -11,7 +11,7 @@ use corsair_control_plane::service::token::{bootstrap, new_record};
 use corsair_control_plane::store::{AuditFilter, Outcome, Plan, Store, WriteContext, now_micros};
 use corsair_proto::v1;
 use prost::Message;
-use support::{Backend, TestServer, bearer, fresh_db};
+use support::{Backend, TestServer, bearer, fresh_db, within};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -190,8 +190,22 @@ async fn revoking_an_auditor_ends_its_audit_tail(backend: Backend) {
         .unwrap()
         .into_inner();
     // The first start's token and the auditor's own.
-    assert_eq!(tail.message().await.unwrap().unwrap().sequence, 1);
-    assert_eq!(tail.message().await.unwrap().unwrap().sequence, 2);
+    assert_eq!(
+        within("the next message on the tail stream", tail.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .sequence,
+        1
+    );
+    assert_eq!(
+        within("the next message on the tail stream", tail.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .sequence,
+        2
+    );
     v1::token_service_client::TokenServiceClient::new(channel)
         .revoke_token(bearer(
             ADMIN,
@@ -202,7 +216,9 @@ async fn revoking_an_auditor_ends_its_audit_tail(backend: Backend) {
         ))
         .await
         .unwrap();
-    let ended = tail.message().await.unwrap_err();
+    let ended = within("the next message on the tail stream", tail.message())
+        .await
+        .unwrap_err();
     assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
     server.stop().await;
 }
@@ -398,7 +414,9 @@ async fn a_sidecar_streams_only_its_services_and_revocation_ends_its_stream(back
             .await
             .unwrap()
             .into_inner();
-        let refused = stream.message().await.unwrap_err();
+        let refused = within("the next message on the stream stream", stream.message())
+            .await
+            .unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{asked:?}");
     }
     let denied = server
@@ -427,7 +445,10 @@ async fn a_sidecar_streams_only_its_services_and_revocation_ends_its_stream(back
         .await
         .unwrap()
         .into_inner();
-    let first = stream.message().await.unwrap().unwrap();
+    let first = within("the next message on the stream stream", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.upserts.len(), 1);
     assert_eq!(first.upserts[0].service, "shop");
 
@@ -474,7 +495,9 @@ async fn a_sidecar_streams_only_its_services_and_revocation_ends_its_stream(back
         ))
         .await
         .unwrap();
-    let ended = stream.message().await.unwrap_err();
+    let ended = within("the next message on the stream stream", stream.message())
+        .await
+        .unwrap_err();
     assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
     assert!(ended.message().contains("revoked"), "{ended:?}");
     drop(tx);

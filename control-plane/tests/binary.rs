@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::RecvTimeoutError;
 
 use corsair_proto::v1;
-use support::{Backend, Deadline, TestServer, bearer, fresh_db};
+use support::{Backend, Deadline, TestServer, bearer, fresh_db, within};
 
 const BIN: &str = env!("CARGO_BIN_EXE_corsair-control-plane");
 
@@ -318,5 +318,6 @@ async fn shutdown_ends_open_streams() {
         .into_inner();
     server.stop().await;
     // The tail ends with the server: no more messages, and no hang.
-    assert!(matches!(stream.message().await, Ok(None) | Err(_)));
+    let end = within("the tail to end with the server", stream.message()).await;
+    assert!(matches!(end, Ok(None) | Err(_)));
 }

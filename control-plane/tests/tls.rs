@@ -12,7 +12,7 @@ use corsair_control_plane::service::token::bootstrap;
 use corsair_control_plane::tls::TlsFiles;
 use corsair_proto::v1;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-use support::{Backend, Deadline, TestServer, bearer, fresh_db};
+use support::{Backend, Deadline, TestServer, bearer, fresh_db, within};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -98,7 +98,9 @@ async fn stream(
         .stream_policies(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let first = inbound.message().await?.expect("a first message");
+    let first = within("the first discovery response", inbound.message())
+        .await?
+        .expect("a first message");
     drop(tx);
     Ok(first)
 }
