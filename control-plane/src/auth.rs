@@ -107,10 +107,15 @@ impl Access {
 }
 
 /// Every method served, by gRPC service, with what it requires.
-const RULES: [(&str, &[&str], Access); 8] = [
+const RULES: [(&str, &[&str], Access); 9] = [
     ("grpc.health.v1.Health", &["Check", "Watch"], Access::Public),
     (
         "grpc.reflection.v1.ServerReflection",
+        &["ServerReflectionInfo"],
+        Access::Authenticated,
+    ),
+    (
+        "grpc.reflection.v1alpha.ServerReflection",
         &["ServerReflectionInfo"],
         Access::Authenticated,
     ),

@@ -25,6 +25,7 @@ fn every_method() -> Vec<(String, bool, bool)> {
         corsair_proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ] {
         let set = prost_types::FileDescriptorSet::decode(set).unwrap();
         for file in &set.file {
