@@ -343,6 +343,21 @@ async fn huge_policies_page_within_a_stock_clients_limit(backend: Backend) {
     }
     let pid = plane.replica(0).process.child.id();
 
+    // A legitimate reader's latency, alone and then while the listings below run.
+    policies(&channel)
+        .create_policy(bearer(v1::CreatePolicyRequest {
+            policy: Some(v1::Policy {
+                service: "small".into(),
+                allowed_origins: vec!["https://a.example.com".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let quiet = reads(channel.clone(), 200).await;
+    let reader = tokio::spawn(reads(channel.clone(), 200));
+
     // A stock client (4 MiB limit) asks for 1,000 a page and gets every policy, page by page.
     let mut seen = 0;
     let mut token = String::new();
@@ -365,7 +380,7 @@ async fn huge_policies_page_within_a_stock_clients_limit(backend: Backend) {
         }
         deadline.check(format!("{seen} policies"));
     }
-    assert_eq!(seen, BIG_POLICIES);
+    assert_eq!(seen, BIG_POLICIES + 1);
     let mut events = 0;
     let mut token = String::new();
     loop {
@@ -386,6 +401,14 @@ async fn huge_policies_page_within_a_stock_clients_limit(backend: Backend) {
         deadline.check(format!("{events} events"));
     }
     assert!(events >= 2 * BIG_POLICIES, "{events}");
+    let busy = within("the legitimate reads", reader).await.unwrap();
+    eprintln!(
+        "GetPolicy p50/p99 alone {:?}/{:?}, while listing huge pages {:?}/{:?}",
+        percentile(&quiet, 50),
+        percentile(&quiet, 99),
+        percentile(&busy, 50),
+        percentile(&busy, 99)
+    );
     let (rss_kib, _) = rss_and_fds(pid);
     eprintln!("control plane RSS after listing: {} MiB", rss_kib / 1024);
     assert!(rss_kib < 512 * 1024, "{rss_kib} KiB");
@@ -415,3 +438,27 @@ async fn huge_policies_page_within_a_stock_clients_limit(backend: Backend) {
 /// Large policies made by [`huge_policies_page_within_a_stock_clients_limit`]: eight of about
 /// 640 KB, more than a stock client's 4 MiB together.
 const BIG_POLICIES: usize = 8;
+
+/// The latencies of `count` sequential `GetPolicy` calls of a small policy.
+async fn reads(channel: Channel, count: usize) -> Vec<Duration> {
+    let mut client = policies(&channel);
+    let mut latencies = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        let found = client
+            .get_policy(bearer(v1::GetPolicyRequest {
+                name: "services/small/policy".into(),
+            }))
+            .await;
+        assert!(found.is_ok(), "{found:?}");
+        latencies.push(started.elapsed());
+    }
+    latencies
+}
+
+/// The `p`th percentile of `latencies`.
+fn percentile(latencies: &[Duration], p: usize) -> Duration {
+    let mut sorted = latencies.to_vec();
+    sorted.sort();
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
