@@ -2,68 +2,16 @@
 //! binaries (built beside `corsairctl`), each test with its own database and ports. Every
 //! wait has a [`Deadline`].
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
-use std::fmt::Display;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc::RecvTimeoutError;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How long any wait here lasts before it fails: a guard against a hang, far above what the
-/// awaited thing takes even on a loaded machine, not a bound on how fast it happens.
-pub const PATIENCE: Duration = Duration::from_secs(60);
-
-/// A wait that fails, naming what it waited for and what it saw last, once [`PATIENCE`] (or
-/// its own limit) has passed.
-pub struct Deadline {
-    what: String,
-    started: Instant,
-    limit: Duration,
-}
-
-impl Deadline {
-    /// A wait for `what`, for at most [`PATIENCE`].
-    pub fn new(what: impl Into<String>) -> Deadline {
-        Deadline::with_limit(PATIENCE, what)
-    }
-
-    pub fn with_limit(limit: Duration, what: impl Into<String>) -> Deadline {
-        Deadline {
-            what: what.into(),
-            started: Instant::now(),
-            limit,
-        }
-    }
-
-    /// Fails the wait once the deadline has passed; `last_seen` says how far it got.
-    pub fn check(&self, last_seen: impl Display) {
-        if self.started.elapsed() >= self.limit {
-            self.expire(last_seen);
-        }
-    }
-
-    /// The time left, for a wait that takes a timeout.
-    pub fn remaining(&self) -> Duration {
-        self.limit.saturating_sub(self.started.elapsed())
-    }
-
-    /// Fails the wait: "timed out after 60s waiting for: … (last seen: …)".
-    pub fn expire(&self, last_seen: impl Display) -> ! {
-        let last_seen = last_seen.to_string();
-        let last_seen = if last_seen.is_empty() {
-            String::new()
-        } else {
-            format!(" (last seen: {last_seen})")
-        };
-        panic!(
-            "timed out after {:?} waiting for: {}{last_seen}",
-            self.limit, self.what
-        );
-    }
-}
+pub use corsair_testkit::{Deadline, PATIENCE};
 
 /// The `corsairctl` under test.
 pub const CTL: &str = env!("CARGO_BIN_EXE_corsairctl");
