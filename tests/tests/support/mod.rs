@@ -503,32 +503,47 @@ impl Sidecar {
         id: &str,
         extra: &[&str],
     ) -> Sidecar {
+        Sidecar::start_limited(control_plane, upstream, cache, token, id, extra, None)
+    }
+
+    /// [`Sidecar::start`], with at most `nofile` file descriptors when given.
+    pub fn start_limited(
+        control_plane: &str,
+        upstream: SocketAddr,
+        cache: &Path,
+        token: &str,
+        id: &str,
+        extra: &[&str],
+        nofile: Option<u32>,
+    ) -> Sidecar {
         let upstream = upstream.to_string();
         let cache = cache.display().to_string();
-        let process = Process::spawn(
-            &binary("corsair-sidecar"),
+        let bin = binary("corsair-sidecar");
+        let args = [
             &[
-                &[
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--admin-listen",
-                    "127.0.0.1:0",
-                    "--upstream",
-                    &upstream,
-                    "--service",
-                    SERVICE,
-                    "--control-plane",
-                    control_plane,
-                    "--cache-file",
-                    &cache,
-                    "--sidecar-id",
-                    id,
-                ],
-                extra,
-            ]
-            .concat(),
-            &[("CORSAIR_TOKEN", token)],
-        );
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--upstream",
+                &upstream,
+                "--service",
+                SERVICE,
+                "--control-plane",
+                control_plane,
+                "--cache-file",
+                &cache,
+                "--sidecar-id",
+                id,
+            ],
+            extra,
+        ]
+        .concat();
+        let env = [("CORSAIR_TOKEN", token)];
+        let process = match nofile {
+            None => Process::spawn(&bin, &args, &env),
+            Some(nofile) => Process::spawn_limited(&bin, &args, &env, nofile),
+        };
         let fields = process.wait_for_log("sidecar listening");
         Sidecar {
             process,
