@@ -104,12 +104,11 @@ fn route(path: &str, state: &AdminState) -> Response<Full<Bytes>> {
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let mut listener =
+        crate::listener::Listener::new(listener, "admin", None, state.metrics.clone());
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
+        let (stream, _, _) = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = &mut shutdown => return,
         };
         let state = state.clone();

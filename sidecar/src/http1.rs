@@ -170,6 +170,13 @@ impl Exchanges {
             && !self.partial.load(Relaxed)
     }
 
+    /// The requests handed to the service so far, and how many of them are still in flight.
+    pub(crate) fn in_flight(&self) -> (u64, u64) {
+        let finished = self.finished.load(Relaxed);
+        let started = self.started.load(Relaxed);
+        (started, started.saturating_sub(finished))
+    }
+
     /// For the body of the request in flight: what it tells once it has all arrived.
     pub fn arrived(&self) -> Arrived {
         Arrived::new(self.arrivals.clone(), self.started.load(Relaxed))
@@ -736,20 +743,20 @@ where
 /// A tokio timer, for a future polled at every wake of its task: after the poll that
 /// registers the task's waker with it (the first after each reset), it is polled again only
 /// once it has fired (one load), not through tokio's timer entry every time.
-struct Lazy {
+pub(crate) struct Lazy {
     sleep: Pin<Box<tokio::time::Sleep>>,
     registered: bool,
 }
 
 impl Lazy {
-    fn new(at: Instant) -> Self {
+    pub(crate) fn new(at: Instant) -> Self {
         Lazy {
             sleep: Box::pin(tokio::time::sleep_until(at)),
             registered: false,
         }
     }
 
-    fn reset(&mut self, at: Instant) {
+    pub(crate) fn reset(&mut self, at: Instant) {
         self.sleep.as_mut().reset(at);
         self.registered = false;
     }
@@ -785,14 +792,14 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 /// [`stopped`], for a future polled at every wake of its task: after its first poll, which
 /// registers the task's waker with the channel, it polls the channel again only once the
 /// channel's version has moved (one atomic load), not its waiter list (a lock) every time.
-struct Stopped {
+pub(crate) struct Stopped {
     changes: watch::Receiver<bool>,
     wait: Pin<Box<dyn Future<Output = ()> + Send>>,
     registered: bool,
 }
 
 impl Stopped {
-    fn new(stop: watch::Receiver<bool>) -> Self {
+    pub(crate) fn new(stop: watch::Receiver<bool>) -> Self {
         Stopped {
             changes: stop.clone(),
             wait: Box::pin(stopped(stop)),

@@ -11,7 +11,10 @@
 //! - [`sync`]: the reconnecting `DiscoveryService` client: resume, apply, ACK/NACK, backoff.
 //! - [`background`]: the lower-priority thread that runs the sync client and the watchers.
 //! - [`proxy`]: the hyper proxy that enforces the policy set in front of one upstream.
+//! - [`listener`]: the accept loop's bounds: the connection limit, and backing off failed
+//!   accepts.
 //! - [`http1`]: HTTP/1 client connections that hold no buffers while idle.
+//! - [`http2`]: HTTP/2 client connections' deadlines: the first request, and idleness.
 //! - [`upstream`]: keep-alive HTTP/1.1 connections to the upstream and the exchanges on them.
 //! - [`sim`]: a fleet of lightweight simulated sidecars, for load tests and benchmarks.
 
@@ -19,6 +22,8 @@ pub mod admin;
 pub mod background;
 pub mod cache_file;
 pub mod http1;
+pub mod http2;
+pub mod listener;
 pub mod metrics;
 pub mod policies;
 pub mod policy_file;

@@ -20,6 +20,12 @@ use tokio::sync::watch;
 /// The longest any of the timeouts may be: longer ones would overflow the clock.
 const A_YEAR_SECS: u64 = 365 * 86_400;
 
+/// The largest HTTP/2 window (2^31 - 1), and stream count taken.
+const MAX_WINDOW: i64 = (1 << 31) - 1;
+
+/// The largest connection count taken.
+const MAX_COUNT: u64 = 10_000_000;
+
 /// Corsair sidecar: enforces a service's CORS policy in front of it.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -75,6 +81,36 @@ struct Args {
     /// closed.
     #[arg(long, env = "CORSAIR_TUNNEL_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
     tunnel_idle_timeout_secs: u64,
+    /// Seconds an HTTP/2 client connection may have no stream open before it is shut down
+    /// (GOAWAY).
+    #[arg(long, env = "CORSAIR_HTTP2_IDLE_TIMEOUT_SECS", default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=A_YEAR_SECS))]
+    http2_idle_timeout_secs: u64,
+    /// Seconds of silence from an HTTP/2 client before it is sent a PING; one that does not
+    /// answer within as long again is closed (0: no pings).
+    #[arg(long, env = "CORSAIR_HTTP2_KEEPALIVE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=A_YEAR_SECS))]
+    http2_keepalive_secs: u64,
+    /// Streams one HTTP/2 client connection may have open at once; more are refused.
+    #[arg(long, env = "CORSAIR_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=MAX_WINDOW))]
+    http2_max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window per stream, in bytes: how much of a request's body a client
+    /// may send ahead.
+    #[arg(long, env = "CORSAIR_HTTP2_STREAM_WINDOW_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..=MAX_WINDOW))]
+    http2_stream_window_bytes: u32,
+    /// HTTP/2 flow-control window per connection, in bytes.
+    #[arg(long, env = "CORSAIR_HTTP2_CONNECTION_WINDOW_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u32).range(65_535..=MAX_WINDOW))]
+    http2_connection_window_bytes: u32,
+    /// Client connections open at once (HTTP/1, HTTP/2 and upgraded); at the limit new
+    /// connections wait in the listen backlog until one closes.
+    #[arg(long, env = "CORSAIR_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
+    max_connections: u64,
+    /// Idle upstream connections kept for reuse; beyond, a connection is closed when its
+    /// response ends.
+    #[arg(long, env = "CORSAIR_UPSTREAM_MAX_IDLE", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=MAX_COUNT))]
+    upstream_max_idle: u64,
+    /// Upstream connections open at once (idle, busy and upgraded); at the limit a request
+    /// waits up to the connect timeout for one, then gets 503.
+    #[arg(long, env = "CORSAIR_UPSTREAM_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
+    upstream_max_connections: u64,
     /// How many nice steps below the proxy's priority the background work runs: following the
     /// control plane, writing the cache file, watching the policy file (0: the same priority;
     /// the lowest Linux allows is 19).
@@ -192,6 +228,41 @@ fn control_plane_channel(args: &Args, url: &str) -> Result<tonic::transport::Cha
         }
     };
     Ok(endpoint.connect_lazy())
+}
+
+/// Files the sidecar keeps open besides its connections, with room to spare: the runtimes'
+/// event queues, the listeners, admin connections, the cache and policy files.
+const FILES_OF_OUR_OWN: u64 = 64;
+
+/// A count taken by a flag (at most [`MAX_COUNT`]) as a `usize`.
+fn count(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// Raises the soft limit on open files to the hard one, as Go programs do at start: the low
+/// soft limit many systems set (1,024) is kept for programs that use `select(2)`, which the
+/// sidecar does not. Warns if the limit is still below `needed`, what the connection bounds
+/// may take: accepts then fail, and back off, before the bounds are reached.
+fn raise_open_file_limit(needed: u64) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let (Some(soft), Some(hard)) = (limit.current, limit.maximum)
+        && soft < hard
+    {
+        limit.current = Some(hard);
+        if let Err(error) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(%error, soft, hard, "cannot raise the open-file limit");
+        }
+    }
+    if let Some(soft) = getrlimit(Resource::Nofile).current
+        && soft < needed
+    {
+        tracing::warn!(
+            limit = soft,
+            needed,
+            "the open-file limit is below --max-connections plus --upstream-max-connections: accepts will fail, and back off, before those are reached"
+        );
+    }
 }
 
 fn main() -> ExitCode {
@@ -384,6 +455,15 @@ async fn run() -> ExitCode {
             ));
     }
 
+    let limits = proxy::Limits {
+        max_connections: count(args.max_connections),
+        http2_max_concurrent_streams: args.http2_max_concurrent_streams,
+        http2_stream_window: args.http2_stream_window_bytes,
+        http2_connection_window: args.http2_connection_window_bytes,
+        upstream_max_idle: count(args.upstream_max_idle),
+        upstream_max_connections: count(args.upstream_max_connections),
+    };
+    raise_open_file_limit(args.max_connections + args.upstream_max_connections + FILES_OF_OUR_OWN);
     let config = ProxyConfig {
         upstream: args.upstream,
         service: args.service,
@@ -398,8 +478,12 @@ async fn run() -> ExitCode {
             client_headers: std::time::Duration::from_secs(args.client_header_timeout_secs),
             client_busy_gap: std::time::Duration::from_millis(args.client_busy_gap_ms),
             tunnel_idle: std::time::Duration::from_secs(args.tunnel_idle_timeout_secs),
+            http2_idle: std::time::Duration::from_secs(args.http2_idle_timeout_secs),
+            http2_keepalive: (args.http2_keepalive_secs > 0)
+                .then(|| std::time::Duration::from_secs(args.http2_keepalive_secs)),
             ..proxy::Timeouts::default()
         },
+        limits,
         observer,
     };
     let signal = async move {

@@ -1,6 +1,6 @@
 //! The sidecar's Prometheus metrics, served as text on the admin listener's `/metrics`:
 //! requests by decision and reason class, preflights, upstream errors, open client
-//! connections, the policy revision, the sync state and the time since the last update.
+//! connections, the bounds reached, the policy revision, the sync state and the time since the last update.
 //!
 //! Every counter the request path touches is created up front and indexed by plain numbers,
 //! so counting a request is one atomic add: no label hashing, no lock.
@@ -78,6 +78,9 @@ pub struct Metrics {
     client_body_errors: Counter,
     upgrades: Counter,
     client_connections: [Gauge; 2],
+    accept_errors: Counter,
+    connection_limit_reached: Counter,
+    upstream_limit_refusals: Counter,
     denial_logs_suppressed: Counter,
     revision: Gauge,
     since_update: Gauge<f64, AtomicU64>,
@@ -214,6 +217,24 @@ impl Default for Metrics {
             "Open client connections: serving (handling requests, or between requests that come close together) or idle (HTTP/1 keep-alive, waiting for the next request with no buffers held); upgraded connections leave this count",
             connections_family,
         );
+        let accept_errors = Counter::default();
+        registry.register(
+            "accept_errors",
+            "Failed accepts on the proxy and admin listeners (out of file descriptors, most often), each followed by a pause of 5 ms doubling up to 1 s",
+            accept_errors.clone(),
+        );
+        let connection_limit_reached = Counter::default();
+        registry.register(
+            "connection_limit_reached",
+            "Times the proxy listener found --max-connections client connections open and stopped accepting until one closed",
+            connection_limit_reached.clone(),
+        );
+        let upstream_limit_refusals = Counter::default();
+        registry.register(
+            "upstream_limit_refusals",
+            "Requests answered 503 because all --upstream-max-connections upstream connections stayed busy for the connect timeout",
+            upstream_limit_refusals.clone(),
+        );
         let denial_logs_suppressed = Counter::default();
         registry.register(
             "denial_logs_suppressed",
@@ -250,6 +271,9 @@ impl Default for Metrics {
             client_body_errors,
             upgrades,
             client_connections,
+            accept_errors,
+            connection_limit_reached,
+            upstream_limit_refusals,
             denial_logs_suppressed,
             revision,
             since_update,
@@ -280,6 +304,21 @@ impl Metrics {
     /// Counts one upstream failure.
     pub fn upstream_error(&self, error: UpstreamError) {
         self.upstream_errors[error as usize].inc();
+    }
+
+    /// Counts one failed accept.
+    pub fn accept_failed(&self) {
+        self.accept_errors.inc();
+    }
+
+    /// Counts one time the proxy listener found the connection limit reached.
+    pub fn connection_limit_reached(&self) {
+        self.connection_limit_reached.inc();
+    }
+
+    /// Counts one request refused because every upstream connection stayed busy.
+    pub fn upstream_limit_refused(&self) {
+        self.upstream_limit_refusals.inc();
     }
 
     /// Counts one upgraded connection.

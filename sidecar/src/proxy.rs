@@ -27,10 +27,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
-use crate::http1;
+use crate::listener::{Listener, Slot};
 use crate::metrics::{Observer, OpenConnection, Outcome, UpstreamError};
 use crate::policies::PolicySet;
 use crate::upstream::{ExchangeError, PooledBody, Progress, Upstream, UpstreamError as SendError};
+use crate::{http1, http2};
 
 /// A response body: the upstream's, or a short one of the sidecar's own.
 #[derive(Debug)]
@@ -168,8 +169,44 @@ pub struct ProxyConfig {
     pub no_policy: NoPolicy,
     /// Timeouts on both sides.
     pub timeouts: Timeouts,
+    /// How much the proxy holds at once, on both sides.
+    pub limits: Limits,
     /// Metrics and the denial-log limit.
     pub observer: Observer,
+}
+
+/// How much the proxy holds at once, so that no client can take all of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Client connections open at once, upgraded ones included; at the limit the listener
+    /// stops accepting, and new connections wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Streams one HTTP/2 connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`);
+    /// more are refused (`REFUSED_STREAM`).
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 flow-control windows, in bytes: how much of a request's body a client may send
+    /// ahead of the upstream taking it, per stream and per connection.
+    pub http2_stream_window: u32,
+    /// See [`Limits::http2_stream_window`].
+    pub http2_connection_window: u32,
+    /// Idle upstream connections kept for reuse; one more is closed instead.
+    pub upstream_max_idle: usize,
+    /// Upstream connections open at once, idle and upgraded ones included; at the limit a
+    /// request waits up to the connect timeout for one, then is answered `503`.
+    pub upstream_max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            http2_max_concurrent_streams: 100,
+            http2_stream_window: 64 * 1024,
+            http2_connection_window: 1024 * 1024,
+            upstream_max_idle: 100,
+            upstream_max_connections: 1024,
+        }
+    }
 }
 
 /// How long the proxy waits, so nothing hangs.
@@ -191,6 +228,12 @@ pub struct Timeouts {
     /// An upgraded connection (WebSocket, …) with no byte passing either way for this long is
     /// closed (within a quarter more).
     pub tunnel_idle: std::time::Duration,
+    /// An HTTP/2 connection with no stream open for this long is shut down (within a quarter
+    /// more).
+    pub http2_idle: std::time::Duration,
+    /// HTTP/2 `PING`s to a client silent for this long, and the time it has to answer each
+    /// (then its connection is closed); `None`: no pings.
+    pub http2_keepalive: Option<std::time::Duration>,
 }
 
 impl Default for Timeouts {
@@ -202,6 +245,8 @@ impl Default for Timeouts {
             upstream_idle: std::time::Duration::from_secs(90),
             client_busy_gap: std::time::Duration::from_secs(1),
             tunnel_idle: std::time::Duration::from_secs(300),
+            http2_idle: std::time::Duration::from_secs(75),
+            http2_keepalive: Some(std::time::Duration::from_secs(20)),
         }
     }
 }
@@ -213,31 +258,50 @@ pub async fn serve(
     config: ProxyConfig,
     shutdown: impl Future<Output = ()>,
 ) {
+    let limits = config.limits;
     let client = Arc::new(Upstream::new(
         config.upstream.clone(),
-        config.timeouts.connect,
-        config.timeouts.upstream_idle,
-        config.timeouts.response,
+        crate::upstream::Settings {
+            connect_timeout: config.timeouts.connect,
+            idle_timeout: config.timeouts.upstream_idle,
+            body_pause: config.timeouts.response,
+            max_idle: limits.upstream_max_idle,
+            max_connections: limits.upstream_max_connections,
+        },
     ));
     client.reap_idle();
     let client_headers = config.timeouts.client_headers;
     let busy_gap = config.timeouts.client_busy_gap;
+    let http2_deadlines = http2::Deadlines {
+        header: client_headers,
+        idle: config.timeouts.http2_idle,
+    };
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .initial_stream_window_size(limits.http2_stream_window)
+        .initial_connection_window_size(limits.http2_connection_window)
+        .keep_alive_interval(config.timeouts.http2_keepalive);
+    if let Some(keepalive) = config.timeouts.http2_keepalive {
+        http2.keep_alive_timeout(keepalive);
+    }
+    let mut listener = Listener::new(
+        listener,
+        "proxy",
+        Some(limits.max_connections),
+        config.observer.metrics.clone(),
+    );
     // Upgraded connections outlive their request; they are closed when serving stops.
     let (close_tunnels, tunnels) = tokio::sync::watch::channel(false);
-    let shared = Arc::new((policies, config, client, tunnels));
+    let shared = Arc::new((policies, config, client, tunnels, http2));
     // On shutdown every connection is told to finish its in-flight requests and close.
     let (stop_connections, stop) = tokio::sync::watch::channel(false);
     let connections = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    continue;
-                }
-            },
+        let (stream, peer, slot) = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
         let opened = tokio::time::Instant::now();
@@ -245,20 +309,26 @@ pub async fn serve(
         let open = OpenConnection::new(shared.1.observer.metrics.clone());
         let shared = shared.clone();
         let exchanges = Arc::new(http1::Exchanges::default());
+        // What the connection's requests share: the client's address, and the connection's
+        // place under the limit, held by an upgraded connection until it closes.
+        let peer = Arc::new(Peer {
+            forwarded: forwarded_for(peer),
+            _slot: slot,
+        });
         // For HTTP/1, the service's futures run in the connection's task, and time their
         // upstream requests with the connection's timers.
         let service = {
             let exchanges = exchanges.clone();
-            let forwarded = forwarded_for(peer);
+            let shared = shared.clone();
             move |http1: bool| {
                 service_fn(move |req: Request<Incoming>| {
                     let shared = shared.clone();
-                    let forwarded = forwarded.clone();
+                    let peer = peer.clone();
                     let exchange = exchanges.start(&req);
                     async move {
-                        let (policies, config, client, tunnels) = &*shared;
+                        let (policies, config, client, tunnels, _) = &*shared;
                         let connection = Connection {
-                            peer: &forwarded,
+                            peer: &peer,
                             timers: http1.then_some(exchange.connection()),
                             tunnels,
                         };
@@ -300,12 +370,16 @@ pub async fn serve(
                 }
                 Protocol::Http2 => {
                     let _open = open;
-                    let io = TokioIo::new(stream);
-                    let connection =
-                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .timer(hyper_util::rt::TokioTimer::new())
-                            .serve_connection(io, service(false));
-                    until_stopped(connection, stop, |c| c.graceful_shutdown()).await
+                    let connection = shared.4.serve_connection(TokioIo::new(stream), service(false));
+                    http2::serve(
+                        connection,
+                        |c| c.graceful_shutdown(),
+                        &exchanges,
+                        opened,
+                        http2_deadlines,
+                        stop,
+                    )
+                    .await
                 }
             };
             if let Err(error) = ended {
@@ -321,22 +395,12 @@ pub async fn serve(
     let _ = close_tunnels.send(true);
 }
 
-/// Serves `connection` to its end; once `stop` turns true, asks it (`graceful`) to finish its
-/// in-flight requests and close.
-async fn until_stopped<C>(
-    connection: C,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    graceful: impl FnOnce(std::pin::Pin<&mut C>),
-) -> Result<(), hyper::Error>
-where
-    C: Future<Output = Result<(), hyper::Error>>,
-{
-    tokio::pin!(connection);
-    tokio::select! {
-        ended = connection.as_mut() => return ended,
-        _ = stop.wait_for(|stop| *stop) => graceful(connection.as_mut()),
-    }
-    connection.await
+/// The client of one connection, as its requests see it.
+struct Peer {
+    /// The client's [`forwarded_for`] entry.
+    forwarded: HeaderValue,
+    /// The connection's place under the connection limit.
+    _slot: Slot,
 }
 
 /// The HTTP/2 connection preface a prior-knowledge (h2c) client opens with.
@@ -402,8 +466,9 @@ const MAX_HEAD: usize = 64 * 1024;
 
 /// What a request knows of the client connection it came on.
 struct Connection<'a> {
-    /// The client's [`forwarded_for`] entry.
-    peer: &'a HeaderValue,
+    /// The client: its [`forwarded_for`] entry, and its connection's place under the limit,
+    /// which an upgraded connection holds.
+    peer: &'a Arc<Peer>,
     /// The connection's timers, when the request's future runs in its task (HTTP/1);
     /// otherwise the request is timed with tokio's.
     timers: Option<&'a Arc<http1::Exchanges>>,
@@ -447,6 +512,18 @@ fn handle<'a>(
                 "CONNECT is not supported\n",
             );
         }
+        // What the upstream could read otherwise than the sidecar did never reaches it.
+        let host = match names.hosts {
+            1 => req.headers().get(header::HOST),
+            _ => None,
+        };
+        if let Some((status, why)) = ambiguity(&req, host, &names) {
+            let mut headers = HeaderMap::new();
+            if req.version() <= http::Version::HTTP_11 {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return local(status, headers, why);
+        }
         // One snapshot for the whole request.
         let snapshot = policies.load();
         let active = snapshot.services.get(&config.service);
@@ -456,7 +533,7 @@ fn handle<'a>(
         let from_target = req.uri().authority().is_some();
         let authority_value = match req.uri().authority() {
             Some(target) => host_value(target),
-            None => req.headers().get(header::HOST).cloned(),
+            None => host.cloned(),
         };
         let authority = authority_value.as_ref().and_then(|v| v.to_str().ok());
         let hop_by_hop = names.hop_by_hop;
@@ -541,7 +618,7 @@ fn handle<'a>(
         let appended: &[(&HeaderName, &HeaderValue)] = if names.forwarded {
             add_forwarded(
                 req.headers_mut(),
-                peer,
+                &peer.forwarded,
                 config.public_scheme,
                 authority_value.as_ref(),
             );
@@ -549,7 +626,7 @@ fn handle<'a>(
         } else {
             let host = authority_value.as_ref();
             forwarded = [
-                (&X_FORWARDED_FOR, peer),
+                (&X_FORWARDED_FOR, &peer.forwarded),
                 (&X_FORWARDED_PROTO, &proto),
                 (&X_FORWARDED_HOST, host.unwrap_or(&proto)),
             ];
@@ -661,6 +738,7 @@ fn handle<'a>(
                         config.observer.clone(),
                         tunnels.clone(),
                         config.timeouts.tunnel_idle,
+                        peer.clone(),
                     ));
                     Body::Local(Full::new(Bytes::new()))
                 } else if body.is_streaming() {
@@ -694,6 +772,19 @@ fn handle<'a>(
                     cors.apply(&mut headers);
                 }
                 local(StatusCode::BAD_REQUEST, headers, "bad request body\n")
+            }
+            Err(error @ SendError::Limit { .. }) => {
+                config.observer.metrics.upstream_limit_refused();
+                tracing::debug!(%error, "upstream connection limit reached");
+                let mut headers = HeaderMap::new();
+                if let Some(cors) = &cors {
+                    cors.apply(&mut headers);
+                }
+                local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    headers,
+                    "upstream connection limit reached\n",
+                )
             }
             Err(error) => {
                 config
@@ -744,13 +835,15 @@ fn next_due(
 }
 
 /// Splices an upgraded client connection to the upgraded upstream one, byte for byte, until
-/// either side closes, no byte has passed either way for `idle`, or serving stops.
+/// either side closes, no byte has passed either way for `idle`, or serving stops. `_peer`
+/// holds the client connection's place under the connection limit until then.
 async fn splice(
     client: hyper::upgrade::OnUpgrade,
     upstream: crate::upstream::Upgraded,
     observer: Observer,
     mut stop: tokio::sync::watch::Receiver<bool>,
     idle: std::time::Duration,
+    _peer: Arc<Peer>,
 ) {
     let client = match client.await {
         Ok(client) => client,
@@ -768,6 +861,7 @@ async fn splice(
     let crate::upstream::Upgraded {
         stream: mut upstream,
         unread,
+        slot: _slot,
     } = upstream;
     // What the upstream sent right after its `101` goes first.
     if !unread.is_empty()
@@ -912,6 +1006,8 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 struct Names {
     /// Some are hop-by-hop.
     hop_by_hop: bool,
+    /// How many are `Host`.
+    hosts: usize,
     /// Some are `X-Forwarded-*`.
     forwarded: bool,
     /// The bytes of the fields as HTTP/1 writes them (`name: value` and a line end each).
@@ -922,16 +1018,131 @@ impl Names {
     fn of(headers: &HeaderMap) -> Self {
         let mut names = Names {
             hop_by_hop: false,
+            hosts: 0,
             forwarded: false,
             len: 0,
         };
         for (name, value) in headers {
             names.hop_by_hop |= is_hop_by_hop(name);
+            names.hosts += usize::from(name == header::HOST);
             names.forwarded |= name.as_str().starts_with("x-forwarded-");
             names.len += name.as_str().len() + value.len() + 4;
         }
         names
     }
+}
+
+/// Why `req` cannot be forwarded faithfully, if it cannot: its target host is ambiguous (more
+/// than one `Host`, an invalid one, none in HTTP/1.1 or HTTP/2, or over HTTP/2 one that names
+/// another host than `:authority`: RFC 9112 §3.2, RFC 9113 §8.3.1), so the upstream could
+/// serve another host than the policy was decided for; or its body has a transfer coding
+/// other than one `chunked`, which the upstream would get decoded, framed as plain chunked
+/// (RFC 9112 §6.1: an unknown coding is `501`). `host` is its one `Host`, if it has exactly
+/// one.
+fn ambiguity(
+    req: &Request<Incoming>,
+    host: Option<&HeaderValue>,
+    names: &Names,
+) -> Option<(StatusCode, &'static str)> {
+    let bad = |why| Some((StatusCode::BAD_REQUEST, why));
+    if names.hosts > 1 {
+        return bad("more than one Host\n");
+    }
+    let version = req.version();
+    match (host, req.uri().authority()) {
+        (Some(host), _) if !is_valid_host(host.as_bytes()) => return bad("invalid Host\n"),
+        (None, _) if version == http::Version::HTTP_11 => return bad("no Host\n"),
+        (None, None) if version >= http::Version::HTTP_2 => return bad("no :authority or Host\n"),
+        (Some(host), Some(authority))
+            if version >= http::Version::HTTP_2 && !same_host(authority, host) =>
+        {
+            return bad("Host differs from :authority\n");
+        }
+        _ => {}
+    }
+    // `Transfer-Encoding` is hop-by-hop, and HTTP/1's alone.
+    if !names.hop_by_hop || version > http::Version::HTTP_11 {
+        return None;
+    }
+    let mut chunked = 0;
+    for value in req.headers().get_all(header::TRANSFER_ENCODING) {
+        for coding in value.as_bytes().split(|&b| b == b',') {
+            let coding = coding.trim_ascii();
+            if coding.is_empty() {
+                continue;
+            }
+            if !coding.eq_ignore_ascii_case(b"chunked") {
+                return Some((
+                    StatusCode::NOT_IMPLEMENTED,
+                    "transfer coding not implemented\n",
+                ));
+            }
+            chunked += 1;
+        }
+    }
+    if chunked > 1 {
+        return bad("chunked more than once\n");
+    }
+    None
+}
+
+/// Whether `host` is a valid `Host` value: `uri-host [":" port]` (RFC 9110 §7.2), the host an
+/// IP literal in brackets or a registered name (which may be an IPv4 address), never empty.
+fn is_valid_host(host: &[u8]) -> bool {
+    let (name_ok, rest) = match host.strip_prefix(b"[") {
+        Some(literal) => match literal.iter().position(|&b| b == b']') {
+            Some(end) => (
+                end > 0
+                    && literal[..end]
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.'),
+                &literal[end + 1..],
+            ),
+            None => return false,
+        },
+        None => {
+            let end = host.iter().position(|&b| b == b':').unwrap_or(host.len());
+            (end > 0 && is_reg_name(&host[..end]), &host[end..])
+        }
+    };
+    let port_ok = match rest {
+        [] => true,
+        [b':', port @ ..] => port.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    name_ok && port_ok
+}
+
+/// Whether `name` is an RFC 3986 `reg-name`: unreserved and sub-delimiter characters, and
+/// percent-encoded octets.
+fn is_reg_name(name: &[u8]) -> bool {
+    let mut i = 0;
+    while i < name.len() {
+        match name[i] {
+            b'%' => {
+                if !name
+                    .get(i + 1..i + 3)
+                    .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+                {
+                    return false;
+                }
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Whether the `Host` value `host` names the same host and port as `authority` (without its
+/// user information), letter case aside.
+fn same_host(authority: &Authority, host: &HeaderValue) -> bool {
+    let authority = authority
+        .as_str()
+        .rsplit_once('@')
+        .map_or(authority.as_str(), |(_, h)| h);
+    authority.as_bytes().eq_ignore_ascii_case(host.as_bytes())
 }
 
 /// Whether `name` is in [`HOP_BY_HOP`] or is `Upgrade`: the list the upstream's responses are

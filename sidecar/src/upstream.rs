@@ -18,6 +18,11 @@
 //! the response, and the body must not wait for the response to be read. A body that ends
 //! short of its declared length is the client's error, and closes the connection.
 //!
+//! The pool is bounded: at most so many connections idle (one more is closed instead of
+//! pooled), and at most so many open at once, idle, busy and upgraded. At that bound a request
+//! waits, up to the connect timeout, for a connection to go back to the pool or to close, and is
+//! then refused ([`UpstreamError::Limit`]).
+//!
 //! A connection goes back to the pool only at a message boundary on both sides: the request
 //! written whole, the response read whole, nothing unasked for after it, and neither side
 //! closing. A pooled connection the upstream has closed is noticed when it is taken (its
@@ -29,7 +34,7 @@ mod codec;
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -41,6 +46,7 @@ use http::{Method, Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 pub use codec::Malformed;
 pub(crate) use codec::is_hop_by_hop;
@@ -60,6 +66,14 @@ pub enum UpstreamError {
     /// chunk, say). The client's fault, not the upstream's.
     #[error("the request's body failed: {0}")]
     RequestBody(BodyError),
+    /// Every connection the pool may open stayed busy for the connect timeout.
+    #[error("all {max} upstream connections stayed busy for {waited:?}")]
+    Limit {
+        /// The bound.
+        max: usize,
+        /// How long the request waited.
+        waited: Duration,
+    },
 }
 
 /// Why a request's body did not arrive whole.
@@ -125,16 +139,19 @@ struct Conn {
     head: Vec<u8>,
     /// Whether it was taken from the pool (rather than opened for this request).
     reused: bool,
+    /// Its place under the pool's bound on open connections.
+    slot: OwnedSemaphorePermit,
 }
 
 impl Conn {
-    fn new(stream: TcpStream) -> Self {
+    fn new(stream: TcpStream, slot: OwnedSemaphorePermit) -> Self {
         Conn {
             stream,
             read: BytesMut::new(),
             read_size: READ_MIN,
             head: Vec::new(),
             reused: false,
+            slot,
         }
     }
 
@@ -225,15 +242,32 @@ pub fn parse_address(text: &str) -> Result<Authority, String> {
 /// connection is closed: it has been idle for the whole timeout, and at most a quarter more.
 const IDLE_TICKS: u64 = 5;
 
+/// How a pool connects, and how much it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Connecting, and, at the bound, waiting for a connection.
+    pub connect_timeout: Duration,
+    /// Idle connections are closed after this (within a quarter more).
+    pub idle_timeout: Duration,
+    /// The longest pause allowed within the rest of a request's body, forwarded after its
+    /// response has ended.
+    pub body_pause: Duration,
+    /// Idle connections kept at most.
+    pub max_idle: usize,
+    /// Connections open at once at most, idle, busy and upgraded.
+    pub max_connections: usize,
+}
+
 /// Keep-alive connections to one upstream.
 pub struct Upstream {
     authority: Authority,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    /// The longest pause allowed within the rest of a request's body, forwarded after its
-    /// response has ended.
-    body_pause: Duration,
+    settings: Settings,
     idle: Mutex<Vec<Idle>>,
+    /// A place for each connection that may be open.
+    slots: Arc<Semaphore>,
+    /// Requests waiting at the bound, told when a connection goes back to the pool.
+    waiting: AtomicUsize,
+    pooled: Notify,
     /// How long connections have been idle, counted without reading the clock per request:
     /// [`Upstream::reap_idle`] advances it every quarter of the idle timeout.
     epoch: AtomicU64,
@@ -248,21 +282,17 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// A pool for `authority`; idle connections close after `idle_timeout`. The rest of a
-    /// request's body that is still arriving when its response has ended is forwarded as
-    /// long as it never pauses for `body_pause`.
-    pub fn new(
-        authority: Authority,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        body_pause: Duration,
-    ) -> Self {
+    /// A pool for `authority`.
+    pub fn new(authority: Authority, settings: Settings) -> Self {
         Upstream {
             authority,
-            connect_timeout,
-            idle_timeout,
-            body_pause,
+            settings,
             idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(
+                settings.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
+            waiting: AtomicUsize::new(0),
+            pooled: Notify::new(),
             epoch: AtomicU64::new(0),
         }
     }
@@ -271,7 +301,7 @@ impl Upstream {
     /// upstream, checking every quarter of the timeout, for as long as the pool exists.
     pub fn reap_idle(self: &Arc<Self>) {
         let pool = Arc::downgrade(self);
-        let every = (self.idle_timeout / 4).max(Duration::from_millis(1));
+        let every = (self.settings.idle_timeout / 4).max(Duration::from_millis(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
@@ -335,7 +365,7 @@ impl Upstream {
             );
             let mut conn = match self.take() {
                 Some(conn) => conn,
-                None => Box::pin(self.connect()).await?,
+                None => Box::pin(self.open(true)).await?,
             };
             let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             codec::encode_request(
@@ -380,9 +410,11 @@ impl Upstream {
                         // and a request the upstream closes on must not run once per
                         // pooled connection.
                         resent = true;
-                        let mut next = Box::pin(self.connect()).await?;
-                        std::mem::swap(&mut next.head, &mut conn.head);
-                        conn = next;
+                        let head = std::mem::take(&mut conn.head);
+                        // Its place goes to the new one.
+                        drop(conn);
+                        conn = Box::pin(self.open(false)).await?;
+                        conn.head = head;
                     }
                 }
             }
@@ -401,28 +433,72 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, UpstreamError> {
+    /// A connection for a request that found none idle: a new one, if the bound allows;
+    /// otherwise the first to go back to the pool (if `reuse`) or a new one once another has
+    /// closed, whichever comes first within the connect timeout.
+    async fn open(&self, reuse: bool) -> Result<Conn, UpstreamError> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return self.connect(slot).await;
+        }
+        let timeout = self.settings.connect_timeout;
+        let waiting = Waiting::new(&self.waiting);
+        let mut deadline = std::pin::pin!(tokio::time::sleep(timeout));
+        loop {
+            let mut pooled = std::pin::pin!(self.pooled.notified());
+            pooled.as_mut().enable();
+            if reuse && let Some(conn) = self.take() {
+                return Ok(conn);
+            }
+            tokio::select! {
+                slot = self.slots.clone().acquire_owned() => {
+                    drop(waiting);
+                    let slot = slot.expect("the pool's bound is never closed");
+                    return self.connect(slot).await;
+                }
+                () = &mut pooled, if reuse => {}
+                () = &mut deadline => {
+                    return Err(UpstreamError::Limit {
+                        max: self.settings.max_connections,
+                        waited: timeout,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn connect(&self, slot: OwnedSemaphorePermit) -> Result<Conn, UpstreamError> {
         let connect = TcpStream::connect(self.authority.as_str());
-        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+        let timeout = self.settings.connect_timeout;
+        let stream = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(UpstreamError::Connect(error.to_string())),
             Err(_) => {
                 return Err(UpstreamError::Connect(format!(
-                    "no connection within {:?}",
-                    self.connect_timeout
+                    "no connection within {timeout:?}",
                 )));
             }
         };
         let _ = stream.set_nodelay(true);
-        Ok(Conn::new(stream))
+        Ok(Conn::new(stream, slot))
     }
 
+    /// Pools `conn`, unless as many are idle already (then it closes); a request waiting at
+    /// the bound is told.
     fn put(&self, mut conn: Conn) {
         conn.rest();
-        self.idle.lock().expect("pool lock").push(Idle {
-            conn,
-            since: self.epoch.load(Relaxed),
-        });
+        {
+            let mut idle = self.idle.lock().expect("pool lock");
+            if idle.len() >= self.settings.max_idle {
+                return;
+            }
+            idle.push(Idle {
+                conn,
+                since: self.epoch.load(Relaxed),
+            });
+        }
+        if self.waiting.load(Relaxed) > 0 {
+            self.pooled.notify_one();
+        }
     }
 
     /// A response has been read whole from `conn`. The connection goes back to the pool if
@@ -458,7 +534,7 @@ impl Upstream {
                 }
             });
             if !matches!(
-                tokio::time::timeout(self.body_pause, step).await,
+                tokio::time::timeout(self.settings.body_pause, step).await,
                 Ok(Ok(()))
             ) {
                 return;
@@ -487,6 +563,7 @@ impl Upstream {
                 PooledBody(Inner::Upgraded(Box::new(Upgraded {
                     stream: conn.stream,
                     unread,
+                    slot: Slot { _permit: conn.slot },
                 })))
             }
             Framing::Empty => {
@@ -932,6 +1009,30 @@ pub struct Upgraded {
     pub stream: TcpStream,
     /// What the upstream sent after the `101`, for the client first.
     pub unread: Bytes,
+    /// The connection's place under the pool's bound, to hold until it closes.
+    pub slot: Slot,
+}
+
+/// An upstream connection's place under the pool's bound on open connections.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A request waiting at the pool's bound, counted while it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl PooledBody {

@@ -361,3 +361,102 @@ async fn a_policy_file_is_enforced_and_edits_go_live() {
     );
     stop(child);
 }
+
+/// Starts the sidecar with at most `files` open files; returns it with its proxy address and
+/// its log lines, as they come.
+fn start_with_open_files(
+    files: u32,
+    args: &[&str],
+) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new("sh")
+        .args(["-c", &format!("ulimit -n {files} && exec \"$0\" \"$@\"")])
+        .arg(BIN)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let proxy = loop {
+        let line = strip_ansi(&lines.next().expect("the sidecar logs its address").unwrap());
+        if line.contains("sidecar listening") {
+            break field(&line, "address").unwrap();
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(strip_ansi(&line));
+        }
+    });
+    (child, proxy, rx)
+}
+
+/// CPU time (user and system) process `pid` has used, in clock ticks (USER_HZ, 100 a second).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    // utime and stime: fields 14 and 15, counted from the pid.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Out of file descriptors, the sidecar neither spins nor floods its log: a failed accept
+/// backs off (5 ms doubling up to 1 s) and is logged at most once a second. Once connections
+/// close, it accepts again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_accepts_back_off_and_recover() {
+    let up = upstream().await;
+    // Silent connections stay open: the header timeout is an hour.
+    let (child, proxy, logs) = start_with_open_files(
+        64,
+        &[
+            "--upstream",
+            &up.to_string(),
+            "--service",
+            "shop",
+            "--no-policy",
+            "pass",
+            "--client-header-timeout-secs",
+            "3600",
+        ],
+    );
+    let pid = child.id();
+    let child = Sidecar(child);
+    let next_line = || {
+        logs.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the sidecar logs on")
+    };
+    // More connections than descriptors: those beyond wait in the listen backlog.
+    let mut hogs = Vec::new();
+    for _ in 0..100 {
+        hogs.push(TcpStream::connect(&proxy).await.unwrap());
+    }
+    while !next_line().contains("accept failed; backing off") {}
+    let before = cpu_ticks(pid);
+    let mut failure_lines = 0;
+    let window = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while let Some(left) = window.checked_duration_since(std::time::Instant::now()) {
+        match logs.recv_timeout(left) {
+            Ok(line) => failure_lines += usize::from(line.contains("accept failed")),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+            Err(error) => panic!("{error}"),
+        }
+    }
+    let used = cpu_ticks(pid) - before;
+    // A spinning accept loop takes a whole core: 100 ticks in that second.
+    assert!(
+        used <= 10,
+        "{used} ticks of CPU in a second out of descriptors"
+    );
+    assert!(failure_lines <= 2, "{failure_lines} lines in a second");
+    drop(hogs);
+    while !next_line().contains("accepting connections again") {}
+    let answer = http(
+        &proxy,
+        "GET / HTTP/1.1\r\nHost: api.local\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    stop(child);
+}

@@ -105,6 +105,7 @@ async fn sidecar(upstream: SocketAddr, policy: v1::Policy) -> (String, Arc<Polic
         public_scheme: Scheme::Http,
         no_policy: NoPolicy::Deny,
         timeouts: Default::default(),
+        limits: Default::default(),
         observer: Default::default(),
     };
     tokio::spawn(proxy::serve(

@@ -131,6 +131,15 @@ impl Sidecar {
         no_policy: NoPolicy,
         timeouts: proxy::Timeouts,
     ) -> Sidecar {
+        Sidecar::with_limits(upstream, no_policy, timeouts, proxy::Limits::default()).await
+    }
+
+    async fn with_limits(
+        upstream: SocketAddr,
+        no_policy: NoPolicy,
+        timeouts: proxy::Timeouts,
+        limits: proxy::Limits,
+    ) -> Sidecar {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let set = Arc::new(PolicySet::default());
@@ -142,6 +151,7 @@ impl Sidecar {
             public_scheme: Scheme::Http,
             no_policy,
             timeouts,
+            limits,
             observer: observer.clone(),
         };
         tokio::spawn(proxy::serve(listener, set.clone(), config, async {
@@ -1248,6 +1258,7 @@ async fn shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
         public_scheme: Scheme::Http,
         no_policy: NoPolicy::PassThrough,
         timeouts: proxy::Timeouts::default(),
+        limits: proxy::Limits::default(),
         observer: Observer::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
@@ -2307,4 +2318,586 @@ async fn a_request_sent_while_another_is_in_flight_is_answered_after_it() {
         let (status, _, got) = raw.response().await;
         assert_eq!((status, got.as_str()), (200, body));
     }
+}
+
+impl Sidecar {
+    /// The value of the metric line that starts with `name` (with its labels, if any).
+    fn metric(&self, name: &str) -> u64 {
+        let metrics = self.observer.metrics.render(&self.set, None);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+/// What a [`gated_upstream`] reports.
+struct Gated {
+    /// Let this many held requests be answered.
+    gate: Arc<tokio::sync::Semaphore>,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
+    /// One message for each request that arrives.
+    arrived: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// One message for each connection that closes.
+    closed: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+/// An upstream that holds each request (a head without a body) until the test lets one
+/// through, then answers `ok`; it reports each request's line as it arrives, and each
+/// connection that closes (the sidecar closing one whose request it holds, too).
+async fn gated_upstream() -> (SocketAddr, Gated) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+    let (gate_, accepted_) = (gate.clone(), accepted.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            accepted_.fetch_add(1, Ordering::SeqCst);
+            let (gate, arrived_tx, closed_tx) =
+                (gate_.clone(), arrived_tx.clone(), closed_tx.clone());
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let request = line.trim_end().to_owned();
+                    while line != "\r\n" {
+                        line.clear();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            let _ = closed_tx.send(());
+                            return;
+                        }
+                    }
+                    let _ = arrived_tx.send(request);
+                    // Held, noticing the sidecar closing the connection meanwhile.
+                    tokio::select! {
+                        permit = gate.acquire() => permit.unwrap().forget(),
+                        _ = stream.fill_buf() => break,
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if stream.get_mut().write_all(ok).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    (
+        addr,
+        Gated {
+            gate,
+            accepted,
+            arrived,
+            closed,
+        },
+    )
+}
+
+/// At most `--upstream-max-idle` upstream connections stay pooled after a burst: the others
+/// close as their responses end, and the pooled ones carry the next requests.
+#[tokio::test]
+async fn idle_upstream_connections_are_bounded() {
+    let (up, mut upstream) = gated_upstream().await;
+    let limits = proxy::Limits {
+        upstream_max_idle: 2,
+        ..proxy::Limits::default()
+    };
+    let sidecar = Sidecar::with_limits(up, NoPolicy::PassThrough, Default::default(), limits).await;
+    // Five requests at once: five upstream connections.
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let mut raw = Raw::connect(sidecar.addr).await;
+        raw.send(format!("GET /{i} HTTP/1.1\r\nHost: shop\r\n\r\n").as_bytes())
+            .await;
+        clients.push(raw);
+    }
+    for _ in 0..5 {
+        upstream.arrived.recv().await.unwrap();
+    }
+    upstream.gate.add_permits(5);
+    for raw in &mut clients {
+        assert_eq!(raw.response().await.0, 200);
+    }
+    // Two are pooled; three close.
+    for _ in 0..3 {
+        upstream.closed.recv().await.unwrap();
+    }
+    assert_eq!(upstream.accepted.load(Ordering::SeqCst), 5);
+    for raw in &mut clients[..2] {
+        raw.send(b"GET /again HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+        upstream.arrived.recv().await.unwrap();
+        upstream.gate.add_permits(1);
+        assert_eq!(raw.response().await.0, 200);
+    }
+    assert_eq!(upstream.accepted.load(Ordering::SeqCst), 5, "reused");
+}
+
+/// With `--upstream-max-connections` busy, a request waits for one up to the connect timeout:
+/// it gets the first to go back to the pool, or `503` (counted) once the time is up. The
+/// upstream never sees more connections than the bound.
+#[tokio::test]
+async fn at_the_upstream_connection_bound_requests_wait_then_get_503() {
+    let (up, mut upstream) = gated_upstream().await;
+    let timeouts = proxy::Timeouts {
+        connect: std::time::Duration::from_millis(300),
+        ..proxy::Timeouts::default()
+    };
+    let limits = proxy::Limits {
+        upstream_max_connections: 1,
+        ..proxy::Limits::default()
+    };
+    let sidecar = Sidecar::with_limits(up, NoPolicy::PassThrough, timeouts, limits).await;
+    let mut first = Raw::connect(sidecar.addr).await;
+    first
+        .send(b"GET /first HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await;
+    assert_eq!(
+        upstream.arrived.recv().await.unwrap(),
+        "GET /first HTTP/1.1"
+    );
+    // The one connection stays busy: the second request is refused.
+    let mut second = Raw::connect(sidecar.addr).await;
+    second
+        .send(b"GET /second HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await;
+    let (status, _, body) = second.response().await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "upstream connection limit reached\n")
+    );
+    assert_eq!(
+        sidecar.metric("corsair_sidecar_upstream_limit_refusals_total"),
+        1
+    );
+    // A third waits, and gets the connection as soon as the first is answered. (The pause
+    // lets it start waiting; it is served either way.)
+    let mut third = Raw::connect(sidecar.addr).await;
+    third
+        .send(b"GET /third HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    upstream.gate.add_permits(1);
+    assert_eq!(first.response().await.0, 200);
+    assert_eq!(
+        upstream.arrived.recv().await.unwrap(),
+        "GET /third HTTP/1.1"
+    );
+    upstream.gate.add_permits(1);
+    assert_eq!(third.response().await.0, 200);
+    assert_eq!(upstream.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        sidecar.metric("corsair_sidecar_upstream_limit_refusals_total"),
+        1
+    );
+}
+
+/// At `--max-connections` the sidecar stops accepting: a new client waits (in the kernel's
+/// backlog) until an open connection closes, and is then served.
+#[tokio::test]
+async fn past_the_connection_limit_clients_wait_until_one_closes() {
+    use tokio::io::AsyncBufReadExt;
+    let (up, hits) = upstream().await;
+    let limits = proxy::Limits {
+        max_connections: 2,
+        ..proxy::Limits::default()
+    };
+    let sidecar = Sidecar::with_limits(up, NoPolicy::PassThrough, Default::default(), limits).await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut raw = Raw::connect(sidecar.addr).await;
+        raw.send(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+        assert_eq!(raw.response().await.0, 200);
+        open.push(raw);
+    }
+    let mut third = Raw::connect(sidecar.addr).await;
+    third
+        .send(b"GET /third HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await;
+    while sidecar.metric("corsair_sidecar_connection_limit_reached_total") == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // Not answered while the two stay open.
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        third.stream.fill_buf(),
+    )
+    .await;
+    assert!(waited.is_err(), "answered past the limit");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    drop(open.pop());
+    let (status, headers, _) = third.response().await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-saw-path"), Some("/third"));
+}
+
+/// A request whose target host is ambiguous gets `400`, closes its connection, and never
+/// reaches the upstream: two `Host`s (also with a target in absolute form), none in HTTP/1.1,
+/// or an invalid one. Valid forms pass.
+#[tokio::test]
+async fn ambiguous_hosts_are_refused_and_never_forwarded() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
+    sidecar.policy(1, &[APP], v1::PolicyMode::Standard);
+    let refused: &[(&str, &str)] = &[
+        (
+            "two Hosts, the first one same-origin",
+            "GET / HTTP/1.1\r\nHost: app.example.com\r\nHost: evil.example\r\nOrigin: http://app.example.com\r\n\r\n",
+        ),
+        (
+            "two Hosts on an absolute-form target",
+            "GET http://shop/ HTTP/1.1\r\nHost: shop\r\nHost: other\r\n\r\n",
+        ),
+        ("no Host in HTTP/1.1", "GET / HTTP/1.1\r\n\r\n"),
+        ("a space in Host", "GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
+        (
+            "user information in Host",
+            "GET / HTTP/1.1\r\nHost: me@shop\r\n\r\n",
+        ),
+        ("an empty Host", "GET / HTTP/1.1\r\nHost:\r\n\r\n"),
+        ("a path in Host", "GET / HTTP/1.1\r\nHost: shop/x\r\n\r\n"),
+        (
+            "a port that is not a number",
+            "GET / HTTP/1.1\r\nHost: shop:http\r\n\r\n",
+        ),
+        (
+            "an unclosed IP literal",
+            "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+        ),
+        (
+            "two Hosts in HTTP/1.0",
+            "GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+        ),
+    ];
+    for (case, request) in refused {
+        let mut raw = Raw::connect(sidecar.addr).await;
+        raw.send(request.as_bytes()).await;
+        let (status, headers, _) = raw.response().await;
+        assert_eq!(status, 400, "{case}");
+        assert_eq!(header(&headers, "connection"), Some("close"), "{case}");
+        assert!(raw.closed().await, "{case}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing was forwarded");
+    let passed: &[(&str, &str)] = &[
+        (
+            "a name and a port",
+            "GET / HTTP/1.1\r\nHost: shop.example:8080\r\n\r\n",
+        ),
+        (
+            "an IPv6 literal",
+            "GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
+        ),
+        ("an empty port", "GET / HTTP/1.1\r\nHost: shop:\r\n\r\n"),
+        ("no Host in HTTP/1.0", "GET / HTTP/1.0\r\n\r\n"),
+    ];
+    for (case, request) in passed {
+        let mut raw = Raw::connect(sidecar.addr).await;
+        raw.send(request.as_bytes()).await;
+        assert_eq!(raw.response().await.0, 200, "{case}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), passed.len());
+}
+
+/// A request body with a transfer coding other than one `chunked` cannot be forwarded as it
+/// came (it would reach the upstream decoded, as plain chunked): an unknown coding is `501`,
+/// `chunked` twice `400`; the connection closes and nothing reaches the upstream.
+#[tokio::test]
+async fn transfer_codings_other_than_chunked_are_refused() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let body = "5\r\nhello\r\n0\r\n\r\n";
+    for (codings, status) in [
+        ("Transfer-Encoding: gzip, chunked\r\n", 501),
+        (
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+            501,
+        ),
+        ("Transfer-Encoding: chunked, chunked\r\n", 400),
+        (
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            400,
+        ),
+    ] {
+        let mut raw = Raw::connect(sidecar.addr).await;
+        raw.send(format!("POST / HTTP/1.1\r\nHost: shop\r\n{codings}\r\n{body}").as_bytes())
+            .await;
+        assert_eq!(raw.response().await.0, status, "{codings}");
+        assert!(raw.closed().await, "{codings}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing was forwarded");
+    let mut raw = Raw::connect(sidecar.addr).await;
+    raw.send(
+        format!("POST / HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: Chunked\r\n\r\n{body}")
+            .as_bytes(),
+    )
+    .await;
+    let (status, _, echoed) = raw.response().await;
+    assert_eq!((status, echoed.as_str()), (200, "hello"));
+}
+
+/// Over HTTP/2 a `host` header that names another host than `:authority`, or a second one,
+/// is `400` and never forwarded; one that agrees passes.
+#[tokio::test]
+async fn over_http2_a_host_other_than_the_authority_is_refused() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::PassThrough).await;
+    let tcp = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let mut send = async |hosts: &[&str]| {
+        let mut request = Request::get("http://shop.example/x");
+        for host in hosts {
+            request = request.header("host", *host);
+        }
+        let (response, _) = client
+            .send_request(request.body(()).unwrap(), true)
+            .unwrap();
+        let response = response.await.unwrap();
+        let status = response.status();
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            chunk.unwrap();
+        }
+        status
+    };
+    assert_eq!(send(&["other.example"]).await, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        send(&["shop.example", "other.example"]).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    assert_eq!(send(&["SHOP.example"]).await, StatusCode::OK);
+    assert_eq!(send(&[]).await, StatusCode::OK);
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+/// An HTTP/2 client written frame by frame, to do what real clients do not.
+struct RawH2 {
+    stream: tokio::net::TcpStream,
+}
+
+/// Frame types and flags.
+const DATA_FRAME: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const WINDOW_UPDATE: u8 = 8;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+
+impl RawH2 {
+    /// Connects, and sends the preface and an empty SETTINGS frame.
+    async fn connect(addr: SocketAddr) -> RawH2 {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut raw = RawH2 { stream };
+        use tokio::io::AsyncWriteExt;
+        raw.stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        raw.send(SETTINGS, 0, 0, &[]).await;
+        raw
+    }
+
+    async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend([kind, flags]);
+        frame.extend(stream.to_be_bytes());
+        frame.extend(payload);
+        let _ = self.stream.write_all(&frame).await;
+    }
+
+    /// A GET of `path`'s header block (HPACK, without Huffman coding or indexing).
+    fn get(path: &str) -> Vec<u8> {
+        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+        block.extend(path.as_bytes());
+        block.extend([0x01, 4]);
+        block.extend(b"shop");
+        block
+    }
+
+    /// The next frame (type, flags, stream, payload); `None` once the sidecar has closed the
+    /// connection.
+    async fn next(&mut self) -> Option<(u8, u8, u32, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 9];
+        self.stream.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; len];
+        self.stream.read_exact(&mut payload).await.ok()?;
+        Some((head[3], head[4], stream, payload))
+    }
+
+    /// The types of the frames that come until the sidecar closes the connection.
+    async fn until_closed(&mut self) -> Vec<u8> {
+        let mut kinds = Vec::new();
+        let closing = async {
+            while let Some((kind, ..)) = self.next().await {
+                kinds.push(kind);
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), closing)
+            .await
+            .expect("the sidecar closes the connection");
+        kinds
+    }
+}
+
+/// An HTTP/2 connection that brings no request within the header timeout is shut down
+/// (`GOAWAY`) and closed, though it never answers the `GOAWAY`'s `PING`: one silent after the
+/// preface, and one whose first header block never ends (h2 waits for its `CONTINUATION`).
+#[tokio::test]
+async fn http2_connections_without_a_request_are_closed_after_the_header_timeout() {
+    let (up, hits) = upstream().await;
+    let timeouts = proxy::Timeouts {
+        client_headers: std::time::Duration::from_millis(200),
+        ..proxy::Timeouts::default()
+    };
+    let sidecar = Sidecar::with_timeouts(up, NoPolicy::PassThrough, timeouts).await;
+    let mut silent = RawH2::connect(sidecar.addr).await;
+    let mut unfinished = RawH2::connect(sidecar.addr).await;
+    unfinished
+        .send(HEADERS, END_STREAM, 1, &RawH2::get("/never"))
+        .await;
+    for raw in [&mut silent, &mut unfinished] {
+        assert!(raw.until_closed().await.contains(&GOAWAY));
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    sidecar.wait_for_connections(0, 0).await;
+}
+
+/// An HTTP/2 connection is shut down once no stream has been open for the idle timeout, not
+/// while one is, however long it takes.
+#[tokio::test]
+async fn idle_http2_connections_are_shut_down() {
+    let (up, mut upstream) = gated_upstream().await;
+    let timeouts = proxy::Timeouts {
+        http2_idle: std::time::Duration::from_millis(200),
+        ..proxy::Timeouts::default()
+    };
+    let sidecar = Sidecar::with_timeouts(up, NoPolicy::PassThrough, timeouts).await;
+    let tcp = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client
+        .send_request(Request::get("http://shop/slow").body(()).unwrap(), true)
+        .unwrap();
+    upstream.arrived.recv().await.unwrap();
+    // Held three idle timeouts long: the connection stays.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    upstream.gate.add_permits(1);
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.unwrap();
+    }
+    // Then, idle, it is shut down.
+    tokio::time::timeout(std::time::Duration::from_secs(20), connection)
+        .await
+        .expect("the idle connection is shut down")
+        .unwrap()
+        .unwrap();
+    sidecar.wait_for_connections(0, 0).await;
+}
+
+/// An HTTP/2 client that stops answering `PING`s is closed after the keepalive time, even
+/// with a stream open (its request at the upstream).
+#[tokio::test]
+async fn http2_clients_that_do_not_answer_pings_are_closed() {
+    let (up, mut upstream) = gated_upstream().await;
+    let timeouts = proxy::Timeouts {
+        http2_keepalive: Some(std::time::Duration::from_millis(200)),
+        ..proxy::Timeouts::default()
+    };
+    let sidecar = Sidecar::with_timeouts(up, NoPolicy::PassThrough, timeouts).await;
+    let mut raw = RawH2::connect(sidecar.addr).await;
+    raw.send(HEADERS, END_HEADERS | END_STREAM, 1, &RawH2::get("/held"))
+        .await;
+    upstream.arrived.recv().await.unwrap();
+    let kinds = raw.until_closed().await;
+    assert!(kinds.contains(&PING), "{kinds:?}");
+    // The exchange goes with the connection.
+    upstream.closed.recv().await.unwrap();
+}
+
+/// The sidecar announces its HTTP/2 limits (streams, and the windows Envoy's edge advice
+/// gives: 64 KiB a stream, 1 MiB a connection) and refuses streams past the limit.
+#[tokio::test]
+async fn http2_streams_past_the_limit_are_refused() {
+    let (up, mut upstream) = gated_upstream().await;
+    let limits = proxy::Limits {
+        http2_max_concurrent_streams: 2,
+        ..proxy::Limits::default()
+    };
+    let sidecar = Sidecar::with_limits(up, NoPolicy::PassThrough, Default::default(), limits).await;
+    let mut raw = RawH2::connect(sidecar.addr).await;
+    let (mut settings, mut window) = (None, None);
+    while settings.is_none() || window.is_none() {
+        match raw.next().await.expect("open") {
+            (SETTINGS, 0, 0, payload) => {
+                let pairs: Vec<(u16, u32)> = payload
+                    .chunks(6)
+                    .map(|p| {
+                        (
+                            u16::from_be_bytes([p[0], p[1]]),
+                            u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                        )
+                    })
+                    .collect();
+                settings = Some(pairs);
+            }
+            (WINDOW_UPDATE, _, 0, payload) => {
+                window = Some(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+            }
+            _ => {}
+        }
+    }
+    let settings = settings.unwrap();
+    assert!(settings.contains(&(0x3, 2)), "{settings:?}");
+    assert!(settings.contains(&(0x4, 65_536)), "{settings:?}");
+    assert_eq!(window, Some(1024 * 1024 - 65_535));
+    raw.send(SETTINGS, ACK, 0, &[]).await;
+    for stream in [1, 3, 5] {
+        raw.send(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            stream,
+            &RawH2::get("/held"),
+        )
+        .await;
+    }
+    loop {
+        let (kind, _, stream, payload) = raw.next().await.expect("open");
+        if kind == RST_STREAM {
+            assert_eq!(
+                (stream, &payload[..]),
+                (5, &7u32.to_be_bytes()[..]),
+                "REFUSED_STREAM"
+            );
+            break;
+        }
+        assert_ne!(kind, DATA_FRAME);
+    }
+    for _ in 0..2 {
+        upstream.arrived.recv().await.unwrap();
+    }
+    assert_eq!(upstream.accepted.load(Ordering::SeqCst), 2);
 }

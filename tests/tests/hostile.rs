@@ -1,13 +1,15 @@
-//! Hostile clients against the real control plane: silent connections and descriptor
-//! exhaustion under a low `ulimit -n`, oversized fields, huge pages, long validation errors,
-//! a sidecar credential that floods the fleet, absurd token lifetimes and verification
-//! ranges, and bytes that are not protobuf. Each asserts that the attack gets a clear answer
-//! or a bounded cost, and that a legitimate client is served meanwhile or right after.
+//! Hostile clients against the real binaries. The control plane: silent connections and
+//! descriptor exhaustion under a low `ulimit -n`, oversized fields, huge pages, long
+//! validation errors, a sidecar credential that floods the fleet, absurd token lifetimes and
+//! verification ranges, and bytes that are not protobuf. The sidecar: idle HTTP/2
+//! connections and half-sent header blocks under a low `ulimit -n`, and requests it cannot
+//! forward faithfully. Each asserts that the attack gets a clear answer or a bounded cost,
+//! and that a legitimate client is served meanwhile or right after.
 
 mod support;
 
-use std::io::Read;
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use corsair_proto::v1;
@@ -472,4 +474,163 @@ fn percentile(latencies: &[Duration], p: usize) -> Duration {
     let mut sorted = latencies.to_vec();
     sorted.sort();
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+/// The HTTP/2 client preface and an empty SETTINGS frame.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+/// A HEADERS frame on stream 1 without END_HEADERS: one indexed field (`:method: GET`), and
+/// then the CONTINUATION that never comes.
+const HALF_HEADERS: &[u8] = b"\x00\x00\x01\x01\x00\x00\x00\x00\x01\x82";
+
+/// A sidecar in front of a real upstream, synced to the first policy, with `extra` flags and
+/// at most `nofile` descriptors.
+async fn hostile_sidecar(
+    dir: &std::path::Path,
+    extra: &[&str],
+    nofile: Option<u32>,
+) -> (Plane, support::Upstream, support::Sidecar) {
+    let plane = Plane::start(Backend::Sqlite, dir, &[]).await.unwrap();
+    let grpc = plane.channel(0);
+    let upstream = support::Upstream::start().await;
+    let revision = support::write_policy(&grpc, 1).await;
+    let token = support::sidecar_token(&grpc).await;
+    let sidecar = support::Sidecar::start_limited(
+        &plane.addresses(),
+        upstream.addr,
+        &dir.join("sidecar.cache"),
+        &token,
+        "hostile",
+        extra,
+        nofile,
+    );
+    support::converged(&grpc, 1, revision).await;
+    (plane, upstream, sidecar)
+}
+
+/// A legitimate cross-origin request through the sidecar; its status and how long it took.
+fn legitimate(addr: SocketAddr) -> (u16, Duration) {
+    let started = Instant::now();
+    let (status, _) = support::request(addr, "GET", "/ok", &[("Origin", support::ORIGIN)])
+        .unwrap_or_else(|e| panic!("a legitimate request: {e}"));
+    (status, started.elapsed())
+}
+
+/// Idle HTTP/2 connections (the preface and SETTINGS, then nothing) and HEADERS without
+/// END_HEADERS, more of them than the sidecar has descriptors: each is closed at its deadline,
+/// the sidecar's CPU and log stay small, and legitimate requests are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_and_half_sent_headers_do_not_stop_the_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_plane, _upstream, sidecar) = hostile_sidecar(
+        dir.path(),
+        &[
+            "--http2-idle-timeout-secs",
+            "2",
+            "--client-header-timeout-secs",
+            "2",
+        ],
+        Some(256),
+    )
+    .await;
+    let pid = sidecar.process.child.id();
+    let before = cpu_ticks(pid);
+    let lines_before = sidecar.process.log.lock().unwrap().len();
+    let started = Instant::now();
+    let hogs: Vec<TcpStream> = (0..300)
+        .map(|i| {
+            let mut hog = TcpStream::connect(sidecar.addr).unwrap();
+            let _ = hog.write_all(PREFACE);
+            if i % 2 == 1 {
+                let _ = hog.write_all(HALF_HEADERS);
+            }
+            hog
+        })
+        .collect();
+    // Legitimate requests while the hogs hold their connections, one after another.
+    let addr = sidecar.addr;
+    let latencies = tokio::task::spawn_blocking(move || {
+        (0..50)
+            .map(|_| {
+                let (status, took) = legitimate(addr);
+                assert_eq!(status, 200);
+                took
+            })
+            .collect::<Vec<_>>()
+    });
+    let latencies = within("50 legitimate requests beside 300 hogs", latencies)
+        .await
+        .unwrap();
+    for mut hog in hogs {
+        hog.set_read_timeout(Some(support::PATIENCE)).unwrap();
+        // The server's SETTINGS, maybe a GOAWAY, then the end.
+        closed_by_peer(hog.read_to_end(&mut Vec::new()).map(|_| ()));
+    }
+    let ticks = cpu_ticks(pid) - before;
+    let waited_ms = started.elapsed().as_millis() as u64;
+    eprintln!(
+        "legitimate p50/p99 beside 300 HTTP/2 hogs: {:?}/{:?}; sidecar CPU {} ms in {waited_ms} ms",
+        percentile(&latencies, 50),
+        percentile(&latencies, 99),
+        ticks * 10
+    );
+    assert!(
+        ticks * 10 < waited_ms / 2,
+        "{} ms of CPU in {waited_ms} ms",
+        ticks * 10
+    );
+    let lines = sidecar.process.log.lock().unwrap().len() - lines_before;
+    assert!(lines < 200, "the log stays bounded: {lines} lines");
+    let (_, fds) = rss_and_fds(pid);
+    assert!(fds <= 256, "{fds} descriptors");
+    assert_eq!(
+        legitimate(sidecar.addr).0,
+        200,
+        "served after the hogs are gone"
+    );
+}
+
+/// Requests the sidecar cannot forward faithfully: two `Host` headers, none, one that is not a
+/// host, a transfer coding other than a lone `chunked`. Each is refused, and the upstream
+/// never sees one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_requests_are_refused_and_never_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_plane, upstream, sidecar) = hostile_sidecar(dir.path(), &[], None).await;
+    let cases: [(&str, &str, &[u16]); 4] = [
+        (
+            "two Host headers",
+            "GET /two-hosts HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+            &[400],
+        ),
+        ("no Host", "GET /no-host HTTP/1.1\r\n\r\n", &[400]),
+        (
+            "a Host that is not a host",
+            "GET /bad-host HTTP/1.1\r\nHost: a b\r\n\r\n",
+            &[400],
+        ),
+        (
+            "gzip, chunked",
+            "POST /gzip HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            &[400, 501],
+        ),
+    ];
+    for (what, raw, expected) in cases {
+        let mut stream = TcpStream::connect(sidecar.addr).unwrap();
+        stream.set_read_timeout(Some(support::PATIENCE)).unwrap();
+        stream.write_all(raw.as_bytes()).unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        let status: u16 = String::from_utf8_lossy(&response)
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: no answer: {response:?}"));
+        assert!(expected.contains(&status), "{what}: {status}");
+    }
+    assert_eq!(legitimate(sidecar.addr).0, 200);
+    let seen = upstream.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        ["GET /ok"],
+        "only the legitimate request reached the upstream"
+    );
 }
