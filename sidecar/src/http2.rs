@@ -46,7 +46,9 @@ where
 {
     tokio::pin!(connection);
     let mut stop = Stopped::new(stop);
-    let mut timer = Lazy::new(opened + deadlines.header);
+    let first_request_due = opened + deadlines.header;
+    // The first look comes early enough for an idle timeout shorter than the header timeout.
+    let mut timer = Lazy::new(opened + deadlines.header.min(deadlines.idle / 4));
     // The requests started at the last look, and whether none was in flight then.
     let mut seen = 0;
     let mut quiet = false;
@@ -64,6 +66,8 @@ where
                         return Ok(());
                     }
                     now + deadlines.header
+                } else if started == 0 && now < first_request_due {
+                    first_request_due
                 } else if started == 0 {
                     tracing::debug!("no HTTP/2 request within the header timeout: shutting down");
                     graceful(connection.as_mut());

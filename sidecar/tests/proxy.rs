@@ -2783,12 +2783,14 @@ async fn http2_connections_without_a_request_are_closed_after_the_header_timeout
 }
 
 /// An HTTP/2 connection is shut down once no stream has been open for the idle timeout, not
-/// while one is, however long it takes.
+/// while one is, however long it takes. (The header timeout is an hour: nothing else closes
+/// it.)
 #[tokio::test]
 async fn idle_http2_connections_are_shut_down() {
     let (up, mut upstream) = gated_upstream().await;
     let timeouts = proxy::Timeouts {
         http2_idle: std::time::Duration::from_millis(200),
+        client_headers: std::time::Duration::from_secs(3600),
         ..proxy::Timeouts::default()
     };
     let sidecar = Sidecar::with_timeouts(up, NoPolicy::PassThrough, timeouts).await;
