@@ -5,6 +5,7 @@
 //! revision that had been written, that no sidecar goes back to an older revision, and that
 //! after healing every sidecar reaches the latest revision; it prints how long that took.
 
+#[macro_use]
 mod support;
 
 use std::sync::atomic::Ordering;
@@ -15,23 +16,6 @@ use support::{
     Backend, Deadline, Load, ORIGIN, Plane, SERVICE, Served, Sidecar, Upstream, bearer, converged,
     policy, request, revision_of, sidecar_token, write_policy,
 };
-
-/// One test per backend for the scenario `$name(backend)`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres_two_replicas() {
-                super::$name(super::Backend::Postgres).await;
-            }
-        }
-    )*};
-}
 
 on_both_backends!(
     control_plane_killed_and_restarted,

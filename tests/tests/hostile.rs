@@ -6,6 +6,7 @@
 //! forward faithfully. Each asserts that the attack gets a clear answer or a bounded cost,
 //! and that a legitimate client is served meanwhile or right after.
 
+#[macro_use]
 mod support;
 
 use std::io::{Read, Write};
@@ -20,23 +21,6 @@ use support::{
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
-
-/// One test per backend for the scenario `$name(backend)`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres_two_replicas() {
-                super::$name(super::Backend::Postgres).await;
-            }
-        }
-    )*};
-}
 
 on_both_backends!(
     oversized_and_malformed_requests_get_clear_errors_and_store_bounded_text,

@@ -4,7 +4,7 @@
 //! traffic that checks every response. Every wait here has a [`Deadline`]; a scenario that
 //! cannot run on this machine says so with [`skip`].
 
-#![allow(dead_code, unreachable_pub, unused_imports)]
+#![allow(dead_code, unreachable_pub, unused_imports, unused_macros)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -25,6 +25,24 @@ pub const ORIGIN: &str = "https://app.example.com";
 pub const SERVICE: &str = "shop";
 
 pub use corsair_testkit::{Deadline, PATIENCE, skip, within};
+
+/// One test per backend for the scenario `$name(backend)`: SQLite, and two replicas on
+/// PostgreSQL. The scenario's module must import `Backend`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_two_replicas() {
+                super::$name(super::Backend::Postgres).await;
+            }
+        }
+    )*};
+}
 
 /// A binary of the workspace, from the target directory this test runs from; built when
 /// missing (when this package's tests run alone).
