@@ -7,7 +7,8 @@
 //! the request's headers in place and allocates nothing but a normalized
 //! `Access-Control-Allow-Headers` echo.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 
@@ -18,8 +19,10 @@ use http::{Method, StatusCode};
 
 use crate::headers::{ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK, CorsHeaders, Vary};
 use crate::lint::{MAX_TOKEN_LEN, is_tchar, is_token};
+use crate::matcher::OriginMatcher;
 use crate::model::{Mode, Policy};
-use crate::origin::{OriginPattern, RequestOrigin, Scheme};
+use crate::origin::{RequestOrigin, Scheme};
+use crate::origin_set::OriginSet;
 
 /// An `Access-Control-Request-Headers` longer than this (all lines together) is refused
 /// without being parsed.
@@ -102,6 +105,8 @@ pub enum Reason {
     Allowed {
         /// Index into the policy's `allowed_origins`.
         entry: u32,
+        /// When that entry is a `set:` reference, the index of the set's entry that matched.
+        member: Option<u32>,
     },
     /// The origin matched no entry.
     OriginNotAllowed,
@@ -175,11 +180,9 @@ pub struct Decision<'p> {
 #[derive(Debug)]
 pub struct CompiledPolicy {
     policy: Policy,
-    exact: HashMap<Box<str>, u32, RandomState>,
-    subdomains: Vec<SubdomainGroup>,
-    regexes: Vec<(u32, regex::Regex)>,
-    any: Option<u32>,
-    null: Option<u32>,
+    origins: OriginMatcher,
+    /// The referenced sets, compiled once and shared, each with its `allowed_origins` index.
+    sets: Vec<(u32, Arc<OriginSet>)>,
     methods: TokenSet,
     headers: TokenSet,
     credentials: bool,
@@ -187,13 +190,6 @@ pub struct CompiledPolicy {
     allow_methods: Option<HeaderValue>,
     expose_headers: Option<HeaderValue>,
     max_age: Option<HeaderValue>,
-}
-
-#[derive(Debug)]
-struct SubdomainGroup {
-    scheme: Scheme,
-    port: Option<u16>,
-    suffixes: HashMap<Box<str>, u32, RandomState>,
 }
 
 /// A set of tokens compared exactly (methods) or ASCII-case-insensitively (headers, stored
@@ -261,42 +257,8 @@ fn header_value(items: &[String]) -> Option<HeaderValue> {
 impl CompiledPolicy {
     /// Compiles a validated policy.
     pub fn new(policy: Policy) -> CompiledPolicy {
-        let mut exact = HashMap::default();
-        let mut subdomains: Vec<SubdomainGroup> = Vec::new();
-        let mut regexes = Vec::new();
-        let (mut any, mut null) = (None, None);
-        for (i, pattern) in policy.origins.iter().enumerate() {
-            let i = i as u32;
-            match pattern {
-                OriginPattern::Exact(o) => {
-                    exact.entry(o.as_str().into()).or_insert(i);
-                }
-                OriginPattern::Subdomains {
-                    scheme,
-                    suffix,
-                    port,
-                } => {
-                    let group = match subdomains
-                        .iter_mut()
-                        .position(|g| g.scheme == *scheme && g.port == *port)
-                    {
-                        Some(g) => &mut subdomains[g],
-                        None => {
-                            subdomains.push(SubdomainGroup {
-                                scheme: *scheme,
-                                port: *port,
-                                suffixes: HashMap::default(),
-                            });
-                            subdomains.last_mut().expect("just pushed")
-                        }
-                    };
-                    group.suffixes.entry(suffix.as_str().into()).or_insert(i);
-                }
-                OriginPattern::Regex(re) => regexes.push((i, re.clone())),
-                OriginPattern::Any => any = any.or(Some(i)),
-                OriginPattern::Null => null = null.or(Some(i)),
-            }
-        }
+        let origins = OriginMatcher::new(policy.origins.iter().map(|(i, p)| (*i, p)));
+        let sets = policy.sets.clone();
         let spec = &policy.spec;
         let methods = TokenSet::new(spec.allowed_methods.iter(), false);
         let headers = TokenSet::new(spec.allowed_headers.iter(), true);
@@ -310,11 +272,8 @@ impl CompiledPolicy {
             max_age: spec.max_age.map(HeaderValue::from),
             credentials: spec.allow_credentials,
             private_network: spec.allow_private_network,
-            exact,
-            subdomains,
-            regexes,
-            any,
-            null,
+            origins,
+            sets,
             methods,
             headers,
             policy,
@@ -356,17 +315,17 @@ impl CompiledPolicy {
                 headers: Some(CorsHeaders::vary_only(Vary::ORIGIN)),
             });
         }
-        let entry = match self.match_origin(origin) {
-            Ok(entry) => entry,
+        let (entry, member) = match self.match_origin(origin) {
+            Ok(matched) => matched,
             Err(reason) => return self.deny(kind, reason),
         };
-        let allow_origin = if Some(entry) == self.any && !self.credentials {
+        let allow_origin = if Some(entry) == self.origins.any && !self.credentials {
             HeaderValue::from_static("*")
         } else {
             origin_value.clone()
         };
         match kind {
-            Kind::Preflight => self.preflight(req, entry, allow_origin),
+            Kind::Preflight => self.preflight(req, entry, member, allow_origin),
             _ => {
                 if !self.method_allowed(req.method.as_str()) {
                     return self.deny(kind, Reason::MethodNotAllowed);
@@ -374,7 +333,7 @@ impl CompiledPolicy {
                 self.finish(Decision {
                     kind,
                     allowed: true,
-                    reason: Reason::Allowed { entry },
+                    reason: Reason::Allowed { entry, member },
                     action: Action::Forward,
                     headers: Some(CorsHeaders {
                         allow_origin: Some(allow_origin),
@@ -392,7 +351,7 @@ impl CompiledPolicy {
     /// it `Access-Control-Allow-Origin: *` (so a cached copy serves any origin), every other
     /// policy only adds `Vary: Origin`.
     fn not_cors(&self) -> Decision<'_> {
-        let headers = if self.any.is_some() && !self.credentials {
+        let headers = if self.origins.any.is_some() && !self.credentials {
             CorsHeaders {
                 allow_origin: Some(HeaderValue::from_static("*")),
                 expose_headers: self.expose_headers.as_ref(),
@@ -411,7 +370,13 @@ impl CompiledPolicy {
         })
     }
 
-    fn preflight(&self, req: &Request<'_>, entry: u32, allow_origin: HeaderValue) -> Decision<'_> {
+    fn preflight(
+        &self,
+        req: &Request<'_>,
+        entry: u32,
+        member: Option<u32>,
+        allow_origin: HeaderValue,
+    ) -> Decision<'_> {
         let mut acrm = req
             .headers
             .get_all(ACCESS_CONTROL_REQUEST_METHOD)
@@ -434,7 +399,7 @@ impl CompiledPolicy {
         self.finish(Decision {
             kind: Kind::Preflight,
             allowed: true,
-            reason: Reason::Allowed { entry },
+            reason: Reason::Allowed { entry, member },
             action: Action::Respond(StatusCode::NO_CONTENT),
             headers: Some(CorsHeaders {
                 allow_origin: Some(allow_origin),
@@ -481,33 +446,37 @@ impl CompiledPolicy {
         decision
     }
 
-    /// Finds the allowed-origin entry that matches a request origin.
-    fn match_origin(&self, origin: &str) -> Result<u32, Reason> {
+    /// Finds the allowed-origin entry that matches a request origin: the policy's own
+    /// entries first, then its sets', then `*`. For a set's entry, also its index in the set.
+    fn match_origin(&self, origin: &str) -> Result<(u32, Option<u32>), Reason> {
+        let in_sets = |find: &dyn Fn(&OriginMatcher) -> Option<u32>| {
+            self.sets
+                .iter()
+                .find_map(|(entry, set)| find(set.matcher()).map(|m| (*entry, Some(m))))
+        };
         if origin == "null" {
-            return self.null.ok_or(Reason::NullNotAllowed);
+            return match self.origins.null {
+                Some(entry) => Ok((entry, None)),
+                None => in_sets(&|m| m.null).ok_or(Reason::NullNotAllowed),
+            };
         }
-        if let Some(&entry) = self.exact.get(origin) {
-            return Ok(entry);
+        if let Some(entry) = self.origins.exact(origin) {
+            return Ok((entry, None));
+        }
+        if let Some(found) = in_sets(&|m| m.exact(origin)) {
+            return Ok(found);
         }
         let parsed = RequestOrigin::parse(origin).ok_or(Reason::OriginMalformed)?;
-        for group in &self.subdomains {
-            if group.scheme != parsed.scheme || group.port != parsed.port {
-                continue;
-            }
-            // Every proper suffix that starts at a label boundary, longest first.
-            let host = parsed.host;
-            for (i, _) in host.match_indices('.') {
-                if let Some(&entry) = group.suffixes.get(&host[i + 1..]) {
-                    return Ok(entry);
-                }
-            }
+        if let Some(entry) = self.origins.pattern(origin, &parsed) {
+            return Ok((entry, None));
         }
-        for (entry, re) in &self.regexes {
-            if re.is_match(origin) {
-                return Ok(*entry);
-            }
+        if let Some(found) = in_sets(&|m| m.pattern(origin, &parsed)) {
+            return Ok(found);
         }
-        self.any.ok_or(Reason::OriginNotAllowed)
+        self.origins
+            .any
+            .map(|entry| (entry, None))
+            .ok_or(Reason::OriginNotAllowed)
     }
 
     /// `GET`, `HEAD` and `POST` are CORS-safelisted (byte-exact); anything else must be listed.
@@ -595,11 +564,16 @@ impl CompiledPolicy {
                 .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned())
                 .unwrap_or_default()
         };
-        let entry = |i: u32| {
-            format!(
-                "allowed_origins[{i}] ({})",
-                self.policy.spec.allowed_origins[i as usize]
-            )
+        let entry = |i: u32, member: Option<u32>| {
+            let written = &self.policy.spec.allowed_origins[i as usize];
+            let from_set = member.and_then(|m| {
+                let (_, set) = self.sets.iter().find(|(at, _)| *at == i)?;
+                set.origins().get(m as usize)
+            });
+            match from_set {
+                Some(origin) => format!("allowed_origins[{i}] ({origin}, from {written})"),
+                None => format!("allowed_origins[{i}] ({written})"),
+            }
         };
         let shadow = if self.policy.spec.mode == Mode::Shadow {
             " (shadow mode: traffic is not changed)"
@@ -609,7 +583,9 @@ impl CompiledPolicy {
         let text = match decision.reason {
             Reason::NoOrigin => "no Origin header: not a CORS request".to_owned(),
             Reason::SameOrigin => format!("origin {} is the request's own origin", origin()),
-            Reason::Allowed { entry: i } => format!("origin {} allowed by {}", origin(), entry(i)),
+            Reason::Allowed { entry: i, member } => {
+                format!("origin {} allowed by {}", origin(), entry(i, member))
+            }
             Reason::OriginNotAllowed => format!("origin {} matches no allowed origin", origin()),
             Reason::NullNotAllowed => {
                 "origin null is not listed (only an explicit `null` entry allows it)".to_owned()

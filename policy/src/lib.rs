@@ -24,6 +24,8 @@
 //! - [`model`]: [`PolicySpec`] (input) and [`Policy`] (validated, canonical), [`Mode`].
 //! - [`origin`]: the serialized-origin grammar and [`OriginPattern`], one parsed
 //!   allowed-origin entry.
+//! - [`origin_set`]: [`OriginSetSpec`] and [`OriginSet`], named origin lists that policies
+//!   reference as `set:NAME`, validated and compiled once however many policies share them.
 //! - [`lint`]: validation and lint, [`Finding`]s with field paths and stable [`Code`]s.
 //! - [`engine`]: [`CompiledPolicy`], [`Request`] in, [`Decision`] out.
 //! - [`headers`]: [`CorsHeaders`], written into a response with `Vary` merged.
@@ -31,11 +33,14 @@
 pub mod engine;
 pub mod headers;
 pub mod lint;
+mod matcher;
 pub mod model;
 pub mod origin;
+pub mod origin_set;
 
 pub use engine::{Action, CompiledPolicy, Decision, Kind, Reason, Request, is_same_origin};
 pub use headers::{CorsHeaders, Vary};
-pub use lint::{Code, Finding, Rejected, Severity, Validated, lint};
+pub use lint::{Code, Finding, Rejected, Severity, Validated, blocking, lint, lint_with_sets};
 pub use model::{Mode, Policy, PolicySpec};
 pub use origin::{OriginPattern, Scheme};
+pub use origin_set::{OriginSet, OriginSetSpec, SET_PREFIX, SetLookup, lint_set};

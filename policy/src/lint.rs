@@ -4,11 +4,13 @@
 //! Errors always refuse the policy; risks refuse it unless the caller acknowledges their code;
 //! notices are returned and accepted.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use crate::model::{Policy, PolicySpec};
 use crate::origin::{OriginEntryError, OriginPattern, REGEX_PREFIX, Scheme};
+use crate::origin_set::{OriginSet, SET_PREFIX, SetLookup};
 
 /// At most this many allowed-origin entries.
 pub const MAX_ORIGINS: usize = 20_000;
@@ -124,6 +126,14 @@ codes! {
     WILDCARD_HEADERS_EXCLUDE_AUTHORIZATION => Notice,
     /// No origin is allowed: the policy allows no cross-origin request.
     NO_ORIGINS => Notice,
+    /// An origin set's name (or the name in a `set:` reference) is not a lowercase DNS label.
+    INVALID_SET_NAME => Error,
+    /// A `set:` reference names no origin set.
+    UNKNOWN_ORIGIN_SET => Error,
+    /// `*` in an origin set: a set lists origins, and `*` belongs in a policy of its own.
+    WILDCARD_IN_SET => Error,
+    /// An origin set's description is longer than allowed.
+    DESCRIPTION_TOO_LONG => Error,
 }
 
 impl fmt::Display for Code {
@@ -185,22 +195,24 @@ impl Rejected {
 }
 
 impl Policy {
-    /// Validates and lints `spec`. Refuses it on any error, and on any risk whose code is not
-    /// in `acknowledged`.
+    /// Validates and lints `spec`, which references no origin set. Refuses it on any error,
+    /// and on any risk whose code is not in `acknowledged`.
     pub fn check<S: AsRef<str>>(
         spec: &PolicySpec,
         acknowledged: &[S],
     ) -> Result<Validated, Rejected> {
-        let (policy, findings) = lint(spec);
-        let blocking: Vec<Finding> = findings
-            .iter()
-            .filter(|f| match f.severity {
-                Severity::Error => true,
-                Severity::Risk => !acknowledged.iter().any(|a| a.as_ref() == f.code.as_str()),
-                Severity::Notice => false,
-            })
-            .cloned()
-            .collect();
+        Policy::check_with_sets(spec, acknowledged, &|_| None)
+    }
+
+    /// Validates and lints `spec`, resolving its `set:` references through `sets`. Refuses it
+    /// on any error, and on any risk whose code is not in `acknowledged`.
+    pub fn check_with_sets<S: AsRef<str>>(
+        spec: &PolicySpec,
+        acknowledged: &[S],
+        sets: SetLookup<'_>,
+    ) -> Result<Validated, Rejected> {
+        let (policy, findings) = lint_with_sets(spec, sets);
+        let blocking = blocking(&findings, acknowledged);
         match policy {
             Some(policy) if blocking.is_empty() => Ok(Validated { policy, findings }),
             _ => Err(Rejected { blocking, findings }),
@@ -208,12 +220,40 @@ impl Policy {
     }
 }
 
-/// Validates and lints `spec`: the canonical policy (`None` when any finding is an error) and
-/// every finding, in field order.
+/// The findings that refuse a write: every error, and every risk not in `acknowledged`.
+pub fn blocking<S: AsRef<str>>(findings: &[Finding], acknowledged: &[S]) -> Vec<Finding> {
+    findings
+        .iter()
+        .filter(|f| match f.severity {
+            Severity::Error => true,
+            Severity::Risk => !acknowledged.iter().any(|a| a.as_ref() == f.code.as_str()),
+            Severity::Notice => false,
+        })
+        .cloned()
+        .collect()
+}
+
+/// Validates and lints `spec`, which references no origin set (a `set:` entry is an
+/// `UNKNOWN_ORIGIN_SET` error): the canonical policy (`None` when any finding is an error)
+/// and every finding, in field order.
 pub fn lint(spec: &PolicySpec) -> (Option<Policy>, Vec<Finding>) {
+    lint_with_sets(spec, &|_| None)
+}
+
+/// Validates and lints `spec`, resolving its `set:` references through `sets`. Findings of
+/// a referenced set appear once per set and code, on the reference's field.
+pub fn lint_with_sets(spec: &PolicySpec, sets: SetLookup<'_>) -> (Option<Policy>, Vec<Finding>) {
     let mut l = Linter::default();
     l.service(&spec.service);
-    let (origins, canonical_origins) = l.origins(spec);
+    let origins = l.origins(
+        "allowed_origins",
+        &spec.allowed_origins,
+        &OriginsContext {
+            credentials: spec.allow_credentials,
+            private_network: spec.allow_private_network,
+            sets: Some(sets),
+        },
+    );
     let methods = l.methods(spec);
     let headers = l.tokens(
         "allowed_headers",
@@ -265,6 +305,7 @@ pub fn lint(spec: &PolicySpec) -> (Option<Policy>, Vec<Finding>) {
         );
     }
     let size: usize = spec.service.len()
+        + origins.set_bytes
         + [
             &spec.allowed_origins,
             &spec.allowed_methods,
@@ -288,7 +329,7 @@ pub fn lint(spec: &PolicySpec) -> (Option<Policy>, Vec<Finding>) {
     let policy = ok.then(|| Policy {
         spec: PolicySpec {
             service: spec.service.clone(),
-            allowed_origins: canonical_origins,
+            allowed_origins: origins.canonical,
             allowed_methods: methods,
             allowed_headers: headers,
             exposed_headers: exposed,
@@ -297,7 +338,8 @@ pub fn lint(spec: &PolicySpec) -> (Option<Policy>, Vec<Finding>) {
             allow_private_network: spec.allow_private_network,
             mode: spec.mode,
         },
-        origins,
+        origins: origins.patterns,
+        sets: origins.sets,
     });
     let mut findings = findings;
     findings.sort_by_key(|f| field_order(&f.field));
@@ -331,12 +373,63 @@ fn field_order(field: &str) -> (usize, usize) {
 }
 
 #[derive(Default)]
-struct Linter {
-    findings: Vec<Finding>,
+pub(crate) struct Linter {
+    pub(crate) findings: Vec<Finding>,
+}
+
+/// What the checks of an origin list depend on besides the list.
+pub(crate) struct OriginsContext<'a> {
+    pub(crate) credentials: bool,
+    pub(crate) private_network: bool,
+    /// How `set:` references resolve; `None` for a set's own entries, where `*` and
+    /// references are refused.
+    pub(crate) sets: Option<SetLookup<'a>>,
+}
+
+/// A checked origin list.
+#[derive(Default)]
+pub(crate) struct Origins {
+    /// The parsed entries, each with its index in `canonical`.
+    pub(crate) patterns: Vec<(u32, OriginPattern)>,
+    /// The referenced sets, each with its index in `canonical`.
+    pub(crate) sets: Vec<(u32, Arc<OriginSet>)>,
+    /// The canonical list, duplicates dropped, references kept as written.
+    pub(crate) canonical: Vec<String>,
+    /// Whether an own entry is https.
+    pub(crate) has_https: bool,
+    /// How many own entries are plain http.
+    pub(crate) insecure: usize,
+    /// Bytes of the referenced sets' entries.
+    pub(crate) set_bytes: usize,
+}
+
+/// What a service or origin set name may be.
+pub(crate) const DNS_LABEL: &str = "1 to 63 lowercase letters, digits and hyphens, starting with a letter, not ending with a hyphen";
+
+/// Whether `name` is a lowercase DNS label starting with a letter (see [`DNS_LABEL`]).
+pub(crate) fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_lowercase()
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Whether an entry is plain http (exact or wildcard).
+fn is_insecure(pattern: &OriginPattern) -> bool {
+    matches!(pattern, OriginPattern::Exact(o) if o.starts_with("http://"))
+        || matches!(
+            pattern,
+            OriginPattern::Subdomains {
+                scheme: Scheme::Http,
+                ..
+            }
+        )
 }
 
 impl Linter {
-    fn push(&mut self, field: String, code: Code, message: String) {
+    pub(crate) fn push(&mut self, field: String, code: Code, message: String) {
         self.findings.push(Finding {
             field,
             code,
@@ -346,49 +439,86 @@ impl Linter {
     }
 
     fn service(&mut self, name: &str) {
-        let valid = (1..=63).contains(&name.len())
-            && name.as_bytes()[0].is_ascii_lowercase()
-            && !name.ends_with('-')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !valid {
+        if !is_dns_label(name) {
             self.push(
                 "service".into(),
                 Code::INVALID_SERVICE_NAME,
-                format!("{name:?} is not a valid service name: 1 to 63 lowercase letters, digits and hyphens, starting with a letter, not ending with a hyphen"),
+                format!("{name:?} is not a valid service name: {DNS_LABEL}"),
             );
         }
     }
 
-    fn origins(&mut self, spec: &PolicySpec) -> (Vec<OriginPattern>, Vec<String>) {
-        if spec.allowed_origins.len() > MAX_ORIGINS {
+    /// Checks a list of allowed-origin entries (a policy's `allowed_origins`, or a set's
+    /// `origins` when `ctx.sets` is `None`), resolving `set:` references.
+    pub(crate) fn origins(
+        &mut self,
+        field: &str,
+        entries: &[String],
+        ctx: &OriginsContext<'_>,
+    ) -> Origins {
+        let mut out = Origins::default();
+        if entries.len() > MAX_ORIGINS {
             self.push(
-                "allowed_origins".into(),
+                field.into(),
                 Code::TOO_MANY_ENTRIES,
-                format!(
-                    "{} entries; the limit is {MAX_ORIGINS}",
-                    spec.allowed_origins.len()
-                ),
+                format!("{} entries; the limit is {MAX_ORIGINS}", entries.len()),
             );
-            return (Vec::new(), Vec::new());
+            return out;
         }
-        if spec.allowed_origins.is_empty() {
-            self.push(
-                "allowed_origins".into(),
-                Code::NO_ORIGINS,
-                "no origin is allowed, so no cross-origin request is".into(),
-            );
-        }
-        let mut patterns = Vec::with_capacity(spec.allowed_origins.len());
-        let mut canonical = Vec::with_capacity(spec.allowed_origins.len());
-        let mut seen = HashSet::with_capacity(spec.allowed_origins.len());
-        let has_https = spec.allowed_origins.iter().any(|o| {
+        // References resolved first: their https entries decide whether a plain http one is
+        // a risk.
+        let referenced: Vec<Option<Arc<OriginSet>>> = entries
+            .iter()
+            .map(|e| {
+                let name = e.strip_prefix(SET_PREFIX)?;
+                ctx.sets.and_then(|lookup| lookup(name))
+            })
+            .collect();
+        let has_https = entries.iter().any(|o| {
             o.get(..8)
                 .is_some_and(|p| p.eq_ignore_ascii_case("https://"))
-        });
-        for (i, entry) in spec.allowed_origins.iter().enumerate() {
-            let field = format!("allowed_origins[{i}]");
+        }) || referenced.iter().flatten().any(|s| s.has_https());
+        let mut seen = HashSet::with_capacity(entries.len());
+        let mut effective = 0usize;
+        for (i, entry) in entries.iter().enumerate() {
+            let field = format!("{field}[{i}]");
+            if let Some(name) = entry.strip_prefix(SET_PREFIX) {
+                let Some(lookup_set) = referenced[i].as_ref() else {
+                    match ctx.sets {
+                        None => self.push(
+                            field,
+                            Code::INVALID_ORIGIN,
+                            "an origin set cannot reference another set".into(),
+                        ),
+                        Some(_) if !is_dns_label(name) => self.push(
+                            field,
+                            Code::INVALID_SET_NAME,
+                            format!("{name:?} is not a valid origin set name: {DNS_LABEL}"),
+                        ),
+                        Some(_) => self.push(
+                            field,
+                            Code::UNKNOWN_ORIGIN_SET,
+                            format!("there is no origin set named {name:?}"),
+                        ),
+                    }
+                    continue;
+                };
+                if !seen.insert(entry.clone()) {
+                    self.push(
+                        field,
+                        Code::DUPLICATE_ENTRY,
+                        format!("{entry:?} repeats an earlier entry and is dropped"),
+                    );
+                    continue;
+                }
+                self.set_findings(&field, lookup_set, has_https);
+                effective += lookup_set.len();
+                out.set_bytes += lookup_set.bytes();
+                out.sets
+                    .push((out.canonical.len() as u32, lookup_set.clone()));
+                out.canonical.push(entry.clone());
+                continue;
+            }
             let pattern = match OriginPattern::parse(entry) {
                 Ok(p) => p,
                 Err(e) => {
@@ -409,76 +539,8 @@ impl Linter {
                 );
                 continue;
             }
-            match &pattern {
-                OriginPattern::Any => {
-                    if spec.allow_credentials {
-                        self.push(
-                            field.clone(),
-                            Code::WILDCARD_WITH_CREDENTIALS,
-                            "`*` cannot be combined with allow_credentials: list the origins that may send credentials".into(),
-                        );
-                    }
-                    if spec.allow_private_network {
-                        self.push(
-                            field.clone(),
-                            Code::PRIVATE_NETWORK_WITH_WILDCARD,
-                            "private network access cannot be granted to `*`: list the origins".into(),
-                        );
-                    }
-                }
-                OriginPattern::Null => self.push(
-                    field.clone(),
-                    Code::NULL_ORIGIN,
-                    "`null` is sent by sandboxed iframes, file: pages and cross-origin redirects, which any site can produce".into(),
-                ),
-                OriginPattern::Regex(_) => {
-                    let source = &entry[REGEX_PREFIX.len()..];
-                    self.push(
-                        field.clone(),
-                        Code::REGEX_ORIGIN,
-                        "regular-expression origins are easy to get wrong; prefer exact origins or https://*.domain".into(),
-                    );
-                    if !source.starts_with('^') || !source.ends_with('$') {
-                        self.push(
-                            field.clone(),
-                            Code::UNANCHORED_REGEX,
-                            "the pattern is matched against the whole origin (scheme, host and port), as if written ^(?:...)$".into(),
-                        );
-                    }
-                    if has_unescaped_dot(source) {
-                        self.push(
-                            field.clone(),
-                            Code::REGEX_UNESCAPED_DOT,
-                            "`.` matches any character; write `\\.` for a literal dot".into(),
-                        );
-                    }
-                }
-                OriginPattern::Subdomains { suffix, .. } => {
-                    if is_public_suffix(suffix) {
-                        self.push(
-                            field.clone(),
-                            Code::WILDCARD_UNDER_PUBLIC_SUFFIX,
-                            format!("{suffix} is a public suffix: *.{suffix} allows sites registered by anyone"),
-                        );
-                    } else {
-                        self.push(
-                            field.clone(),
-                            Code::WILDCARD_SUBDOMAIN,
-                            format!("every subdomain of {suffix} is allowed, including any that is dangling and can be taken over"),
-                        );
-                    }
-                }
-                OriginPattern::Exact(_) => {}
-            }
-            let insecure = matches!(&pattern,
-                OriginPattern::Exact(o) if o.starts_with("http://"))
-                || matches!(
-                    &pattern,
-                    OriginPattern::Subdomains {
-                        scheme: Scheme::Http,
-                        ..
-                    }
-                );
+            self.pattern_findings(&field, entry, &pattern, ctx);
+            let insecure = is_insecure(&pattern);
             if insecure && has_https {
                 self.push(
                     field,
@@ -486,10 +548,150 @@ impl Linter {
                     format!("{text} is plain http beside https origins: anyone on the network path can act as it"),
                 );
             }
-            patterns.push(pattern);
-            canonical.push(text);
+            out.has_https |= text.starts_with("https://");
+            out.insecure += usize::from(insecure);
+            effective += 1;
+            out.patterns.push((out.canonical.len() as u32, pattern));
+            out.canonical.push(text);
         }
-        (patterns, canonical)
+        if effective > MAX_ORIGINS {
+            self.push(
+                field.into(),
+                Code::TOO_MANY_ENTRIES,
+                format!(
+                    "{effective} entries with the origin sets resolved; the limit is {MAX_ORIGINS}"
+                ),
+            );
+        }
+        // Only references, to empty sets, allow nothing as surely as an empty list does.
+        if effective == 0 && ctx.sets.is_some() && entries.iter().all(|e| e.starts_with(SET_PREFIX))
+        {
+            self.push(
+                field.into(),
+                Code::NO_ORIGINS,
+                "no origin is allowed, so no cross-origin request is".into(),
+            );
+        }
+        out
+    }
+
+    /// The findings of one parsed entry that depend on the entry alone (and, for `*`, on
+    /// credentials and private network access).
+    fn pattern_findings(
+        &mut self,
+        field: &str,
+        entry: &str,
+        pattern: &OriginPattern,
+        ctx: &OriginsContext<'_>,
+    ) {
+        let field = field.to_owned();
+        match pattern {
+            OriginPattern::Any => {
+                if ctx.sets.is_none() {
+                    self.push(
+                        field,
+                        Code::WILDCARD_IN_SET,
+                        "`*` cannot be part of an origin set: write it in the policy itself".into(),
+                    );
+                    return;
+                }
+                if ctx.credentials {
+                    self.push(
+                        field.clone(),
+                        Code::WILDCARD_WITH_CREDENTIALS,
+                        "`*` cannot be combined with allow_credentials: list the origins that may send credentials".into(),
+                    );
+                }
+                if ctx.private_network {
+                    self.push(
+                        field,
+                        Code::PRIVATE_NETWORK_WITH_WILDCARD,
+                        "private network access cannot be granted to `*`: list the origins".into(),
+                    );
+                }
+            }
+            OriginPattern::Null => self.push(
+                field,
+                Code::NULL_ORIGIN,
+                "`null` is sent by sandboxed iframes, file: pages and cross-origin redirects, which any site can produce".into(),
+            ),
+            OriginPattern::Regex(_) => {
+                let source = &entry[REGEX_PREFIX.len()..];
+                self.push(
+                    field.clone(),
+                    Code::REGEX_ORIGIN,
+                    "regular-expression origins are easy to get wrong; prefer exact origins or https://*.domain".into(),
+                );
+                if !source.starts_with('^') || !source.ends_with('$') {
+                    self.push(
+                        field.clone(),
+                        Code::UNANCHORED_REGEX,
+                        "the pattern is matched against the whole origin (scheme, host and port), as if written ^(?:...)$".into(),
+                    );
+                }
+                if has_unescaped_dot(source) {
+                    self.push(
+                        field,
+                        Code::REGEX_UNESCAPED_DOT,
+                        "`.` matches any character; write `\\.` for a literal dot".into(),
+                    );
+                }
+            }
+            OriginPattern::Subdomains { suffix, .. } => {
+                if is_public_suffix(suffix) {
+                    self.push(
+                        field,
+                        Code::WILDCARD_UNDER_PUBLIC_SUFFIX,
+                        format!("{suffix} is a public suffix: *.{suffix} allows sites registered by anyone"),
+                    );
+                } else {
+                    self.push(
+                        field,
+                        Code::WILDCARD_SUBDOMAIN,
+                        format!("every subdomain of {suffix} is allowed, including any that is dangling and can be taken over"),
+                    );
+                }
+            }
+            OriginPattern::Exact(_) => {}
+        }
+    }
+
+    /// A referenced set's findings, on the reference: one per code, counting its entries.
+    /// Whether its plain http entries are a risk depends on the whole policy, so that is
+    /// decided here rather than taken from the set.
+    fn set_findings(&mut self, field: &str, set: &OriginSet, has_https: bool) {
+        let mut by_code: BTreeMap<&str, (Code, usize, &Finding)> = BTreeMap::new();
+        for f in set.findings() {
+            if f.code == Code::INSECURE_ORIGIN || f.severity == Severity::Error {
+                continue;
+            }
+            by_code
+                .entry(f.code.as_str())
+                .and_modify(|(_, n, _)| *n += 1)
+                .or_insert((f.code, 1, f));
+        }
+        let name = set.name();
+        for (code, count, first) in by_code.into_values() {
+            let message = if count == 1 {
+                format!("origin set {name}, {}: {}", first.field, first.message)
+            } else {
+                format!(
+                    "origin set {name}, {count} entries, first {}: {}",
+                    first.field, first.message
+                )
+            };
+            self.push(field.into(), code, message);
+        }
+        if set.insecure() > 0 && has_https {
+            self.push(
+                field.into(),
+                Code::INSECURE_ORIGIN,
+                format!(
+                    "origin set {name} holds {} plain http entries beside https origins: anyone on the network path can act as them",
+                    set.insecure()
+                ),
+            );
+        }
     }
 
     fn methods(&mut self, spec: &PolicySpec) -> Vec<String> {

@@ -1,9 +1,12 @@
 //! The policy model: [`PolicySpec`], what an operator writes, and [`Policy`], the same thing
 //! once validated and canonicalized. Only [`Policy::check`] (in `lint`) makes a `Policy`.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::origin::OriginPattern;
+use crate::origin_set::OriginSet;
 
 /// How a sidecar applies a policy to traffic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -37,7 +40,7 @@ pub struct PolicySpec {
     /// The service this policy belongs to (`[a-z]([a-z0-9-]{0,61}[a-z0-9])?`).
     pub service: String,
     /// Origins allowed to read responses: exact origins, `https://*.example.com`,
-    /// `regex:...`, `*`, or `null`.
+    /// `regex:...`, `*`, `null`, or `set:NAME` for every entry of an origin set.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
     /// Methods a preflight may ask for, compared case-sensitively; `*` for any.
@@ -73,7 +76,10 @@ pub struct PolicySpec {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub(crate) spec: PolicySpec,
-    pub(crate) origins: Vec<OriginPattern>,
+    /// The parsed entries of `spec.allowed_origins`, each with its index there.
+    pub(crate) origins: Vec<(u32, OriginPattern)>,
+    /// The origin sets `spec.allowed_origins` references, each with its index there.
+    pub(crate) sets: Vec<(u32, Arc<OriginSet>)>,
 }
 
 impl Policy {
@@ -92,9 +98,33 @@ impl Policy {
         &self.spec.service
     }
 
-    /// The parsed allowed-origin entries, in the order of `spec().allowed_origins`.
-    pub fn origins(&self) -> &[OriginPattern] {
+    /// The parsed allowed-origin entries, each with its index in `spec().allowed_origins`
+    /// (`set:` references are not among them: see [`sets`](Self::sets)).
+    pub fn origins(&self) -> &[(u32, OriginPattern)] {
         &self.origins
+    }
+
+    /// The origin sets the policy references, each with the index of its `set:` entry in
+    /// `spec().allowed_origins`.
+    pub fn sets(&self) -> &[(u32, Arc<OriginSet>)] {
+        &self.sets
+    }
+
+    /// Every origin the policy allows with its sets resolved, in order, each with the set it
+    /// came from (`None` for the policy's own entries).
+    pub fn effective_origins(&self) -> Vec<(&str, Option<&str>)> {
+        let mut sets = self.sets.iter().peekable();
+        let mut out = Vec::new();
+        for (i, entry) in self.spec.allowed_origins.iter().enumerate() {
+            match sets.peek() {
+                Some((at, set)) if *at as usize == i => {
+                    out.extend(set.origins().iter().map(|o| (o.as_str(), Some(set.name()))));
+                    sets.next();
+                }
+                _ => out.push((entry.as_str(), None)),
+            }
+        }
+        out
     }
 
     /// The mode.
@@ -104,8 +134,15 @@ impl Policy {
 }
 
 impl PartialEq for Policy {
+    /// Equal specs resolving to equal sets.
     fn eq(&self, other: &Self) -> bool {
         self.spec == other.spec
+            && self.sets.len() == other.sets.len()
+            && self
+                .sets
+                .iter()
+                .zip(&other.sets)
+                .all(|((_, a), (_, b))| a.digest() == b.digest())
     }
 }
 

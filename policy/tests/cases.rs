@@ -75,7 +75,10 @@ const D: Case = Case {
     authority: None,
     upstream: &[],
     kind: Kind::Actual,
-    reason: Reason::Allowed { entry: 0 },
+    reason: Reason::Allowed {
+        entry: 0,
+        member: None,
+    },
     respond: None,
     response: Some(&[]),
 };
