@@ -15,6 +15,10 @@ pub const GENESIS: [u8; 32] = [0; 32];
 /// Version tag of the canonical encoding, hashed first so the encoding can evolve.
 const ENCODING: &[u8] = b"corsair.audit.v1";
 
+/// The encoding of an origin set write: v1's fields, then the set and the affected services.
+/// Every other event keeps v1, so chains written before origin sets verify unchanged.
+const ENCODING_SET: &[u8] = b"corsair.audit.v2";
+
 /// SHA-256(prev_hash ‖ canonical(event)). Every field except `hash` is covered, each
 /// length-prefixed so no two different events encode alike.
 pub fn event_hash(event: &AuditEvent) -> [u8; 32] {
@@ -27,7 +31,8 @@ pub fn event_hash(event: &AuditEvent) -> [u8; 32] {
             h.update(part);
         }
     };
-    field(&[ENCODING]);
+    let set_write = !event.origin_set.is_empty();
+    field(&[if set_write { ENCODING_SET } else { ENCODING }]);
     field(&[&event.prev_hash]);
     field(&[&event.sequence.to_be_bytes()]);
     field(&[&event.time.to_be_bytes()]);
@@ -55,6 +60,17 @@ pub fn event_hash(event: &AuditEvent) -> [u8; 32] {
     field(&[event.peer.as_bytes()]);
     field(&[event.outcome.as_str().as_bytes()]);
     field(&[event.error.as_bytes()]);
+    if set_write {
+        field(&[event.origin_set.as_bytes()]);
+        let mut affected: Vec<&[u8]> = Vec::with_capacity(event.affected_services.len() * 2);
+        for (i, s) in event.affected_services.iter().enumerate() {
+            if i > 0 {
+                affected.push(b",");
+            }
+            affected.push(s.as_bytes());
+        }
+        field(&affected);
+    }
     h.finalize().into()
 }
 

@@ -107,7 +107,7 @@ impl Access {
 }
 
 /// Every method served, by gRPC service, with what it requires.
-const RULES: [(&str, &[&str], Access); 9] = [
+const RULES: [(&str, &[&str], Access); 11] = [
     ("grpc.health.v1.Health", &["Check", "Watch"], Access::Public),
     (
         "grpc.reflection.v1.ServerReflection",
@@ -136,6 +136,21 @@ const RULES: [(&str, &[&str], Access); 9] = [
             "UpdatePolicy",
             "DeletePolicy",
             "RollbackPolicy",
+        ],
+        Access::Write,
+    ),
+    (
+        "corsair.v1.OriginSetService",
+        &["GetOriginSet", "ListOriginSets", "ListOriginSetRevisions"],
+        Access::Read,
+    ),
+    (
+        "corsair.v1.OriginSetService",
+        &[
+            "CreateOriginSet",
+            "UpdateOriginSet",
+            "DeleteOriginSet",
+            "RollbackOriginSet",
         ],
         Access::Write,
     ),
@@ -493,7 +508,7 @@ pub(crate) async fn audit_refusal(
     }
     let written = shared
         .store
-        .write(ctx, Box::new(move |_| Plan::Refuse(error)))
+        .write(ctx, Box::new(move |_, _| Plan::Refuse(error)))
         .await?;
     shared.published(&written);
     Ok(())

@@ -1,13 +1,15 @@
 //! Conversions between `corsair.v1` wire types and the domain: resources out, with their
 //! names and output-only fields; specs and filters in, refused with the field at fault.
 
-use corsair_policy::{Finding, PolicySpec, Severity};
+use corsair_policy::{Finding, OriginSetSpec, PolicySpec, Severity};
 use corsair_proto::{names, v1};
 use prost_types::Timestamp;
 use tonic::Status;
 
 use crate::status::{bad_request, write_error_status};
-use crate::store::{AuditEvent, Outcome, RevisionRecord, StoredPolicy, WriteError};
+use crate::store::{
+    AuditEvent, Outcome, RevisionRecord, SetRevisionRecord, StoredPolicy, StoredSet, WriteError,
+};
 
 pub use corsair_proto::convert::policy_name;
 
@@ -137,9 +139,82 @@ fn stored_spec_to_proto(json: &Option<String>) -> Option<v1::Policy> {
         .map(|s| spec_to_proto(&s))
 }
 
+fn stored_set_to_proto(json: &Option<String>) -> Option<v1::OriginSet> {
+    json.as_deref()
+        .and_then(|j| serde_json::from_str::<OriginSetSpec>(j).ok())
+        .map(|s| set_spec_to_proto(&s))
+}
+
+/// An origin set's spec on the wire, without bookkeeping.
+pub fn set_spec_to_proto(spec: &OriginSetSpec) -> v1::OriginSet {
+    v1::OriginSet {
+        name: names::origin_set_name(&spec.name),
+        description: spec.description.clone(),
+        origins: spec.origins.clone(),
+        ..Default::default()
+    }
+}
+
+/// A stored origin set on the wire.
+pub fn stored_set_to_wire(s: &StoredSet) -> v1::OriginSet {
+    v1::OriginSet {
+        revision: s.revision,
+        etag: s.etag(),
+        create_time: Some(timestamp(s.create_time)),
+        update_time: Some(timestamp(s.update_time)),
+        update_actor: s.update_actor.clone(),
+        ..set_spec_to_proto(&s.spec)
+    }
+}
+
+/// An origin set revision on the wire.
+pub fn set_revision_to_proto(r: &SetRevisionRecord) -> v1::OriginSetRevision {
+    v1::OriginSetRevision {
+        name: names::origin_set_revision_name(&r.name, r.revision),
+        revision: r.revision,
+        origin_set: r.spec.as_ref().map(|s| v1::OriginSet {
+            revision: r.revision,
+            etag: crate::store::origin_sets::set_etag(&r.name, r.revision),
+            update_time: Some(timestamp(r.time)),
+            update_actor: r.actor.clone(),
+            ..set_spec_to_proto(s)
+        }),
+        deleted: r.spec.is_none(),
+        create_time: Some(timestamp(r.time)),
+        actor: r.actor.clone(),
+        reason: r.reason.clone(),
+        audit_sequence: r.audit_sequence,
+        affected_services: r.affected.clone(),
+    }
+}
+
 /// An audit event on the wire.
 pub fn event_to_proto(e: &AuditEvent) -> v1::AuditEvent {
+    let set_write = !e.origin_set.is_empty();
+    let (before, after, set_before, set_after) = if set_write {
+        (
+            None,
+            None,
+            stored_set_to_proto(&e.before),
+            stored_set_to_proto(&e.after),
+        )
+    } else {
+        (
+            stored_spec_to_proto(&e.before),
+            stored_spec_to_proto(&e.after),
+            None,
+            None,
+        )
+    };
     v1::AuditEvent {
+        origin_set: if set_write {
+            names::origin_set_name(&e.origin_set)
+        } else {
+            String::new()
+        },
+        origin_set_before: set_before,
+        origin_set_after: set_after,
+        affected_services: e.affected_services.clone(),
         name: names::audit_event_name(e.sequence),
         sequence: e.sequence,
         create_time: Some(timestamp(e.time)),
@@ -147,8 +222,8 @@ pub fn event_to_proto(e: &AuditEvent) -> v1::AuditEvent {
         method: e.method.clone(),
         service: e.service.clone(),
         revision: e.revision,
-        before: stored_spec_to_proto(&e.before),
-        after: stored_spec_to_proto(&e.after),
+        before,
+        after,
         changed_fields: e.changed_fields.clone(),
         reason: e.reason.clone(),
         request_id: e.request_id.clone(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use corsair_proto::v1::audit_service_server::AuditServiceServer;
 use corsair_proto::v1::discovery_service_server::DiscoveryServiceServer;
 use corsair_proto::v1::fleet_service_server::FleetServiceServer;
+use corsair_proto::v1::origin_set_service_server::OriginSetServiceServer;
 use corsair_proto::v1::policy_service_server::PolicyServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -22,6 +23,7 @@ use crate::page_token::PageTokens;
 use crate::service::audit::Audit;
 use crate::service::discovery::{Discovery, StreamConfig};
 use crate::service::fleet::{Fleet, FleetApi};
+use crate::service::origin_set::OriginSets;
 use crate::service::policy::Policies;
 use crate::service::token::Tokens;
 use crate::service::{PageLimits, Shared};
@@ -201,6 +203,9 @@ pub async fn serve_with_metrics(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PolicyServiceServer<Policies>>().await;
+    health
+        .set_serving::<OriginSetServiceServer<OriginSets>>()
+        .await;
     health.set_serving::<AuditServiceServer<Audit>>().await;
     health
         .set_serving::<DiscoveryServiceServer<Discovery>>()
@@ -224,6 +229,9 @@ pub async fn serve_with_metrics(
 
     let limit = config.max_message_bytes;
     let policies = PolicyServiceServer::new(Policies::new(shared.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    let origin_sets = OriginSetServiceServer::new(OriginSets::new(shared.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
     let audit =
@@ -251,6 +259,9 @@ pub async fn serve_with_metrics(
         tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
         health
             .set_not_serving::<PolicyServiceServer<Policies>>()
+            .await;
+        health
+            .set_not_serving::<OriginSetServiceServer<OriginSets>>()
             .await;
         health.set_not_serving::<AuditServiceServer<Audit>>().await;
         health
@@ -299,6 +310,7 @@ pub async fn serve_with_metrics(
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(policies)
+        .add_service(origin_sets)
         .add_service(audit)
         .add_service(discovery)
         .add_service(fleet_api)

@@ -84,6 +84,30 @@ pub fn write_error_status(error: &WriteError) -> Status {
             Code::Aborted
         }
         WriteError::Invalid(rejected) => return rejected_status(rejected, "policy."),
+        WriteError::InvalidSet(rejected) => {
+            return rejected_as(rejected, "origin_set.", "INVALID_SET", "invalid origin set");
+        }
+        WriteError::SetInUse { referrers, .. } => {
+            details.set_error_info(
+                &reason,
+                ERROR_DOMAIN,
+                [("referrers".to_owned(), referrers.len().to_string())],
+            );
+            details.set_precondition_failure(
+                referrers
+                    .iter()
+                    .take(MAX_VIOLATIONS)
+                    .map(|r| {
+                        tonic_types::PreconditionViolation::new(
+                            "REFERENCED",
+                            r.clone(),
+                            "this policy references the set; remove the reference first",
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            Code::FailedPrecondition
+        }
         WriteError::FailedPrecondition { .. } => {
             details.set_error_info(&reason, ERROR_DOMAIN, []);
             Code::FailedPrecondition
@@ -117,19 +141,32 @@ pub fn write_error_status(error: &WriteError) -> Status {
 /// `ErrorInfo` says whether errors (`INVALID_POLICY`) or only unacknowledged risks
 /// (`RISK_NOT_ACKNOWLEDGED`) refused it, and how many violations there were in all.
 pub fn rejected_status(rejected: &Rejected, prefix: &str) -> Status {
+    rejected_as(rejected, prefix, "INVALID_POLICY", "invalid policy")
+}
+
+/// [`rejected_status`] for a resource other than a policy: `invalid_reason` when errors
+/// refused it, and `noun` in the message. A finding about another resource (a referrer of an
+/// origin set, `services/{service}/policy.…`) keeps its own path.
+pub fn rejected_as(rejected: &Rejected, prefix: &str, invalid_reason: &str, noun: &str) -> Status {
+    let path = |field: &str| {
+        if field.is_empty() {
+            prefix.trim_end_matches('.').to_owned()
+        } else if field.starts_with("services/") {
+            field.to_owned()
+        } else {
+            format!("{prefix}{field}")
+        }
+    };
     let total = rejected.blocking.len();
     let violations: Vec<tonic_types::FieldViolation> = rejected
         .blocking
         .iter()
         .take(MAX_VIOLATIONS)
         .map(|f| {
-            let field = if f.field.is_empty() {
-                prefix.trim_end_matches('.').to_owned()
-            } else {
-                format!("{prefix}{}", f.field)
-            };
-            let mut violation =
-                tonic_types::FieldViolation::new(field, capped(f.message.clone(), MAX_DETAIL));
+            let mut violation = tonic_types::FieldViolation::new(
+                path(&f.field),
+                capped(f.message.clone(), MAX_DETAIL),
+            );
             violation.reason = f.code.as_str().to_owned();
             violation
         })
@@ -142,7 +179,7 @@ pub fn rejected_status(rejected: &Rejected, prefix: &str) -> Status {
     let reason = if rejected.only_risks() {
         "RISK_NOT_ACKNOWLEDGED"
     } else {
-        "INVALID_POLICY"
+        invalid_reason
     };
     details.set_error_info(
         reason,
@@ -158,7 +195,7 @@ pub fn rejected_status(rejected: &Rejected, prefix: &str) -> Status {
         .take(SUMMARIZED)
         .map(|f| {
             let message = capped(f.message.clone(), MAX_DETAIL);
-            format!("{prefix}{}: {message} [{}]", f.field, f.code)
+            format!("{}: {message} [{}]", path(&f.field), f.code)
         })
         .collect::<Vec<_>>()
         .join("; ");
@@ -168,7 +205,7 @@ pub fn rejected_status(rejected: &Rejected, prefix: &str) -> Status {
     let message = if rejected.only_risks() {
         format!("unacknowledged risks (acknowledge their codes to proceed): {summary}")
     } else {
-        format!("invalid policy: {summary}")
+        format!("{noun}: {summary}")
     };
     Status::with_error_details(Code::InvalidArgument, capped(message, MAX_MESSAGE), details)
 }

@@ -14,6 +14,7 @@ use crate::lint::{
     Code, DNS_LABEL, Finding, Linter, MAX_POLICY_BYTES, OriginsContext, Severity, is_dns_label,
 };
 use crate::matcher::OriginMatcher;
+use crate::origin::OriginPattern;
 
 /// How a policy's `allowed_origins` entry references an origin set: `set:corp-frontends`.
 pub const SET_PREFIX: &str = "set:";
@@ -61,7 +62,7 @@ impl OriginSet {
         &self.spec.name
     }
 
-    /// The canonical entries.
+    /// The canonical entries, sorted.
     pub fn origins(&self) -> &[String] {
         &self.spec.origins
     }
@@ -107,8 +108,8 @@ impl OriginSet {
     }
 }
 
-/// SHA-256 of a set's entries, each followed by a newline: what a sidecar checks a set it
-/// rebuilt from a delta against. Entries are canonical and hold no newline.
+/// SHA-256 of a set's entries (canonical and sorted), each followed by a newline: what a
+/// sidecar checks a set it rebuilt from a delta against. Entries hold no newline.
 pub fn digest<S: AsRef<str>>(origins: &[S]) -> [u8; 32] {
     let mut h = Sha256::new();
     for o in origins {
@@ -142,7 +143,7 @@ pub fn lint_set(spec: &OriginSetSpec) -> (Option<Arc<OriginSet>>, Vec<Finding>) 
             ),
         );
     }
-    let origins = l.origins(
+    let mut origins = l.origins(
         "origins",
         &spec.origins,
         &OriginsContext {
@@ -170,13 +171,22 @@ pub fn lint_set(spec: &OriginSetSpec) -> (Option<Arc<OriginSet>>, Vec<Finding>) 
     if findings.iter().any(|f| f.severity == Severity::Error) {
         return (None, findings);
     }
-    let matcher = OriginMatcher::new(origins.patterns.iter().map(|(i, p)| (*i, p)));
+    // A set's order carries no meaning: sorted, it is the same set however it was written,
+    // and a sidecar can rebuild it from a delta.
+    let mut entries: Vec<(String, OriginPattern)> = origins
+        .patterns
+        .into_iter()
+        .map(|(i, p)| (std::mem::take(&mut origins.canonical[i as usize]), p))
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let matcher = OriginMatcher::new(entries.iter().enumerate().map(|(i, (_, p))| (i as u32, p)));
+    let canonical: Vec<String> = entries.into_iter().map(|(text, _)| text).collect();
     let set = OriginSet {
-        digest: digest(&origins.canonical),
+        digest: digest(&canonical),
         spec: OriginSetSpec {
             name: spec.name.clone(),
             description: spec.description.clone(),
-            origins: origins.canonical,
+            origins: canonical,
         },
         matcher,
         findings: findings.clone(),

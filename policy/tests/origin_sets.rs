@@ -68,6 +68,11 @@ fn a_set_is_canonical_and_its_digest_follows_its_entries() {
         &["HTTPS://App.Example.com", "https://app.example.com"],
     );
     assert_eq!(a.origins(), ["https://app.example.com"]);
+    // Sorted: the order it was written in is not part of a set.
+    assert_eq!(
+        set("corp", &["https://b.example.com", "https://a.example.com"]).digest(),
+        set("corp", &["https://a.example.com", "https://b.example.com"]).digest()
+    );
     let b = set("corp", &["https://app.example.com"]);
     assert_eq!(a.digest(), b.digest());
     assert_ne!(a.digest(), set("corp", &["https://b.example.com"]).digest());
@@ -167,8 +172,8 @@ fn the_engine_allows_a_sets_entries_and_names_where_they_came_from() {
         policy.effective_origins(),
         vec![
             ("https://app.example.com", None),
-            ("https://checkout.example.com", Some("corp")),
             ("https://*.corp.example", Some("corp")),
+            ("https://checkout.example.com", Some("corp")),
             ("null", Some("corp")),
         ]
     );
@@ -192,7 +197,7 @@ fn the_engine_allows_a_sets_entries_and_names_where_they_came_from() {
         reason,
         Reason::Allowed {
             entry: 1,
-            member: Some(0)
+            member: Some(1)
         }
     );
     assert!(text.contains("from set:corp"), "{text}");
@@ -200,7 +205,7 @@ fn the_engine_allows_a_sets_entries_and_names_where_they_came_from() {
         decide("https://eu.corp.example").0,
         Reason::Allowed {
             entry: 1,
-            member: Some(1)
+            member: Some(0)
         }
     );
     assert_eq!(

@@ -14,6 +14,8 @@
 //! - `corsair/v1/policy.proto`: the [`v1::Policy`] resource, validation
 //!   [`v1::Finding`]s and [`v1::policy_service_server::PolicyService`]
 //!   (get, list, create, update, delete, revisions, rollback and explain).
+//! - `corsair/v1/origin_set.proto`: [`v1::OriginSet`]s, the origin lists
+//!   policies share, and [`v1::origin_set_service_server::OriginSetService`].
 //! - `corsair/v1/audit.proto`: the hash-chained [`v1::AuditEvent`] log and
 //!   [`v1::audit_service_server::AuditService`].
 //! - `corsair/v1/discovery.proto`: the bidirectional stream that keeps

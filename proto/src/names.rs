@@ -31,6 +31,23 @@ pub fn revision_name(service: &str, revision: i64) -> String {
     format!("services/{service}/policy/revisions/{revision}")
 }
 
+/// The resource name of an origin set, `originSets/{set}`.
+pub fn origin_set_name(set: &str) -> String {
+    format!("originSets/{set}")
+}
+
+/// The set an origin set's resource name (`originSets/{set}`) names.
+pub fn parse_origin_set_name(name: &str) -> Result<&str, NameError> {
+    name.strip_prefix("originSets/")
+        .filter(|s| segment(s))
+        .ok_or_else(|| error(name, "origin set", "originSets/{set}"))
+}
+
+/// The resource name of one revision of an origin set.
+pub fn origin_set_revision_name(set: &str, revision: i64) -> String {
+    format!("originSets/{set}/revisions/{revision}")
+}
+
 /// The resource name of an audit event, `auditEvents/{sequence}`.
 pub fn audit_event_name(sequence: u64) -> String {
     format!("auditEvents/{sequence}")

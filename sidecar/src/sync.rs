@@ -247,6 +247,7 @@ impl SyncClient {
             version: self.config.version.clone(),
             host: self.config.host.clone(),
             known_revisions: self.set.known_revisions(),
+            known_origin_sets: self.set.known_origin_sets(),
         };
         let send = |kind| v1::DiscoveryRequest { kind: Some(kind) };
         tx.send(send(Kind::Hello(hello)))

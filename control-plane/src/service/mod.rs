@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod discovery;
 pub mod fleet;
+pub mod origin_set;
 pub mod paging;
 pub mod policy;
 pub mod token;
@@ -104,10 +105,16 @@ pub(crate) fn principal<T>(request: &Request<T>) -> Option<&crate::auth::Princip
 impl Shared {
     /// Publishes a write's audit event and revision to watchers in this process.
     pub(crate) fn published(&self, written: &Written) {
-        if written.event.revision > 0 {
-            raise(&self.revisions, written.event.revision);
+        self.published_event(&written.event);
+    }
+
+    /// Publishes an audit event, and the revision it took if any, to watchers in this
+    /// process.
+    pub(crate) fn published_event(&self, event: &crate::store::AuditEvent) {
+        if event.revision > 0 {
+            raise(&self.revisions, event.revision);
         }
-        raise(&self.audit_head, written.event.sequence);
+        raise(&self.audit_head, event.sequence);
     }
 
     /// The audit context of a call: actor, method, request id and peer.

@@ -9,7 +9,8 @@
 use std::sync::{Arc, Mutex};
 
 use corsair_policy::{
-    CompiledPolicy, Finding, Policy, PolicySpec, Request as CorsRequest, Scheme, lint,
+    CompiledPolicy, Finding, Policy, PolicySpec, Request as CorsRequest, Scheme, SetLookup,
+    lint_with_sets,
 };
 use corsair_proto::v1::{self, policy_service_server::PolicyService};
 use http::{HeaderMap, HeaderValue, Method};
@@ -59,7 +60,13 @@ impl Policies {
                 .get_policy(service)
                 .await
                 .map_err(store_status)?;
-            return match planner(current.as_ref()) {
+            let sets = self
+                .shared
+                .store
+                .resolved_sets()
+                .await
+                .map_err(store_status)?;
+            return match planner(current.as_ref(), &|name: &str| sets.lookup(name)) {
                 Plan::Put(spec) => Ok((
                     Some(StoredPolicy {
                         spec,
@@ -126,8 +133,14 @@ impl Policies {
         else {
             return Ok(None);
         };
+        let sets = self
+            .shared
+            .store
+            .resolved_sets()
+            .await
+            .map_err(store_status)?;
         let unchanged = check_etag(&current, etag, false, "etag").is_ok()
-            && Policy::check(spec, acknowledged)
+            && Policy::check_with_sets(spec, acknowledged, &|name: &str| sets.lookup(name))
                 .is_ok_and(|validated| validated.policy.into_spec() == current.spec);
         Ok(unchanged.then_some(current))
     }
@@ -135,12 +148,18 @@ impl Policies {
 
 /// A planner that refuses with `error` whatever the state.
 fn refuse(error: WriteError) -> Planner {
-    Box::new(move |_| Plan::Refuse(error))
+    Box::new(move |_, _| Plan::Refuse(error))
 }
 
-/// Validates `spec`: `Put` of the canonical spec, recording its findings in `out`.
-fn validated_put(spec: &PolicySpec, acknowledged: &[String], out: &Mutex<Vec<Finding>>) -> Plan {
-    match Policy::check(spec, acknowledged) {
+/// Validates `spec` with its origin sets resolved: `Put` of the canonical spec, recording its
+/// findings in `out`.
+fn validated_put(
+    spec: &PolicySpec,
+    acknowledged: &[String],
+    sets: SetLookup<'_>,
+    out: &Mutex<Vec<Finding>>,
+) -> Plan {
+    match Policy::check_with_sets(spec, acknowledged, sets) {
         Ok(validated) => {
             *out.lock().expect("findings lock") = validated.findings;
             Plan::Put(validated.policy.into_spec())
@@ -260,18 +279,51 @@ impl PolicyService for Policies {
         &self,
         request: Request<v1::GetPolicyRequest>,
     ) -> Result<Response<v1::Policy>, Status> {
-        let service =
-            parse_policy_name(&request.get_ref().name).map_err(|e| write_error_status(&e))?;
-        match self
+        let req = request.get_ref();
+        let service = parse_policy_name(&req.name).map_err(|e| write_error_status(&e))?;
+        let Some(stored) = self
             .shared
             .store
             .get_policy(service)
             .await
             .map_err(store_status)?
-        {
-            Some(p) => Ok(Response::new(stored_to_proto(&p))),
-            None => Err(write_error_status(&no_policy(service, ""))),
+        else {
+            return Err(write_error_status(&no_policy(service, "")));
+        };
+        let mut wire = stored_to_proto(&stored);
+        if req.view == v1::PolicyView::Effective as i32 {
+            let sets = self
+                .shared
+                .store
+                .resolved_sets()
+                .await
+                .map_err(store_status)?;
+            let (policy, _) = lint_with_sets(&stored.spec, &|name: &str| sets.lookup(name));
+            let policy = policy.ok_or_else(|| {
+                crate::status::status(
+                    tonic::Code::Internal,
+                    "STORED_POLICY_INVALID",
+                    "the stored policy no longer validates with its origin sets",
+                    [],
+                )
+            })?;
+            wire.effective_revision = policy
+                .sets()
+                .iter()
+                .filter_map(|(_, set)| sets.revision(set.name()))
+                .fold(stored.revision, i64::max);
+            wire.effective_origins = policy
+                .effective_origins()
+                .into_iter()
+                .map(|(origin, set)| v1::EffectiveOrigin {
+                    origin: origin.to_owned(),
+                    origin_set: set
+                        .map(corsair_proto::names::origin_set_name)
+                        .unwrap_or_default(),
+                })
+                .collect();
         }
+        Ok(Response::new(wire))
     }
 
     async fn list_policies(
@@ -330,16 +382,18 @@ impl PolicyService for Policies {
                 let service = spec.service.clone();
                 (
                     service,
-                    Box::new(move |current: Option<&StoredPolicy>| match current {
-                        Some(p) => Plan::Refuse(WriteError::AlreadyExists {
-                            kind: ResourceKind::Policy,
-                            name: policy_name(&p.spec.service),
-                            message: format!(
-                                "service {} already has a policy (revision {}); update it instead",
-                                p.spec.service, p.revision
-                            ),
-                        }),
-                        None => validated_put(&spec, &acknowledged, &out),
+                    Box::new(move |current: Option<&StoredPolicy>, sets: SetLookup<'_>| {
+                        match current {
+                            Some(p) => Plan::Refuse(WriteError::AlreadyExists {
+                                kind: ResourceKind::Policy,
+                                name: policy_name(&p.spec.service),
+                                message: format!(
+                                    "service {} already has a policy (revision {}); update it instead",
+                                    p.spec.service, p.revision
+                                ),
+                            }),
+                            None => validated_put(&spec, &acknowledged, sets, &out),
+                        }
                     }),
                 )
             }
@@ -402,26 +456,36 @@ impl PolicyService for Policies {
                 let service = spec.service.clone();
                 (
                     service,
-                    Box::new(move |current: Option<&StoredPolicy>| match current {
-                        None if allow_missing => {
-                            let base = PolicySpec {
-                                service: spec.service.clone(),
-                                ..PolicySpec::default()
-                            };
-                            validated_put(&apply_mask(&base, &spec, &mask), &acknowledged, &out)
+                    Box::new(move |current: Option<&StoredPolicy>, sets: SetLookup<'_>| {
+                        match current {
+                            None if allow_missing => {
+                                let base = PolicySpec {
+                                    service: spec.service.clone(),
+                                    ..PolicySpec::default()
+                                };
+                                validated_put(
+                                    &apply_mask(&base, &spec, &mask),
+                                    &acknowledged,
+                                    sets,
+                                    &out,
+                                )
+                            }
+                            None => Plan::Refuse(no_policy(
+                                &spec.service,
+                                " (set allow_missing to create it)",
+                            )),
+                            Some(current) => {
+                                match check_etag(current, &etag, true, "policy.etag") {
+                                    Err(e) => Plan::Refuse(e),
+                                    Ok(()) => validated_put(
+                                        &apply_mask(&current.spec, &spec, &mask),
+                                        &acknowledged,
+                                        sets,
+                                        &out,
+                                    ),
+                                }
+                            }
                         }
-                        None => Plan::Refuse(no_policy(
-                            &spec.service,
-                            " (set allow_missing to create it)",
-                        )),
-                        Some(current) => match check_etag(current, &etag, true, "policy.etag") {
-                            Err(e) => Plan::Refuse(e),
-                            Ok(()) => validated_put(
-                                &apply_mask(&current.spec, &spec, &mask),
-                                &acknowledged,
-                                &out,
-                            ),
-                        },
                     }),
                 )
             }
@@ -451,13 +515,15 @@ impl PolicyService for Policies {
                 let service_name = service.to_owned();
                 (
                     service.to_owned(),
-                    Box::new(move |current: Option<&StoredPolicy>| match current {
-                        None => Plan::Refuse(no_policy(&service_name, "")),
-                        Some(current) => match check_etag(current, &etag, false, "etag") {
-                            Err(e) => Plan::Refuse(e),
-                            Ok(()) => Plan::Delete,
+                    Box::new(
+                        move |current: Option<&StoredPolicy>, _sets: SetLookup<'_>| match current {
+                            None => Plan::Refuse(no_policy(&service_name, "")),
+                            Some(current) => match check_etag(current, &etag, false, "etag") {
+                                Err(e) => Plan::Refuse(e),
+                                Ok(()) => Plan::Delete,
+                            },
                         },
-                    }),
+                    ),
                 )
             }
         };
@@ -564,13 +630,13 @@ impl PolicyService for Policies {
                     req.acknowledged_risks.clone(),
                     findings.clone(),
                 );
-                Box::new(move |current: Option<&StoredPolicy>| {
+                Box::new(move |current: Option<&StoredPolicy>, sets: SetLookup<'_>| {
                     if let Some(current) = current
                         && let Err(e) = check_etag(current, &etag, false, "etag")
                     {
                         return Plan::Refuse(e);
                     }
-                    validated_put(&spec, &acknowledged, &out)
+                    validated_put(&spec, &acknowledged, sets, &out)
                 })
             }
         };
@@ -592,6 +658,13 @@ impl PolicyService for Policies {
         request: Request<v1::ExplainRequestRequest>,
     ) -> Result<Response<v1::ExplainResponse>, Status> {
         let req = request.into_inner();
+        let sets = self
+            .shared
+            .store
+            .resolved_sets()
+            .await
+            .map_err(store_status)?;
+        let lookup = |name: &str| sets.lookup(name);
         let (policy, revision, findings) = match req.target {
             Some(v1::explain_request_request::Target::Name(name)) => {
                 let service = parse_policy_name(&name).map_err(|e| write_error_status(&e))?;
@@ -604,7 +677,7 @@ impl PolicyService for Policies {
                 {
                     None => return Err(write_error_status(&no_policy(service, ""))),
                     Some(stored) => {
-                        let (policy, findings) = lint(&stored.spec);
+                        let (policy, findings) = lint_with_sets(&stored.spec, &lookup);
                         let policy = policy.ok_or_else(|| {
                             crate::status::status(
                                 tonic::Code::Internal,
@@ -622,7 +695,7 @@ impl PolicyService for Policies {
                 if spec.service.is_empty() {
                     spec.service = "inline".into();
                 }
-                let (policy, findings) = lint(&spec);
+                let (policy, findings) = lint_with_sets(&spec, &lookup);
                 match policy {
                     Some(policy) => (policy, 0, findings),
                     None => {

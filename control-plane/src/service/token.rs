@@ -201,7 +201,7 @@ impl TokenService for Tokens {
             .store
             .write(
                 ctx,
-                Box::new(move |_| Plan::PutToken {
+                Box::new(move |_, _| Plan::PutToken {
                     token: record,
                     only_if_first: false,
                 }),
@@ -282,7 +282,7 @@ impl TokenService for Tokens {
         let written = self
             .shared
             .store
-            .write(ctx, Box::new(move |_| Plan::RevokeToken(planned)))
+            .write(ctx, Box::new(move |_, _| Plan::RevokeToken(planned)))
             .await
             .map_err(store_status)?;
         self.shared.published(&written);
@@ -336,7 +336,7 @@ pub async fn bootstrap(
     let written = store
         .write(
             ctx,
-            Box::new(move |_| Plan::PutToken {
+            Box::new(move |_, _| Plan::PutToken {
                 token: record,
                 only_if_first: true,
             }),

@@ -8,6 +8,7 @@
 //! never a change without its audit event, writers are serialized (no lost update, no reused
 //! revision, no forked chain), and a failure anywhere leaves nothing behind.
 
+pub mod origin_sets;
 pub mod postgres;
 mod refusal;
 mod sql;
@@ -18,10 +19,14 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use corsair_policy::PolicySpec;
+use corsair_policy::{PolicySpec, SetLookup};
 
 use crate::audit;
 
+use origin_sets::{ReferrerRows, SetCache, SetRevisionRow, SetRow};
+pub use origin_sets::{
+    ResolvedSets, SetPlan, SetPlanner, SetRevisionRecord, SetWritten, StoredSet,
+};
 pub use refusal::{ResourceKind, WriteError};
 
 /// A policy as stored: the canonical spec and its bookkeeping.
@@ -161,6 +166,11 @@ pub struct AuditEvent {
     pub prev_hash: Vec<u8>,
     /// SHA-256 of `prev_hash` and this event's canonical encoding.
     pub hash: Vec<u8>,
+    /// For an origin set write, the set's name (then `service` is empty, and `before` and
+    /// `after` hold the set's JSON); empty otherwise.
+    pub origin_set: String,
+    /// For an origin set write, the services whose effective policy it changed.
+    pub affected_services: Vec<String>,
 }
 
 impl AuditEvent {
@@ -179,6 +189,12 @@ impl AuditEvent {
             + self.before.as_ref().map_or(0, String::len)
             + self.after.as_ref().map_or(0, String::len)
             + self.changed_fields.iter().map(String::len).sum::<usize>()
+            + self.origin_set.len()
+            + self
+                .affected_services
+                .iter()
+                .map(|s| s.len() + 1)
+                .sum::<usize>()
             + 128
     }
 }
@@ -292,8 +308,9 @@ impl fmt::Debug for TokenRecord {
     }
 }
 
-/// Decides a [`Plan`] from the current policy (`None`: the service has none).
-pub type Planner = Box<dyn FnOnce(Option<&StoredPolicy>) -> Plan + Send>;
+/// Decides a [`Plan`] from the current policy (`None`: the service has none) and the origin
+/// sets as the write's transaction sees them.
+pub type Planner = Box<dyn FnOnce(Option<&StoredPolicy>, SetLookup<'_>) -> Plan + Send>;
 
 /// The result of [`Store::write`].
 #[derive(Debug, Clone)]
@@ -395,6 +412,51 @@ pub type AuditCursor = (i64, u64);
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Runs one write: see the module documentation.
     async fn write(&self, ctx: WriteContext, plan: Planner) -> Result<Written, StoreError>;
+
+    /// Runs one write of the origin set `name`, the same way.
+    async fn write_set(
+        &self,
+        ctx: WriteContext,
+        name: &str,
+        plan: SetPlanner,
+    ) -> Result<SetWritten, StoreError>;
+
+    /// One live origin set.
+    async fn get_origin_set(&self, name: &str) -> Result<Option<StoredSet>, StoreError>;
+
+    /// Live origin sets in name order, after `after`.
+    async fn list_origin_sets(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<StoredSet>, StoreError>;
+
+    /// A set's revisions, newest first, older than `before`.
+    async fn list_set_revisions(
+        &self,
+        name: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<SetRevisionRecord>, StoreError>;
+
+    /// One set revision.
+    async fn get_set_revision(
+        &self,
+        revision: i64,
+    ) -> Result<Option<SetRevisionRecord>, StoreError>;
+
+    /// Committed set changes with a revision above `after`, oldest first.
+    async fn set_revisions_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<SetRevisionRecord>, StoreError>;
+
+    /// The services whose policy references the set `name`, in order.
+    async fn set_referrers(&self, name: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Every origin set, validated, as stored now.
+    async fn resolved_sets(&self) -> Result<origin_sets::ResolvedSets, StoreError>;
 
     /// A service's live policy.
     async fn get_policy(&self, service: &str) -> Result<Option<StoredPolicy>, StoreError>;
@@ -617,11 +679,22 @@ pub(crate) trait WriteTx: Send {
     /// Tells other processes that `revision` is committed (delivered at commit).
     async fn notify(&mut self, revision: i64) -> Result<(), sqlx::Error>;
     async fn commit(self: Box<Self>) -> Result<(), sqlx::Error>;
+    /// Every origin set's name and revision.
+    async fn set_versions(&mut self) -> Result<Vec<(String, i64)>, sqlx::Error>;
+    async fn origin_set(&mut self, name: &str) -> Result<Option<SetRow>, sqlx::Error>;
+    async fn put_origin_set(&mut self, row: &SetRow) -> Result<(), sqlx::Error>;
+    async fn delete_origin_set(&mut self, name: &str) -> Result<(), sqlx::Error>;
+    async fn insert_set_revision(&mut self, row: &SetRevisionRow) -> Result<(), sqlx::Error>;
+    /// The policies that reference the set `name`.
+    async fn referrer_policies(&mut self, name: &str) -> Result<ReferrerRows, sqlx::Error>;
+    /// Makes `sets` the origin sets `service` references (none: it references none).
+    async fn set_refs(&mut self, service: &str, sets: &[String]) -> Result<(), sqlx::Error>;
 }
 
 /// The write algorithm, shared by both backends.
 pub(crate) async fn write_in(
     mut tx: Box<dyn WriteTx + '_>,
+    cache: &SetCache,
     ctx: WriteContext,
     plan: Planner,
 ) -> Result<Written, StoreError> {
@@ -631,7 +704,8 @@ pub(crate) async fn write_in(
         .await?
         .map(StoredPolicy::try_from)
         .transpose()?;
-    let plan = plan(current.as_ref());
+    let sets = cache.current(tx.as_mut()).await?;
+    let plan = plan(current.as_ref(), &|name: &str| sets.lookup(name));
 
     let time = now_micros().max(head.last_time);
     let sequence = head.last_sequence + 1;
@@ -660,6 +734,8 @@ pub(crate) async fn write_in(
         error: String::new(),
         prev_hash: head.last_hash,
         hash: Vec::new(),
+        origin_set: String::new(),
+        affected_services: Vec::new(),
     };
     let (policy, result) = match plan {
         Plan::Put(spec) => {
@@ -675,6 +751,11 @@ pub(crate) async fn write_in(
                 spec,
             };
             tx.put_policy(&PolicyRow::from(&stored)).await?;
+            tx.set_refs(
+                &ctx.service,
+                &origin_sets::referenced(&stored.spec.allowed_origins),
+            )
+            .await?;
             tx.insert_revision(&RevisionRow {
                 revision: next.revision,
                 service: ctx.service,
@@ -692,6 +773,7 @@ pub(crate) async fn write_in(
             event.revision = next.revision;
             event.changed_fields = vec!["*".to_owned()];
             tx.delete_policy(&ctx.service).await?;
+            tx.set_refs(&ctx.service, &[]).await?;
             tx.insert_revision(&RevisionRow {
                 revision: next.revision,
                 service: ctx.service,
@@ -903,6 +985,8 @@ pub(crate) struct AuditRow {
     pub(crate) error: String,
     pub(crate) prev_hash: Vec<u8>,
     pub(crate) hash: Vec<u8>,
+    pub(crate) origin_set: String,
+    pub(crate) affected_services: String,
 }
 
 impl From<&AuditEvent> for AuditRow {
@@ -924,6 +1008,8 @@ impl From<&AuditEvent> for AuditRow {
             error: e.error.clone(),
             prev_hash: e.prev_hash.clone(),
             hash: e.hash.clone(),
+            origin_set: e.origin_set.clone(),
+            affected_services: e.affected_services.join(","),
         }
     }
 }
@@ -954,6 +1040,15 @@ impl TryFrom<AuditRow> for AuditEvent {
             error: row.error,
             prev_hash: row.prev_hash,
             hash: row.hash,
+            origin_set: row.origin_set,
+            affected_services: if row.affected_services.is_empty() {
+                Vec::new()
+            } else {
+                row.affected_services
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect()
+            },
         })
     }
 }

@@ -22,6 +22,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Validated origin sets, for resolving `set:` references in writes.
+    sets: std::sync::Arc<super::origin_sets::SetCache>,
 }
 
 impl PgStore {
@@ -45,7 +47,10 @@ impl PgStore {
             .await
             .map_err(ConnectError::Open)?;
         MIGRATOR.run(&pool).await?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            sets: Default::default(),
+        })
     }
 
     /// The connection pool, for tests and benchmarks that reach into the database.

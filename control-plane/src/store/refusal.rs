@@ -19,6 +19,10 @@ pub enum ResourceKind {
     Sidecar,
     /// `tokens/{id}`.
     Token,
+    /// `originSets/{set}`.
+    OriginSet,
+    /// `originSets/{set}/revisions/{revision}`.
+    OriginSetRevision,
 }
 
 impl ResourceKind {
@@ -30,6 +34,8 @@ impl ResourceKind {
             ResourceKind::AuditEvent => "type.googleapis.com/corsair.v1.AuditEvent",
             ResourceKind::Sidecar => "type.googleapis.com/corsair.v1.Sidecar",
             ResourceKind::Token => "type.googleapis.com/corsair.v1.Token",
+            ResourceKind::OriginSet => "type.googleapis.com/corsair.v1.OriginSet",
+            ResourceKind::OriginSetRevision => "type.googleapis.com/corsair.v1.OriginSetRevision",
         }
     }
 
@@ -41,6 +47,8 @@ impl ResourceKind {
             ResourceKind::AuditEvent => "AUDIT_EVENT",
             ResourceKind::Sidecar => "SIDECAR",
             ResourceKind::Token => "TOKEN",
+            ResourceKind::OriginSet => "SET",
+            ResourceKind::OriginSetRevision => "REVISION",
         }
     }
 }
@@ -81,6 +89,18 @@ pub enum WriteError {
     /// The policy is invalid, or a risk is not acknowledged.
     #[error(transparent)]
     Invalid(Box<Rejected>),
+    /// The origin set is invalid, or it would make a referrer invalid, or a risk (of the set
+    /// or of a referrer) is not acknowledged.
+    #[error(transparent)]
+    InvalidSet(Box<Rejected>),
+    /// An origin set cannot be deleted while policies reference it.
+    #[error("{name} is referenced by {}", .referrers.join(", "))]
+    SetInUse {
+        /// The set's resource name.
+        name: String,
+        /// The resource names of the referring policies.
+        referrers: Vec<String>,
+    },
     /// The request does not fit the current state.
     #[error("{message}")]
     FailedPrecondition {
@@ -145,9 +165,15 @@ impl WriteError {
             WriteError::NotFound { .. } => Outcome::NotFound,
             WriteError::AlreadyExists { .. } => Outcome::AlreadyExists,
             WriteError::Conflict { .. } => Outcome::Conflict,
-            WriteError::Invalid(r) if r.only_risks() => Outcome::RiskNotAcknowledged,
-            WriteError::Invalid(_) | WriteError::BadRequest { .. } => Outcome::Invalid,
-            WriteError::FailedPrecondition { .. } => Outcome::FailedPrecondition,
+            WriteError::Invalid(r) | WriteError::InvalidSet(r) if r.only_risks() => {
+                Outcome::RiskNotAcknowledged
+            }
+            WriteError::Invalid(_) | WriteError::InvalidSet(_) | WriteError::BadRequest { .. } => {
+                Outcome::Invalid
+            }
+            WriteError::FailedPrecondition { .. } | WriteError::SetInUse { .. } => {
+                Outcome::FailedPrecondition
+            }
             WriteError::Unauthenticated { .. } | WriteError::PermissionDenied { .. } => {
                 Outcome::Denied
             }
@@ -163,10 +189,14 @@ impl WriteError {
                 format!("{}_ALREADY_EXISTS", kind.reason_stem())
             }
             WriteError::Conflict { .. } => "ETAG_MISMATCH".into(),
-            WriteError::Invalid(rejected) if rejected.only_risks() => {
+            WriteError::Invalid(rejected) | WriteError::InvalidSet(rejected)
+                if rejected.only_risks() =>
+            {
                 "RISK_NOT_ACKNOWLEDGED".into()
             }
             WriteError::Invalid(_) => "INVALID_POLICY".into(),
+            WriteError::InvalidSet(_) => "INVALID_SET".into(),
+            WriteError::SetInUse { .. } => "SET_IN_USE".into(),
             WriteError::FailedPrecondition { reason, .. }
             | WriteError::Unauthenticated { reason, .. }
             | WriteError::PermissionDenied { reason, .. } => (*reason).to_owned(),

@@ -76,8 +76,9 @@ macro_rules! sql_store {
             async fn insert_audit(&mut self, row: &AuditRow) -> Result<(), sqlx::Error> {
                 sqlx::query(
                     "INSERT INTO audit_events (sequence, time, actor, method, service, revision, before_spec,
-                         after_spec, changed_fields, reason, request_id, peer, outcome, error, prev_hash, hash)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                         after_spec, changed_fields, reason, request_id, peer, outcome, error, prev_hash, hash,
+                         origin_set, affected_services)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
                 )
                 .bind(row.sequence)
                 .bind(row.time)
@@ -95,6 +96,8 @@ macro_rules! sql_store {
                 .bind(&row.error)
                 .bind(&row.prev_hash)
                 .bind(&row.hash)
+                .bind(&row.origin_set)
+                .bind(&row.affected_services)
                 .execute(&mut *self.tx)
                 .await
                 .map(drop)
@@ -161,13 +164,213 @@ macro_rules! sql_store {
             async fn commit(self: Box<Self>) -> Result<(), sqlx::Error> {
                 self.tx.commit().await
             }
+
+            async fn set_versions(&mut self) -> Result<Vec<(String, i64)>, sqlx::Error> {
+                sqlx::query_as("SELECT name, revision FROM origin_sets")
+                    .fetch_all(&mut *self.tx)
+                    .await
+            }
+
+            async fn origin_set(&mut self, name: &str) -> Result<Option<$crate::store::origin_sets::SetRow>, sqlx::Error> {
+                sqlx::query_as("SELECT * FROM origin_sets WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&mut *self.tx)
+                    .await
+            }
+
+            async fn put_origin_set(&mut self, row: &$crate::store::origin_sets::SetRow) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO origin_sets (name, spec, revision, create_time, update_time, update_actor)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, revision = excluded.revision,
+                         update_time = excluded.update_time, update_actor = excluded.update_actor",
+                )
+                .bind(&row.name)
+                .bind(&row.spec)
+                .bind(row.revision)
+                .bind(row.create_time)
+                .bind(row.update_time)
+                .bind(&row.update_actor)
+                .execute(&mut *self.tx)
+                .await
+                .map(drop)
+            }
+
+            async fn delete_origin_set(&mut self, name: &str) -> Result<(), sqlx::Error> {
+                sqlx::query("DELETE FROM origin_sets WHERE name = $1")
+                    .bind(name)
+                    .execute(&mut *self.tx)
+                    .await
+                    .map(drop)
+            }
+
+            async fn insert_set_revision(&mut self, row: &$crate::store::origin_sets::SetRevisionRow) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO origin_set_revisions (revision, name, spec, time, actor, reason, audit_sequence, affected)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(row.revision)
+                .bind(&row.name)
+                .bind(&row.spec)
+                .bind(row.time)
+                .bind(&row.actor)
+                .bind(&row.reason)
+                .bind(row.audit_sequence)
+                .bind(&row.affected)
+                .execute(&mut *self.tx)
+                .await
+                .map(drop)
+            }
+
+            async fn referrer_policies(&mut self, name: &str) -> Result<Vec<PolicyRow>, sqlx::Error> {
+                sqlx::query_as(
+                    "SELECT p.* FROM policies p JOIN origin_set_refs r ON r.service = p.service
+                     WHERE r.set_name = $1 ORDER BY p.service",
+                )
+                .bind(name)
+                .fetch_all(&mut *self.tx)
+                .await
+            }
+
+            async fn set_refs(&mut self, service: &str, sets: &[String]) -> Result<(), sqlx::Error> {
+                sqlx::query("DELETE FROM origin_set_refs WHERE service = $1")
+                    .bind(service)
+                    .execute(&mut *self.tx)
+                    .await?;
+                for set in sets {
+                    sqlx::query("INSERT INTO origin_set_refs (set_name, service) VALUES ($1, $2)")
+                        .bind(set)
+                        .bind(service)
+                        .execute(&mut *self.tx)
+                        .await?;
+                }
+                Ok(())
+            }
         }
 
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             async fn write(&self, ctx: WriteContext, plan: Planner) -> Result<Written, StoreError> {
                 let tx = self.begin_write().await?;
-                write_in(Box::new(tx), ctx, plan).await
+                write_in(Box::new(tx), &self.sets, ctx, plan).await
+            }
+
+            async fn write_set(
+                &self,
+                ctx: WriteContext,
+                name: &str,
+                plan: $crate::store::SetPlanner,
+            ) -> Result<$crate::store::SetWritten, StoreError> {
+                let tx = self.begin_write().await?;
+                $crate::store::origin_sets::write_set_in(Box::new(tx), &self.sets, ctx, name, plan).await
+            }
+
+            async fn get_origin_set(&self, name: &str) -> Result<Option<$crate::store::StoredSet>, StoreError> {
+                let row: Option<$crate::store::origin_sets::SetRow> =
+                    sqlx::query_as("SELECT * FROM origin_sets WHERE name = $1")
+                        .bind(name)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                row.map($crate::store::StoredSet::try_from).transpose()
+            }
+
+            async fn list_origin_sets(
+                &self,
+                after: Option<&str>,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::StoredSet>, StoreError> {
+                let rows: Vec<$crate::store::origin_sets::SetRow> = sqlx::query_as(
+                    "SELECT * FROM origin_sets WHERE name > $1 ORDER BY name LIMIT $2",
+                )
+                .bind(after.unwrap_or(""))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                convert(rows)
+            }
+
+            async fn list_set_revisions(
+                &self,
+                name: &str,
+                before: Option<i64>,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::SetRevisionRecord>, StoreError> {
+                let rows: Vec<$crate::store::origin_sets::SetRevisionRow> = sqlx::query_as(
+                    "SELECT * FROM origin_set_revisions WHERE name = $1 AND revision < $2
+                     ORDER BY revision DESC LIMIT $3",
+                )
+                .bind(name)
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                convert(rows)
+            }
+
+            async fn get_set_revision(
+                &self,
+                revision: i64,
+            ) -> Result<Option<$crate::store::SetRevisionRecord>, StoreError> {
+                let row: Option<$crate::store::origin_sets::SetRevisionRow> =
+                    sqlx::query_as("SELECT * FROM origin_set_revisions WHERE revision = $1")
+                        .bind(revision)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                row.map($crate::store::SetRevisionRecord::try_from).transpose()
+            }
+
+            async fn set_revisions_after(
+                &self,
+                after: i64,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::SetRevisionRecord>, StoreError> {
+                let rows: Vec<$crate::store::origin_sets::SetRevisionRow> = sqlx::query_as(
+                    "SELECT * FROM origin_set_revisions WHERE revision > $1 ORDER BY revision LIMIT $2",
+                )
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                convert(rows)
+            }
+
+            async fn resolved_sets(&self) -> Result<$crate::store::ResolvedSets, StoreError> {
+                let versions: Vec<(String, i64)> =
+                    sqlx::query_as("SELECT name, revision FROM origin_sets")
+                        .fetch_all(&self.pool)
+                        .await?;
+                let mut out = std::collections::HashMap::with_capacity(versions.len());
+                for (name, revision) in versions {
+                    let set = match self.sets.cached(&name, revision) {
+                        Some(set) => set,
+                        None => {
+                            // Read at its revision or later; a later one is cached under its
+                            // own revision, and this read reports what it read.
+                            let row: Option<$crate::store::origin_sets::SetRow> =
+                                sqlx::query_as("SELECT * FROM origin_sets WHERE name = $1")
+                                    .bind(&name)
+                                    .fetch_optional(&self.pool)
+                                    .await?;
+                            let Some(row) = row else { continue };
+                            let revision = row.revision;
+                            let set = self.sets.remember(Some(row))?;
+                            out.insert(name, (revision, set));
+                            continue;
+                        }
+                    };
+                    out.insert(name, (revision, set));
+                }
+                Ok($crate::store::ResolvedSets(out))
+            }
+
+            async fn set_referrers(&self, name: &str) -> Result<Vec<String>, StoreError> {
+                let rows: Vec<(String,)> = sqlx::query_as(
+                    "SELECT service FROM origin_set_refs WHERE set_name = $1 ORDER BY service",
+                )
+                .bind(name)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(|(s,)| s).collect())
             }
 
             async fn get_policy(&self, service: &str) -> Result<Option<StoredPolicy>, StoreError> {

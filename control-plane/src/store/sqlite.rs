@@ -28,6 +28,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite"
 pub struct SqliteStore {
     pool: SqlitePool,
     write_lock: Mutex<()>,
+    /// Validated origin sets, for resolving `set:` references in writes.
+    sets: super::origin_sets::SetCache,
     /// Held for the store's lifetime: the exclusive lock that keeps a second process out.
     _process_lock: Option<File>,
 }
@@ -59,6 +61,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             write_lock: Mutex::new(()),
+            sets: Default::default(),
             _process_lock: process_lock,
         })
     }
