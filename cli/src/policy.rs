@@ -24,7 +24,10 @@ pub async fn get(client: &Client, service: &str, format: Format) -> Result<(), C
             &name,
             client
                 .policies()
-                .get_policy(client.request(v1::GetPolicyRequest { name: name.clone() })),
+                .get_policy(client.request(v1::GetPolicyRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                })),
         )
         .await?;
     let doc = PolicyDoc::from_proto(&policy)?;
@@ -357,7 +360,10 @@ async fn plan(
             &context,
             client
                 .policies()
-                .get_policy(client.request(v1::GetPolicyRequest { name: name.clone() })),
+                .get_policy(client.request(v1::GetPolicyRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                })),
         )
         .await
     {

@@ -494,7 +494,10 @@ async fn policy_in_force(client: &Client) -> Result<InForce, CliError> {
             &name,
             client
                 .policies()
-                .get_policy(client.request(v1::GetPolicyRequest { name: name.clone() })),
+                .get_policy(client.request(v1::GetPolicyRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                })),
         )
         .await?;
     let allowed = async |origin: &str| -> Result<bool, CliError> {

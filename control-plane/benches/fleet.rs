@@ -85,6 +85,7 @@ async fn put(client: &mut PolicyServiceClient<tonic::transport::Channel>, origin
     let current = client
         .get_policy(v1::GetPolicyRequest {
             name: "services/shared/policy".into(),
+            ..Default::default()
         })
         .await
         .ok()

@@ -92,7 +92,7 @@ async fn run(backend: &str, events: u64) {
                         ..Default::default()
                     };
                     store
-                        .write(ctx, Box::new(move |_| Plan::Put(spec)))
+                        .write(ctx, Box::new(move |_, _| Plan::Put(spec)))
                         .await
                         .unwrap();
                 }
@@ -224,6 +224,8 @@ impl Seeder {
                     error: String::new(),
                     prev_hash: prev.clone(),
                     hash: Vec::new(),
+                    origin_set: String::new(),
+                    affected_services: Vec::new(),
                 };
                 e.hash = audit::event_hash(&e).to_vec();
                 prev = e.hash.clone();

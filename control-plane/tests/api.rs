@@ -62,6 +62,7 @@ async fn round_trips(backend: Backend) {
     let got = client
         .get_policy(v1::GetPolicyRequest {
             name: "services/shop/policy".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -122,6 +123,7 @@ async fn round_trips(backend: Backend) {
     let still = client
         .get_policy(v1::GetPolicyRequest {
             name: p3.name.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -176,6 +178,7 @@ async fn round_trips(backend: Backend) {
     let gone = client
         .get_policy(v1::GetPolicyRequest {
             name: p3.name.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -307,6 +310,7 @@ async fn validation_errors_carry_field_paths(backend: Backend) {
     let bad_name = client
         .get_policy(v1::GetPolicyRequest {
             name: "shop".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -346,6 +350,7 @@ async fn concurrent_writers_never_lose_an_update(backend: Backend) {
             let current = client
                 .get_policy(v1::GetPolicyRequest {
                     name: "services/shop/policy".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -378,6 +383,7 @@ async fn concurrent_writers_never_lose_an_update(backend: Backend) {
     let final_policy = client
         .get_policy(v1::GetPolicyRequest {
             name: "services/shop/policy".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -673,6 +679,7 @@ async fn restart_keeps_everything(backend: Backend) {
     let got = client
         .get_policy(v1::GetPolicyRequest {
             name: p.name.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -740,6 +747,7 @@ async fn watch_tails_the_log_live(backend: Backend) {
     let mut p = client
         .get_policy(v1::GetPolicyRequest {
             name: "services/two/policy".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -902,6 +910,7 @@ async fn resources_names_and_rich_errors(backend: Backend) {
     let got = client
         .get_policy(v1::GetPolicyRequest {
             name: created.name.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -958,6 +967,7 @@ async fn resources_names_and_rich_errors(backend: Backend) {
     let absent = client
         .get_policy(v1::GetPolicyRequest {
             name: "services/nobody/policy".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -986,6 +996,7 @@ async fn resources_names_and_rich_errors(backend: Backend) {
         client
             .get_policy(v1::GetPolicyRequest {
                 name: "shop".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err(),

@@ -95,7 +95,7 @@ async fn put_token(
                 request_id: "test".into(),
                 peer: String::new(),
             },
-            Box::new(move |_| Plan::PutToken {
+            Box::new(move |_, _| Plan::PutToken {
                 token: record,
                 only_if_first: false,
             }),

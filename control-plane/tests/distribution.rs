@@ -52,6 +52,7 @@ async fn set_origin(server: &TestServer, service: &str, origin: &str) -> i64 {
     let mut p = client
         .get_policy(v1::GetPolicyRequest {
             name: format!("services/{service}/policy"),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -1151,6 +1151,7 @@ fn main() {
                     let current = client
                         .get_policy(v1::GetPolicyRequest {
                             name: format!("services/{service}/policy"),
+                            ..Default::default()
                         })
                         .await
                         .unwrap()
@@ -1262,6 +1263,7 @@ fn main() {
     let last = runtime
         .block_on(client.get_policy(v1::GetPolicyRequest {
             name: "services/shop/policy".into(),
+            ..Default::default()
         }))
         .unwrap()
         .into_inner()

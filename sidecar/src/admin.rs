@@ -82,10 +82,32 @@ fn route(path: &str, state: &AdminState) -> Response<Full<Bytes>> {
                 .services
                 .iter()
                 .map(|(name, active)| {
-                    let value = serde_json::json!({
+                    let policy = active.compiled.policy();
+                    let mut value = serde_json::json!({
                         "revision": active.revision,
-                        "policy": active.compiled.policy().spec(),
+                        "policy": policy.spec(),
                     });
+                    // With origin sets, every origin in force and the set it came from.
+                    if !policy.sets().is_empty() {
+                        let sets: serde_json::Map<String, serde_json::Value> = policy
+                            .sets()
+                            .iter()
+                            .map(|(_, set)| {
+                                let revision = snapshot.sets.get(set.name()).map(|h| h.revision);
+                                (set.name().to_owned(), serde_json::json!({ "revision": revision, "entries": set.len() }))
+                            })
+                            .collect();
+                        let effective: Vec<serde_json::Value> = policy
+                            .effective_origins()
+                            .into_iter()
+                            .map(|(origin, set)| match set {
+                                Some(set) => serde_json::json!({ "origin": origin, "origin_set": set }),
+                                None => serde_json::json!({ "origin": origin }),
+                            })
+                            .collect();
+                        value["origin_sets"] = serde_json::Value::Object(sets);
+                        value["effective_origins"] = serde_json::Value::Array(effective);
+                    }
                     (name.clone(), value)
                 })
                 .collect();

@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`policies`]: [`PolicySet`](policies::PolicySet), the `ArcSwap` of compiled policies a
 //!   request reads once, and how a control-plane response is applied to it (all or nothing).
+//! - [`origin_sets`]: origin sets as the control plane sends them (whole, or a delta
+//!   checked against a digest), compiled once per process.
 //! - [`admin`]: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/policy`.
 //! - [`metrics`]: Prometheus counters and gauges, and the rate limit on denial logs.
 //! - [`cache_file`]: the last-known-good file, written atomically, read at start.
@@ -25,6 +27,7 @@ pub mod http1;
 pub mod http2;
 pub mod listener;
 pub mod metrics;
+pub mod origin_sets;
 pub mod policies;
 pub mod policy_file;
 pub mod proxy;

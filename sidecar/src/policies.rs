@@ -1,21 +1,24 @@
-//! The policies a sidecar enforces: service → compiled policy, in one `ArcSwap`. A request
-//! loads one snapshot and uses it from start to finish, so a swap never mixes two policies in
-//! one response. An update is validated and compiled whole before it is swapped in; if any
-//! policy in it is invalid, nothing changes.
+//! The policies a sidecar enforces: service → compiled policy, in one `ArcSwap`, with the
+//! origin sets they reference. A request loads one snapshot and uses it from start to
+//! finish, so a swap never mixes two policies in one response. An update (its sets first,
+//! then its policies, resolved against them) is validated and compiled whole before it is
+//! swapped in; if any set or policy in it is invalid, nothing changes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use corsair_policy::{CompiledPolicy, PolicySpec, lint};
+use corsair_policy::{CompiledPolicy, PolicySpec, lint_with_sets};
 use corsair_proto::v1;
+
+use crate::origin_sets::{HeldSet, assemble, to_content};
 
 /// One enforced policy.
 #[derive(Debug)]
 pub struct Active {
     /// The compiled policy.
     pub compiled: CompiledPolicy,
-    /// The revision that last changed it.
+    /// The revision at which it last changed, its origin sets included.
     pub revision: i64,
     /// The policy as received, for the cache file and for showing where it came from.
     pub wire: v1::Policy,
@@ -34,6 +37,10 @@ pub struct Policies {
     pub services: Services,
     /// When the enforced policies last changed (`None`: never).
     pub applied_at: Option<std::time::Instant>,
+    /// Set name → the origin set held. Every set received is kept for the life of a stream
+    /// (so the control plane knows exactly what a delta may apply to); sets no policy
+    /// references are dropped when a stream opens ([`PolicySet::prune_sets`]).
+    pub sets: HashMap<String, HeldSet>,
 }
 
 /// The swappable set.
@@ -64,6 +71,9 @@ pub enum ApplyError {
         /// What is wrong.
         error: String,
     },
+    /// An origin set in the update cannot be assembled or is invalid.
+    #[error("{0}")]
+    InvalidSet(String),
 }
 
 impl PolicySet {
@@ -84,12 +94,53 @@ impl PolicySet {
         let mut upserts: Vec<v1::Policy> =
             current.services.values().map(|a| a.wire.clone()).collect();
         upserts.sort_by(|a, b| a.service.cmp(&b.service));
+        let mut origin_sets: Vec<v1::OriginSetContent> = current
+            .sets
+            .iter()
+            .map(|(name, held)| to_content(name, held))
+            .collect();
+        origin_sets.sort_by(|a, b| a.name.cmp(&b.name));
         v1::DiscoveryResponse {
             revision: current.revision,
             upserts,
             snapshot: true,
+            origin_sets,
             ..Default::default()
         }
+    }
+
+    /// The revision of each origin set held, for resuming a stream.
+    pub fn known_origin_sets(&self) -> HashMap<String, i64> {
+        self.current
+            .load()
+            .sets
+            .iter()
+            .map(|(name, held)| (name.clone(), held.revision))
+            .collect()
+    }
+
+    /// Drops the origin sets no held policy references; called as a stream opens, before
+    /// [`known_origin_sets`](Self::known_origin_sets) reports what is held.
+    pub fn prune_sets(&self) {
+        self.current.rcu(|current| {
+            let used: std::collections::HashSet<&str> = current
+                .services
+                .values()
+                .flat_map(|a| a.compiled.policy().sets().iter().map(|(_, s)| s.name()))
+                .collect();
+            let sets: HashMap<String, HeldSet> = current
+                .sets
+                .iter()
+                .filter(|(name, _)| used.contains(name.as_str()))
+                .map(|(name, held)| (name.clone(), held.clone()))
+                .collect();
+            Arc::new(Policies {
+                revision: current.revision,
+                services: current.services.clone(),
+                applied_at: current.applied_at,
+                sets,
+            })
+        });
     }
 
     /// The revision of each policy held, for resuming a stream.
@@ -111,13 +162,20 @@ impl PolicySet {
         } else {
             current.services.clone()
         };
+        let mut sets = current.sets.clone();
+        for content in &response.origin_sets {
+            let held =
+                assemble(content, sets.get(&content.name)).map_err(ApplyError::InvalidSet)?;
+            sets.insert(content.name.clone(), held);
+        }
+        let lookup = |name: &str| sets.get(name).map(|held| held.set.clone());
         for wire in &response.upserts {
             let invalid = |error: String| ApplyError::Invalid {
                 service: wire.service.clone(),
                 error,
             };
             let spec = PolicySpec::try_from(wire).map_err(|e| invalid(e.to_string()))?;
-            let (policy, findings) = lint(&spec);
+            let (policy, findings) = lint_with_sets(&spec, &lookup);
             let Some(policy) = policy else {
                 let errors: Vec<String> = findings
                     .iter()
@@ -130,7 +188,7 @@ impl PolicySet {
                 spec.service.clone(),
                 Arc::new(Active {
                     compiled: CompiledPolicy::new(policy),
-                    revision: wire.revision,
+                    revision: wire.effective_revision.max(wire.revision),
                     wire: wire.clone(),
                 }),
             );
@@ -142,14 +200,14 @@ impl PolicySet {
         // the same policies again does not count).
         let changed = services.len() != current.services.len()
             || services.iter().any(|(name, active)| {
-                current
-                    .services
-                    .get(name)
-                    .is_none_or(|held| held.wire != active.wire)
+                current.services.get(name).is_none_or(|held| {
+                    held.wire != active.wire || held.compiled.policy() != active.compiled.policy()
+                })
             });
         let next = Arc::new(Policies {
             revision: response.revision.max(current.revision),
             services,
+            sets,
             applied_at: if changed {
                 Some(std::time::Instant::now())
             } else {

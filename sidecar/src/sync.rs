@@ -241,6 +241,7 @@ impl SyncClient {
     /// One stream to `replica`, from hello to its end.
     async fn session(&self, replica: &Replica, attempt: &mut u32) -> Result<(), Status> {
         let (tx, rx) = mpsc::channel(8);
+        self.set.prune_sets();
         let hello = v1::Hello {
             sidecar_id: self.config.sidecar_id.clone(),
             services: self.config.services.clone(),

@@ -347,6 +347,7 @@ async fn a_burst_of_updates_while_sidecars_serve(backend: Backend) {
     let mut etag = policies
         .get_policy(bearer(v1::GetPolicyRequest {
             name: format!("services/{SERVICE}/policy"),
+            ..Default::default()
         }))
         .await
         .unwrap()

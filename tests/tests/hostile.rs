@@ -431,6 +431,7 @@ async fn reads(channel: Channel, count: usize) -> Vec<Duration> {
         let found = client
             .get_policy(bearer(v1::GetPolicyRequest {
                 name: "services/small/policy".into(),
+                ..Default::default()
             }))
             .await;
         assert!(found.is_ok(), "{found:?}");

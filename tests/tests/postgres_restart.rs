@@ -235,6 +235,7 @@ async fn postgres_restarted_under_two_control_plane_replicas() {
         let current = policies
             .get_policy(bearer(v1::GetPolicyRequest {
                 name: format!("services/{SERVICE}/policy"),
+                ..Default::default()
             }))
             .await;
         assert!(current.is_err(), "reads fail while the database is away");
@@ -277,6 +278,7 @@ async fn postgres_restarted_under_two_control_plane_replicas() {
     let other = policies
         .get_policy(bearer(v1::GetPolicyRequest {
             name: "services/other/policy".into(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();

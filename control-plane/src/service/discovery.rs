@@ -127,13 +127,21 @@ fn check_hello(hello: &v1::Hello) -> Result<(), Status> {
     field("sidecar_id", &hello.sidecar_id, SIDECAR_ID)?;
     field("host", &hello.host, HOST)?;
     field("version", &hello.version, VERSION)?;
-    if hello.services.len() > SERVICES || hello.known_revisions.len() > SERVICES {
+    if hello.services.len() > SERVICES
+        || hello.known_revisions.len() > SERVICES
+        || hello.known_origin_sets.len() > SERVICES
+    {
         return Err(bad_request(
             "hello.services",
             format!("at most {SERVICES} services"),
         ));
     }
-    for service in hello.services.iter().chain(hello.known_revisions.keys()) {
+    for service in hello
+        .services
+        .iter()
+        .chain(hello.known_revisions.keys())
+        .chain(hello.known_origin_sets.keys())
+    {
         if service.is_empty() || service.len() > SERVICE {
             return Err(bad_request(
                 "hello.services",
@@ -275,8 +283,10 @@ impl DiscoveryService for Discovery {
 struct InFlight {
     nonce: String,
     revision: i64,
-    /// Service → revision pushed (0: removed).
+    /// Service → effective revision pushed (0: removed).
     entries: Vec<(String, i64)>,
+    /// Origin sets pushed, with their revisions.
+    sets: Vec<(String, i64)>,
     /// Newest commit time among the pushed policies, for the convergence histogram.
     committed_at: Option<i64>,
     sent: tokio::time::Instant,
@@ -428,6 +438,15 @@ impl Discovery {
             .map(|(s, r)| (s.clone(), *r))
             .collect();
         let mut needs_snapshot = hello.known_revisions.is_empty();
+        // The sets the sidecar holds: it keeps every set it is sent for the life of the
+        // stream and reports exactly what it holds when it opens one, so this stays exact
+        // and a delta is only ever sent against a set the sidecar has.
+        let mut held_sets: HashMap<String, i64> = hello
+            .known_origin_sets
+            .iter()
+            .filter(|(_, r)| **r > 0)
+            .map(|(s, r)| (s.clone(), *r))
+            .collect();
         let mut nacked: HashMap<String, i64> = HashMap::new();
         let now = now_micros();
         let mut record = SidecarRecord {
@@ -466,6 +485,7 @@ impl Discovery {
                     ..Default::default()
                 };
                 let mut entries = Vec::new();
+                let mut sets_sent: Vec<(String, i64)> = Vec::new();
                 let mut committed_at = None;
                 let mut services: Vec<&String> = match &scope {
                     Some(set) => set.iter().collect(),
@@ -475,7 +495,7 @@ impl Discovery {
                 services.dedup();
                 for service in services {
                     let desired = snap.policies.get(service);
-                    let want = desired.map_or(0, |p| p.revision);
+                    let want = desired.map_or(0, |p| effective_revision(p));
                     let held = known.get(service).copied().unwrap_or(0);
                     // The sidecar holds a newer revision than this replica's cache has
                     // reached: wait for the cache rather than send it backwards.
@@ -486,6 +506,19 @@ impl Discovery {
                         Some(p) => {
                             let commit = p.update_time.as_ref().map(crate::convert::micros);
                             committed_at = committed_at.max(commit);
+                            for name in crate::cache::referenced(&p.allowed_origins) {
+                                let Some(set) = snap.sets.get(&name) else {
+                                    continue;
+                                };
+                                let held = held_sets.get(&name).copied();
+                                if held == Some(set.revision)
+                                    || sets_sent.iter().any(|(sent, _)| *sent == name)
+                                {
+                                    continue;
+                                }
+                                response.origin_sets.push(set.content_for(&name, held));
+                                sets_sent.push((name, set.revision));
+                            }
                             response.upserts.push(v1::Policy::clone(p));
                         }
                         None if !needs_snapshot => response.removals.push(service.clone()),
@@ -504,6 +537,7 @@ impl Discovery {
                         nonce: response.nonce.clone(),
                         revision: response.revision,
                         entries,
+                        sets: sets_sent,
                         committed_at,
                         sent: tokio::time::Instant::now(),
                     });
@@ -553,6 +587,7 @@ impl Discovery {
                     match message.kind {
                         Some(Kind::Ack(ack)) => match in_flight.take_if(|f| f.nonce == ack.nonce) {
                             Some(done) => {
+                                held_sets.extend(done.sets);
                                 for (service, revision) in done.entries {
                                     nacked.remove(&service);
                                     if revision == 0 {
@@ -610,6 +645,12 @@ impl Discovery {
         self.metrics.connected.dec();
         tracing::info!("sidecar disconnected");
     }
+}
+
+/// The revision at which a policy's effective form last changed: its own, or a referenced
+/// set's when that is newer.
+fn effective_revision(policy: &v1::Policy) -> i64 {
+    policy.effective_revision.max(policy.revision)
 }
 
 /// A number in [0, 1) that differs between streams.

@@ -426,6 +426,7 @@ pub async fn write_policy(channel: &Channel, n: u64) -> i64 {
             let current = client
                 .get_policy(bearer(v1::GetPolicyRequest {
                     name: format!("services/{SERVICE}/policy"),
+                    ..Default::default()
                 }))
                 .await;
             match current {
