@@ -39,6 +39,8 @@ pub struct Snapshot {
 pub struct SetState {
     /// The revision of its last write.
     pub revision: i64,
+    /// When that write committed (Unix microseconds).
+    pub time: i64,
     /// Its canonical entries, sorted.
     pub origins: Arc<Vec<String>>,
     /// SHA-256 of `origins` (see [`corsair_policy::origin_set::digest`]).
@@ -60,7 +62,7 @@ pub struct SetDelta {
 }
 
 impl SetState {
-    fn new(revision: i64, origins: Vec<String>, before: Option<&SetState>) -> SetState {
+    fn new(revision: i64, time: i64, origins: Vec<String>, before: Option<&SetState>) -> SetState {
         let delta = before.map(|b| {
             let old: BTreeSet<&String> = b.origins.iter().collect();
             let new: BTreeSet<&String> = origins.iter().collect();
@@ -72,6 +74,7 @@ impl SetState {
         });
         SetState {
             revision,
+            time,
             digest: corsair_policy::origin_set::digest(&origins),
             origins: Arc::new(origins),
             delta,
@@ -139,10 +142,11 @@ impl Snapshot {
     }
 
     /// Records a set write at `revision`: every referrer's effective policy changes with it.
-    fn put_set(&mut self, name: &str, revision: i64, origins: Option<Vec<String>>) {
+    fn put_set(&mut self, name: &str, revision: i64, time: i64, origins: Option<Vec<String>>) {
         match origins {
             Some(origins) => {
-                let state = SetState::new(revision, origins, self.sets.get(name).map(Arc::as_ref));
+                let before = self.sets.get(name).map(Arc::as_ref);
+                let state = SetState::new(revision, time, origins, before);
                 self.sets.insert(name.to_owned(), Arc::new(state));
             }
             None => {
@@ -239,7 +243,12 @@ async fn load(store: &dyn Store) -> Result<Snapshot, StoreError> {
         let done = page.len() < PAGE as usize;
         after = page.last().map(|s| s.spec.name.clone());
         for set in page {
-            snapshot.put_set(&set.spec.name, set.revision, Some(set.spec.origins));
+            snapshot.put_set(
+                &set.spec.name,
+                set.revision,
+                set.update_time,
+                Some(set.spec.origins),
+            );
         }
         if done {
             break;
@@ -334,6 +343,7 @@ async fn catch_up(store: &dyn Store, current: &Snapshot) -> Result<Option<Snapsh
                     next.put_set(
                         &change.name,
                         change.revision,
+                        change.time,
                         change.spec.map(|s| s.origins),
                     );
                 }

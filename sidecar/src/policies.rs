@@ -302,4 +302,84 @@ mod tests {
         assert_eq!(names, ["c"]);
         assert_eq!(set.load().revision, 4);
     }
+
+    fn corp(revision: i64, origins: &[&str]) -> v1::OriginSetContent {
+        let mut sorted: Vec<String> = origins.iter().map(|s| s.to_string()).collect();
+        sorted.sort();
+        v1::OriginSetContent {
+            name: "corp".into(),
+            revision,
+            digest: corsair_policy::origin_set::digest(&sorted).to_vec(),
+            added: sorted,
+            ..Default::default()
+        }
+    }
+
+    fn allows(set: &PolicySet, service: &str, origin: &str) -> bool {
+        let policies = set.load();
+        let mut headers = http::HeaderMap::new();
+        headers.insert("origin", origin.parse().unwrap());
+        policies.services[service]
+            .compiled
+            .decide(&corsair_policy::Request::new(&http::Method::GET, &headers))
+            .allowed
+    }
+
+    #[test]
+    fn sets_resolve_and_survive_the_cache_file() {
+        let set = PolicySet::default();
+        let mut shop = policy("shop", "set:corp", 2);
+        shop.effective_revision = 3;
+        set.apply(&v1::DiscoveryResponse {
+            revision: 3,
+            upserts: vec![shop],
+            snapshot: true,
+            origin_sets: vec![corp(3, &["https://checkout.example.com"])],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(allows(&set, "shop", "https://checkout.example.com"));
+        assert_eq!(set.known_revisions()["shop"], 3);
+        assert_eq!(set.known_origin_sets()["corp"], 3);
+
+        // What the cache file keeps restores the same decisions.
+        let restored = PolicySet::default();
+        restored.apply(&set.to_snapshot()).unwrap();
+        assert!(allows(&restored, "shop", "https://checkout.example.com"));
+        assert!(!allows(&restored, "shop", "https://evil.example.com"));
+
+        // A policy whose set is not held is refused, and nothing changes.
+        let err = set
+            .apply(&v1::DiscoveryResponse {
+                revision: 4,
+                upserts: vec![policy("blog", "set:missing", 4)],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("UNKNOWN_ORIGIN_SET"), "{err}");
+        assert!(!set.load().services.contains_key("blog"));
+    }
+
+    #[test]
+    fn unreferenced_sets_are_dropped_when_a_stream_opens() {
+        let set = PolicySet::default();
+        set.apply(&v1::DiscoveryResponse {
+            revision: 3,
+            upserts: vec![policy("shop", "set:corp", 3)],
+            snapshot: true,
+            origin_sets: vec![corp(2, &["https://checkout.example.com"])],
+            ..Default::default()
+        })
+        .unwrap();
+        set.apply(&v1::DiscoveryResponse {
+            revision: 4,
+            upserts: vec![policy("shop", "https://shop.example.com", 4)],
+            ..Default::default()
+        })
+        .unwrap();
+        // Kept while the stream lives: the control plane may send a delta against it.
+        assert_eq!(set.known_origin_sets().len(), 1);
+        set.prune_sets();
+        assert!(set.known_origin_sets().is_empty());
+    }
 }

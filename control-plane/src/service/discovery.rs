@@ -1,8 +1,10 @@
 //! `corsair.v1.DiscoveryService.StreamPolicies`: one task per sidecar stream.
 //!
-//! The sidecar says who it is and which revision of each policy it holds; the stream answers
-//! with only what differs (an upsert per changed policy, a removal per deleted one), or a full
-//! snapshot when the sidecar holds nothing. At most one response is unacknowledged: while it
+//! The sidecar says who it is and which revision of each policy (and origin set) it holds; the
+//! stream answers with only what differs (an upsert per changed policy, a removal per deleted
+//! one, each referenced origin set it lacks, whole or as a delta), or a full snapshot when the
+//! sidecar holds nothing. A policy's revision here is its effective one: a write of a set it
+//! references changes it too. At most one response is unacknowledged: while it
 //! is, newer changes are not queued; the next push is computed from the latest cache state
 //! once the ACK arrives (latest state wins). A NACKed revision is not resent until the policy
 //! changes again. No ACK within the timeout, the maximum connection age (jittered, so load
@@ -516,6 +518,8 @@ impl Discovery {
                                 {
                                     continue;
                                 }
+                                // The set's write is what this push brings, when it is the newer.
+                                committed_at = committed_at.max(Some(set.time));
                                 response.origin_sets.push(set.content_for(&name, held));
                                 sets_sent.push((name, set.revision));
                             }
