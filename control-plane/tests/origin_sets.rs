@@ -622,6 +622,26 @@ async fn a_set_write_reaches_every_referrer(backend: Backend) {
         ));
         assert_eq!(set.load().services[service].revision, updated.revision);
     }
+    // Fleet status shows both converge at the set's revision.
+    for id in ["sc-both", "sc-shop"] {
+        let row = support::eventually(
+            &format!("fleet status to show {id} synced at the set write"),
+            || async {
+                let row = server
+                    .fleet()
+                    .await
+                    .get_sidecar(v1::GetSidecarRequest {
+                        name: format!("sidecars/{id}"),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (row.last_acked_revision >= updated.revision).then_some(row)
+            },
+        )
+        .await;
+        assert_eq!(row.state, v1::SidecarState::Synced as i32);
+    }
     // Both policies share one compiled set.
     let policies = both.load();
     let (_, a) = &policies.services["shop"].compiled.policy().sets()[0];
