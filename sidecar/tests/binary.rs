@@ -184,9 +184,17 @@ async fn serves_from_the_cache_file_while_the_control_plane_is_down() {
         snapshot: true,
         upserts: vec![v1::Policy {
             service: "shop".into(),
-            allowed_origins: vec!["https://app.example.com".into()],
+            allowed_origins: vec!["https://app.example.com".into(), "set:corp".into()],
             allowed_methods: vec!["PUT".into()],
             revision: 9,
+            ..Default::default()
+        }],
+        // The origin sets it references are kept beside it.
+        origin_sets: vec![v1::OriginSetContent {
+            name: "corp".into(),
+            revision: 8,
+            digest: corsair_policy::origin_set::digest(&["https://checkout.example.com"]).to_vec(),
+            added: vec!["https://checkout.example.com".into()],
             ..Default::default()
         }],
         ..Default::default()
@@ -224,9 +232,21 @@ async fn serves_from_the_cache_file_while_the_control_plane_is_down() {
             .contains("access-control-allow-origin"),
         "{denied}"
     );
+    let from_set = http(&proxy, &preflight("https://checkout.example.com")).await;
+    assert!(from_set.starts_with("HTTP/1.1 204"), "{from_set}");
 
     let policy = admin_get(&admin, "/policy").await;
     assert!(policy.contains("\"source\": \"cache file\""), "{policy}");
+    // Where each origin in force came from.
+    let body: serde_json::Value =
+        serde_json::from_str(&policy[policy.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(
+        body["services"]["shop"]["effective_origins"],
+        serde_json::json!([
+            { "origin": "https://app.example.com" },
+            { "origin": "https://checkout.example.com", "origin_set": "corp" },
+        ])
+    );
     assert!(policy.contains("\"revision\": 9"), "{policy}");
     let ready = admin_get(&admin, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
