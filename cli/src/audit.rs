@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio_stream::StreamExt;
 
 use crate::client::Client;
-use crate::doc::PolicyDoc;
+use crate::doc::{OriginSetDoc, PolicyDoc};
 use crate::error::CliError;
 use crate::output::{self, Format, Table};
 use crate::policy::enum_name;
@@ -118,6 +118,16 @@ struct EventView {
     before: Option<PolicyDoc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     after: Option<PolicyDoc>,
+    /// For an origin set write: the set (`originSets/{set}`), before and after, and the
+    /// services whose effective policy it changed.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    origin_set: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_set_before: Option<OriginSetDoc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_set_after: Option<OriginSetDoc>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    affected_services: Vec<String>,
     hash: String,
     prev_hash: String,
 }
@@ -142,27 +152,52 @@ fn view(e: &v1::AuditEvent) -> Result<EventView, CliError> {
         peer: e.peer.clone(),
         before: e.before.as_ref().map(PolicyDoc::from_proto).transpose()?,
         after: e.after.as_ref().map(PolicyDoc::from_proto).transpose()?,
+        origin_set: e.origin_set.clone(),
+        origin_set_before: e
+            .origin_set_before
+            .as_ref()
+            .map(OriginSetDoc::from_proto)
+            .transpose()?,
+        origin_set_after: e
+            .origin_set_after
+            .as_ref()
+            .map(OriginSetDoc::from_proto)
+            .transpose()?,
+        affected_services: e.affected_services.clone(),
         hash: hex(&e.hash),
         prev_hash: hex(&e.prev_hash),
     })
 }
 
+/// `RESOURCE` is the service whose policy the event concerns, or `originSets/{set}`.
 const HEADER: [&str; 9] = [
-    "SEQ", "TIME", "BY", "ACTION", "SERVICE", "REVISION", "OUTCOME", "DETAIL", "REASON",
+    "SEQ", "TIME", "BY", "ACTION", "RESOURCE", "REVISION", "OUTCOME", "DETAIL", "REASON",
 ];
 
 /// Widths of the columns of a followed table, all but the last (the reason, which runs free):
 /// rows are printed as they come, so the columns cannot fit what is not known yet. Wide
-/// enough for every time and outcome, the control plane's own actor name and the usual
-/// actions; a longer cell is cut (`-o json` has it whole).
-const FOLLOW_WIDTHS: [usize; 8] = [8, 20, 21, 16, 16, 8, 21, 20];
+/// enough for every time and outcome, the control plane's own actor name, every write's
+/// action and an origin set's short name; a longer cell is cut (`-o json` has it whole).
+const FOLLOW_WIDTHS: [usize; 8] = [8, 20, 21, 17, 24, 8, 21, 20];
 
 fn row(v: &EventView) -> Vec<String> {
     let action = v.method.rsplit('/').next().unwrap_or(&v.method).to_owned();
-    let detail = if !v.error.is_empty() {
+    let mut detail = if !v.error.is_empty() {
         v.error.clone()
     } else {
         v.changed_fields.join(",")
+    };
+    if !v.affected_services.is_empty() {
+        if !detail.is_empty() {
+            detail.push_str("; ");
+        }
+        detail.push_str("affects ");
+        detail.push_str(&v.affected_services.join(","));
+    }
+    let resource = if v.origin_set.is_empty() {
+        v.service.clone()
+    } else {
+        v.origin_set.clone()
     };
     let or_dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
     vec![
@@ -170,7 +205,7 @@ fn row(v: &EventView) -> Vec<String> {
         v.create_time.clone(),
         or_dash(v.actor.clone()),
         or_dash(action),
-        or_dash(v.service.clone()),
+        or_dash(resource),
         if v.revision == 0 {
             "-".to_owned()
         } else {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use corsair_proto::v1::audit_service_client::AuditServiceClient;
 use corsair_proto::v1::fleet_service_client::FleetServiceClient;
+use corsair_proto::v1::origin_set_service_client::OriginSetServiceClient;
 use corsair_proto::v1::policy_service_client::PolicyServiceClient;
 use corsair_proto::v1::token_service_client::TokenServiceClient;
 use tonic::transport::{Channel, Endpoint};
@@ -89,6 +90,12 @@ impl Client {
     /// The policy service.
     pub fn policies(&self) -> PolicyServiceClient<Channel> {
         PolicyServiceClient::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    /// The origin set service.
+    pub fn origin_sets(&self) -> OriginSetServiceClient<Channel> {
+        OriginSetServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 
     /// The audit service.

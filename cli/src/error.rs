@@ -1,6 +1,7 @@
 //! What can go wrong, and how it reads on a terminal: a server error prints the server's
-//! message, then one line per field violation (`allowed_origins[2]: why [CODE]`), or, for a
-//! refused credential, how to present another one.
+//! message, then one line per field violation (`allowed_origins[2]: why [CODE]`) or per
+//! policy that keeps an origin set in use, or, for a refused credential, how to present
+//! another one.
 
 use std::fmt;
 use std::time::Duration;
@@ -85,17 +86,35 @@ impl fmt::Display for Refusal<'_> {
             .get_details_bad_request()
             .map(|b| b.field_violations)
             .unwrap_or_default();
-        let risks_only = status
-            .get_details_error_info()
-            .is_some_and(|i| i.reason == "RISK_NOT_ACKNOWLEDGED");
+        let info = status.get_details_error_info();
+        let reason = info.as_ref().map_or("", |i| i.reason.as_str());
+        let risks_only = reason == "RISK_NOT_ACKNOWLEDGED";
+        // Which command reads the resource again, after a conflict.
+        let get = if self.context.contains("originSets/") {
+            "origin-set get"
+        } else {
+            "policy get"
+        };
+        let referrers = if reason == "SET_IN_USE" {
+            status
+                .get_details_precondition_failure()
+                .map(|p| p.violations)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let headline = match status.code() {
             Code::InvalidArgument if risks_only => {
-                "refused: the policy has risks that were not acknowledged".to_owned()
+                "refused: it has risks that were not acknowledged".to_owned()
             }
             Code::InvalidArgument if !violations.is_empty() => "refused: invalid".to_owned(),
+            Code::FailedPrecondition if reason == "SET_IN_USE" => {
+                "refused: policies reference it; remove it from their allowed_origins first:"
+                    .to_owned()
+            }
             Code::Aborted => format!(
                 "not changed: it was changed by someone else since it was read: {} \
-                 (read it again with `corsairctl policy get`, or drop the file's etag to apply over it)",
+                 (read it again with `corsairctl {get}`, or drop the file's etag to apply over it)",
                 status.message()
             ),
             Code::Unavailable => format!("the control plane is unavailable: {}", status.message()),
@@ -107,15 +126,39 @@ impl fmt::Display for Refusal<'_> {
         };
         write!(f, "{}: {headline}", self.context)?;
         for v in &violations {
-            let field = v.field.strip_prefix("policy.").unwrap_or(&v.field);
-            let field = if field == "policy" { "(policy)" } else { field };
+            // Fields of the resource written read as paths under it; a referrer of an origin
+            // set keeps its name (`services/shop/policy.allowed_origins[1]`).
+            let field = ["policy.", "origin_set."]
+                .iter()
+                .find_map(|prefix| v.field.strip_prefix(prefix))
+                .unwrap_or(&v.field);
+            let field = match field {
+                "policy" => "(policy)",
+                "origin_set" => "(origin set)",
+                field => field,
+            };
             write!(f, "\n  {field}: {}", v.description)?;
             if !v.reason.is_empty() {
                 write!(f, " [{}]", v.reason)?;
             }
         }
+        for v in &referrers {
+            write!(f, "\n  {}", v.subject)?;
+        }
+        // The server lists at most some of them, and says how many there are.
+        let in_use = info
+            .as_ref()
+            .filter(|_| reason == "SET_IN_USE")
+            .and_then(|i| i.metadata.get("referrers"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(referrers.len());
+        if in_use > referrers.len() {
+            write!(f, "\n  and {} more", in_use - referrers.len())?;
+        }
         if risks_only {
-            let codes: Vec<&str> = violations.iter().map(|v| v.reason.as_str()).collect();
+            let mut codes: Vec<&str> = violations.iter().map(|v| v.reason.as_str()).collect();
+            codes.sort_unstable();
+            codes.dedup();
             write!(
                 f,
                 "\n  to accept: --acknowledge {}",
@@ -191,6 +234,65 @@ mod tests {
         let status = Status::not_found("no such policy");
         let text = CliError::status("services/shop/policy", status).to_string();
         assert!(!text.contains("CORSAIR_TOKEN"), "{text}");
+    }
+
+    #[test]
+    fn a_set_in_use_lists_the_policies_that_use_it() {
+        let mut details = ErrorDetails::new();
+        details.set_error_info(
+            "SET_IN_USE",
+            "corsair.dev",
+            [("referrers".to_owned(), "3".to_owned())]
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+        );
+        details.set_precondition_failure(
+            ["services/blog/policy", "services/shop/policy"]
+                .map(|s| tonic_types::PreconditionViolation::new("REFERENCED", s, "references it"))
+                .to_vec(),
+        );
+        let status = Status::with_error_details(
+            Code::FailedPrecondition,
+            "originSets/corp is referenced by …",
+            details,
+        );
+        let text = CliError::status("originSets/corp", status).to_string();
+        assert_eq!(
+            text,
+            "originSets/corp: refused: policies reference it; remove it from their \
+             allowed_origins first:\n  services/blog/policy\n  services/shop/policy\n  and 1 more"
+        );
+    }
+
+    #[test]
+    fn a_set_write_names_the_referrers_it_would_harm() {
+        let violations = [
+            ("origin_set.origins[1]", "NULL_ORIGIN"),
+            ("services/shop/policy.allowed_origins[1]", "NULL_ORIGIN"),
+        ]
+        .map(|(field, code)| {
+            let mut v = FieldViolation::new(field, "null origin");
+            v.reason = code.into();
+            v
+        });
+        let mut details = ErrorDetails::with_bad_request(violations.to_vec());
+        details.set_error_info(
+            "RISK_NOT_ACKNOWLEDGED",
+            "corsair.dev",
+            std::collections::HashMap::new(),
+        );
+        let status = Status::with_error_details(Code::InvalidArgument, "risks", details);
+        let text = CliError::status("sets.yaml: originSets/corp", status).to_string();
+        assert_eq!(
+            text,
+            "sets.yaml: originSets/corp: refused: it has risks that were not acknowledged\n  \
+             origins[1]: null origin [NULL_ORIGIN]\n  \
+             services/shop/policy.allowed_origins[1]: null origin [NULL_ORIGIN]\n  \
+             to accept: --acknowledge NULL_ORIGIN"
+        );
+        let text =
+            CliError::status("originSets/corp", Status::aborted("etag \"x\" is stale")).to_string();
+        assert!(text.contains("`corsairctl origin-set get`"), "{text}");
     }
 
     #[test]

@@ -11,9 +11,9 @@ use corsair_cli::client::Client;
 use corsair_cli::error::CliError;
 use corsair_cli::output::{self, Format};
 use corsair_cli::policy::{self, DiffOutcome, WriteOptions};
-use corsair_cli::{audit, fleet, quickstart, token};
+use corsair_cli::{audit, fleet, origin_set, quickstart, token};
 
-/// corsairctl: manage Corsair's CORS policies, audit log and sidecar fleet.
+/// corsairctl: manage Corsair's CORS policies, origin sets, audit log and sidecar fleet.
 #[derive(Debug, Parser)]
 #[command(name = "corsairctl", version, propagate_version = true)]
 struct Cli {
@@ -83,6 +83,10 @@ enum Command {
     /// Read, write, compare and explain policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Read, roll back and delete origin sets, the origin lists policies share (`policy
+    /// apply` writes them).
+    #[command(subcommand)]
+    OriginSet(OriginSetCommand),
     /// Query, follow and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -104,7 +108,7 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct Write {
-    /// Why: recorded in the policy's history and the audit log.
+    /// Why: recorded in the history and the audit log.
     #[arg(long, default_value = "")]
     reason: String,
     /// Accept a risk finding by its code (repeatable), e.g. --acknowledge WILDCARD_ORIGIN.
@@ -131,6 +135,9 @@ enum PolicyCommand {
     Get {
         /// The service.
         service: String,
+        /// Also every origin in force, its origin sets resolved, and where each came from.
+        #[arg(long)]
+        effective: bool,
     },
     /// List policies.
     List {
@@ -138,8 +145,9 @@ enum PolicyCommand {
         #[arg(long, default_value = "")]
         prefix: String,
     },
-    /// Create or update the policies in files (YAML or JSON, several per file), changing
-    /// only what differs, compare-and-set on each policy's etag.
+    /// Create or update the policies and origin sets (`kind: OriginSet`) in files (YAML or
+    /// JSON, several per file), changing only what differs, compare-and-set on each etag;
+    /// sets first, so that policies can use them.
     Apply {
         /// A file, a directory of .yaml/.yml/.json files, or - for standard input
         /// (repeatable).
@@ -148,8 +156,9 @@ enum PolicyCommand {
         #[command(flatten)]
         write: Write,
     },
-    /// Show what `apply` would change, as a unified diff (whatever -o says). Exit status: 0 no
-    /// change, 1 changes, 2 errors.
+    /// Show what `apply` would change, as a unified diff (whatever -o says), and for an origin
+    /// set the policies whose effective policy it changes. Exit status: 0 no change, 1
+    /// changes, 2 errors.
     Diff {
         /// As for apply.
         #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
@@ -219,6 +228,54 @@ enum PolicyCommand {
         /// The preflight asks for private network access.
         #[arg(long)]
         private_network: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OriginSetCommand {
+    /// Show one origin set and the policies that use it (`-o yaml` prints a file
+    /// `policy apply` accepts back).
+    Get {
+        /// The set.
+        name: String,
+    },
+    /// List origin sets.
+    List,
+    /// A set's revisions, newest first, each with what it changed and the services whose
+    /// effective policy changed with it.
+    History {
+        /// The set.
+        name: String,
+        /// At most this many revisions.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Restore an earlier revision's entries as a new revision (a deleted set is recreated).
+    Rollback {
+        /// The set.
+        name: String,
+        /// The revision to restore (see `origin-set history`).
+        #[arg(long = "to", value_name = "REVISION")]
+        revision: i64,
+        /// Roll back only if the set still has this etag.
+        #[arg(long)]
+        etag: Option<String>,
+        #[command(flatten)]
+        write: Write,
+    },
+    /// Delete an origin set; refused while a policy references it.
+    Delete {
+        /// The set.
+        name: String,
+        /// Delete only if the set still has this etag.
+        #[arg(long)]
+        etag: Option<String>,
+        /// Why: recorded in the set's history and the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Have the server check the deletion, without deleting anything.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -367,7 +424,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Policy(ref command) => {
             let client = connect().await?;
             match command {
-                PolicyCommand::Get { service } => policy::get(&client, service, format).await,
+                PolicyCommand::Get { service, effective } => {
+                    policy::get(&client, service, *effective, format).await
+                }
                 PolicyCommand::List { prefix } => policy::list(&client, prefix, format).await,
                 PolicyCommand::Apply { files, write } => {
                     return policy::apply(&client, files, &write.options(), format)
@@ -435,6 +494,47 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                         private_network: *private_network,
                     };
                     policy::explain(&client, &args, format).await
+                }
+            }
+            .map(|()| ExitCode::SUCCESS)
+        }
+        Command::OriginSet(ref command) => {
+            let client = connect().await?;
+            match command {
+                OriginSetCommand::Get { name } => origin_set::get(&client, name, format).await,
+                OriginSetCommand::List => origin_set::list(&client, format).await,
+                OriginSetCommand::History { name, limit } => {
+                    origin_set::history(&client, name, *limit, format).await
+                }
+                OriginSetCommand::Rollback {
+                    name,
+                    revision,
+                    etag,
+                    write,
+                } => {
+                    origin_set::rollback(
+                        &client,
+                        name,
+                        *revision,
+                        etag.clone(),
+                        &write.options(),
+                        format,
+                    )
+                    .await
+                }
+                OriginSetCommand::Delete {
+                    name,
+                    etag,
+                    reason,
+                    dry_run,
+                } => {
+                    // A deletion has no risks to acknowledge.
+                    let options = WriteOptions {
+                        reason: reason.clone(),
+                        acknowledge: Vec::new(),
+                        dry_run: *dry_run,
+                    };
+                    origin_set::delete(&client, name, etag.clone(), &options, format).await
                 }
             }
             .map(|()| ExitCode::SUCCESS)

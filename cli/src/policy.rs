@@ -1,24 +1,42 @@
-//! `corsairctl policy …`: read, write, compare and explain policies.
+//! `corsairctl policy …`: read, write, compare and explain policies; and `apply` and `diff`,
+//! which take origin sets from the same files (see [`crate::origin_set`]) and write them
+//! before the policies that may use them.
 
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::path::PathBuf;
 
-use corsair_policy::PolicySpec;
+use corsair_policy::{OriginSetSpec, PolicySpec, SET_PREFIX, Severity, lint_set, lint_with_sets};
 use corsair_proto::convert::policy_name;
+use corsair_proto::names::{origin_set_name, parse_origin_set_name};
 use corsair_proto::v1;
 use serde::Serialize;
-use tonic::Code;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::client::Client;
-use crate::doc::{self, PolicyDoc, Sourced};
+use crate::doc::{self, OriginSetDoc, PolicyDoc, Sourced};
 use crate::error::CliError;
+use crate::origin_set;
 use crate::output::{self, Format, Table};
 
 /// Page size used when a command reads every page.
 const PAGE: i32 = 200;
 
-/// `policy get SERVICE`.
-pub async fn get(client: &Client, service: &str, format: Format) -> Result<(), CliError> {
+/// `policy get SERVICE [--effective]`. Effective: with every allowed origin the policy's
+/// sets resolve to, each with the set it came from.
+pub async fn get(
+    client: &Client,
+    service: &str,
+    effective: bool,
+    format: Format,
+) -> Result<(), CliError> {
     let name = policy_name(service);
+    let view = if effective {
+        v1::PolicyView::Effective
+    } else {
+        v1::PolicyView::Basic
+    };
     let policy = client
         .call(
             &name,
@@ -26,12 +44,30 @@ pub async fn get(client: &Client, service: &str, format: Format) -> Result<(), C
                 .policies()
                 .get_policy(client.request(v1::GetPolicyRequest {
                     name: name.clone(),
-                    ..Default::default()
+                    view: view as i32,
                 })),
         )
         .await?;
     let doc = PolicyDoc::from_proto(&policy)?;
+    if effective {
+        return output::emit(format, &doc, || effective_table(&doc));
+    }
     output::emit(format, &doc, || policy_table(std::slice::from_ref(&doc)))
+}
+
+/// `ORIGIN  FROM`: each origin in force, from the policy itself or from `set:NAME`.
+fn effective_table(doc: &PolicyDoc) -> Table {
+    let mut t = Table::new(&["ORIGIN", "FROM"]);
+    for o in &doc.effective_origins {
+        let from = if o.origin_set.is_empty() {
+            "policy".to_owned()
+        } else {
+            let set = parse_origin_set_name(&o.origin_set).unwrap_or(&o.origin_set);
+            format!("{SET_PREFIX}{set}")
+        };
+        t.row(vec![o.origin.clone(), from]);
+    }
+    t
 }
 
 /// `policy list [--prefix P]`.
@@ -322,35 +358,51 @@ pub fn changed_fields(a: &PolicySpec, b: &PolicySpec) -> Vec<&'static str> {
 }
 
 /// What applying one document would do.
-#[derive(Debug)]
-enum Change {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
     Create,
     Update(Vec<&'static str>),
     Unchanged,
 }
 
+/// Origin sets that a dry run or a diff would write but has not, as the server would store
+/// them, by name. The server checks a policy against the stored sets only, so a policy that
+/// references one of these is checked here instead (see [`check_here`]).
+pub(crate) type PendingSets = BTreeMap<String, OriginSetSpec>;
+
 /// One document checked against the server.
 #[derive(Debug)]
-struct Planned {
-    name: String,
+pub(crate) struct Planned {
+    pub(crate) name: String,
     /// The policy as sent (the document's fields, the etag to compare against).
     wire: v1::Policy,
     /// The stored policy, if any.
-    current: Option<PolicySpec>,
+    pub(crate) current: Option<PolicySpec>,
     current_revision: i64,
     /// The policy as the server would store it.
-    proposed: PolicySpec,
-    findings: Vec<v1::Finding>,
-    change: Change,
+    pub(crate) proposed: PolicySpec,
+    findings: Vec<FindingView>,
+    pub(crate) change: Change,
+}
+
+impl Planned {
+    /// Whether applying makes the policy reference the set `name`, which it does not now.
+    pub(crate) fn newly_references(&self, name: &str) -> bool {
+        let reference = format!("{SET_PREFIX}{name}");
+        let has = |spec: &PolicySpec| spec.allowed_origins.contains(&reference);
+        has(&self.proposed) && !self.current.as_ref().is_some_and(has)
+    }
 }
 
 /// Reads the stored policy and has the server validate the document against it
 /// (`validate_only`: nothing is stored or audited), so that normalization, validation and
-/// the etag check are exactly the server's.
+/// the etag check are exactly the server's; or, when it references a set in `pending`,
+/// checks it here against that set as it would be.
 async fn plan(
     client: &Client,
     sourced: &Sourced,
     acknowledge: &[String],
+    pending: &PendingSets,
 ) -> Result<Planned, CliError> {
     let doc = &sourced.doc;
     let name = policy_name(&doc.service);
@@ -371,73 +423,59 @@ async fn plan(
         Err(e) if e.code() == Some(Code::NotFound) => None,
         Err(e) => return Err(e),
     };
-    let mut wire = v1::Policy::from(&doc.spec());
     let current_spec = current
         .as_ref()
         .map(PolicySpec::try_from)
         .transpose()
         .map_err(|e| CliError::Protocol(format!("{context}: {e}")))?;
-    let response = match &current {
-        None => {
-            if let Some(etag) = &doc.etag {
-                return Err(CliError::Input(format!(
-                    "{context}: the file expects etag {etag}, but the policy no longer exists; \
-                     remove the etag to create it again"
-                )));
-            }
-            client
-                .call(
-                    &context,
-                    client
-                        .policies()
-                        .create_policy(client.request(v1::CreatePolicyRequest {
-                            policy: Some(wire.clone()),
-                            validate_only: true,
-                            reason: String::new(),
-                            acknowledged_risks: acknowledge.to_vec(),
-                        })),
-                )
-                .await?
+    let mut wire = v1::Policy::from(&doc.spec());
+    match (&current, &doc.etag) {
+        (None, Some(etag)) => {
+            return Err(CliError::Input(format!(
+                "{context}: the file expects etag {etag}, but the policy no longer exists; \
+                 remove the etag to create it again"
+            )));
         }
-        Some(stored) => {
-            wire.etag = doc.etag.clone().unwrap_or_else(|| stored.etag.clone());
-            let checked = client
-                .call(
-                    &context,
-                    client
-                        .policies()
-                        .update_policy(client.request(v1::UpdatePolicyRequest {
-                            policy: Some(wire.clone()),
-                            validate_only: true,
-                            acknowledged_risks: acknowledge.to_vec(),
-                            ..Default::default()
-                        })),
-                )
-                .await;
-            match checked {
-                // A risk acknowledged when the policy was stored need not be acknowledged
-                // again to find that nothing changes.
-                Err(e)
-                    if e.is_unacknowledged_risk()
-                        && unchanged(&doc.spec(), current_spec.as_ref()) =>
-                {
-                    let stored = current.expect("a stored policy");
-                    return Ok(Planned {
-                        name,
-                        wire,
-                        proposed: current_spec.clone().expect("a stored spec"),
-                        current: current_spec,
-                        current_revision: stored.revision,
-                        findings: Vec::new(),
-                        change: Change::Unchanged,
-                    });
-                }
-                checked => checked?,
-            }
+        (None, None) => {}
+        (Some(stored), etag) => {
+            wire.etag = etag.clone().unwrap_or_else(|| stored.etag.clone());
         }
+    }
+    let pending_reference = doc
+        .allowed_origins
+        .iter()
+        .filter_map(|o| o.strip_prefix(SET_PREFIX))
+        .any(|set| pending.contains_key(set));
+    let checked = if pending_reference {
+        check_here(
+            client,
+            &context,
+            &wire,
+            current.as_ref(),
+            acknowledge,
+            pending,
+        )
+        .await
+    } else {
+        check_on_server(client, &context, &wire, current.is_some(), acknowledge).await
     };
-    let proposed = PolicySpec::try_from(&response)
-        .map_err(|e| CliError::Protocol(format!("{context}: {e}")))?;
+    let current_revision = current.as_ref().map_or(0, |c| c.revision);
+    let (proposed, findings) = match checked {
+        // A risk acknowledged when the policy was stored need not be acknowledged again to
+        // find that nothing changes.
+        Err(e) if e.is_unacknowledged_risk() && unchanged(&doc.spec(), current_spec.as_ref()) => {
+            return Ok(Planned {
+                name,
+                wire,
+                proposed: current_spec.clone().expect("a stored spec"),
+                current: current_spec,
+                current_revision,
+                findings: Vec::new(),
+                change: Change::Unchanged,
+            });
+        }
+        checked => checked?,
+    };
     let change = match &current_spec {
         None => Change::Create,
         Some(c) => {
@@ -453,16 +491,156 @@ async fn plan(
         name,
         wire,
         current: current_spec,
-        current_revision: current.map_or(0, |c| c.revision),
+        current_revision,
         proposed,
-        findings: response.findings,
+        findings,
         change,
     })
 }
 
+/// The server's check of a write (`validate_only`): the policy as it would store it, and
+/// the findings.
+async fn check_on_server(
+    client: &Client,
+    context: &str,
+    wire: &v1::Policy,
+    exists: bool,
+    acknowledge: &[String],
+) -> Result<(PolicySpec, Vec<FindingView>), CliError> {
+    let response = if exists {
+        client
+            .call(
+                context,
+                client
+                    .policies()
+                    .update_policy(client.request(v1::UpdatePolicyRequest {
+                        policy: Some(wire.clone()),
+                        validate_only: true,
+                        acknowledged_risks: acknowledge.to_vec(),
+                        ..Default::default()
+                    })),
+            )
+            .await?
+    } else {
+        client
+            .call(
+                context,
+                client
+                    .policies()
+                    .create_policy(client.request(v1::CreatePolicyRequest {
+                        policy: Some(wire.clone()),
+                        validate_only: true,
+                        reason: String::new(),
+                        acknowledged_risks: acknowledge.to_vec(),
+                    })),
+            )
+            .await?
+    };
+    let proposed = PolicySpec::try_from(&response)
+        .map_err(|e| CliError::Protocol(format!("{context}: {e}")))?;
+    let findings = response
+        .findings
+        .iter()
+        .map(FindingView::from_proto)
+        .collect();
+    Ok((proposed, findings))
+}
+
+/// The server's check, done here for a policy that references a set this run would write
+/// but has not (a dry run, a diff): the same lint the server runs, against the pending sets
+/// as they would be stored and the other sets as they are, and the same etag comparison.
+async fn check_here(
+    client: &Client,
+    context: &str,
+    wire: &v1::Policy,
+    current: Option<&v1::Policy>,
+    acknowledge: &[String],
+    pending: &PendingSets,
+) -> Result<(PolicySpec, Vec<FindingView>), CliError> {
+    let context = format!("{context} (checked here, with the origin sets these files would write)");
+    if let Some(stored) = current
+        && wire.etag.trim_matches('"') != stored.etag.trim_matches('"')
+    {
+        let stale = format!(
+            "etag {} is stale: {} is now at revision {} (etag {})",
+            wire.etag, stored.name, stored.revision, stored.etag
+        );
+        return Err(CliError::status(context, Status::aborted(stale)));
+    }
+    let spec =
+        PolicySpec::try_from(wire).map_err(|e| CliError::Protocol(format!("{context}: {e}")))?;
+    let mut sets = BTreeMap::new();
+    for set in spec
+        .allowed_origins
+        .iter()
+        .filter_map(|o| o.strip_prefix(SET_PREFIX))
+    {
+        let fetched;
+        let set_spec = match pending.get(set) {
+            Some(spec) => Some(spec),
+            None => {
+                fetched = origin_set::stored_spec(client, &context, set).await?;
+                fetched.as_ref()
+            }
+        };
+        // A set that does not exist (or a name that cannot be one) is left out, and the lint
+        // names the reference.
+        if let Some((Some(compiled), _)) = set_spec.map(lint_set) {
+            sets.insert(set.to_owned(), compiled);
+        }
+    }
+    let (policy, findings) = lint_with_sets(&spec, &|name| sets.get(name).cloned());
+    let blocking = corsair_policy::blocking(&findings, acknowledge);
+    let Some(policy) = policy.filter(|_| blocking.is_empty()) else {
+        return Err(refused(context, &blocking));
+    };
+    let findings = findings.iter().map(FindingView::from_finding).collect();
+    Ok((policy.into_spec(), findings))
+}
+
+/// A refusal found here, in the form the server gives its own: one field violation per
+/// blocking finding, and whether only risks refused it.
+fn refused(context: String, blocking: &[corsair_policy::Finding]) -> CliError {
+    let violations = blocking
+        .iter()
+        .map(|f| {
+            let field = if f.field.is_empty() {
+                "policy".to_owned()
+            } else {
+                format!("policy.{}", f.field)
+            };
+            let mut violation = FieldViolation::new(field, f.message.clone());
+            violation.reason = f.code.as_str().to_owned();
+            violation
+        })
+        .collect::<Vec<_>>();
+    let only_risks = blocking.iter().all(|f| f.severity == Severity::Risk);
+    let mut details = ErrorDetails::with_bad_request(violations);
+    let reason = if only_risks {
+        "RISK_NOT_ACKNOWLEDGED"
+    } else {
+        "INVALID_POLICY"
+    };
+    details.set_error_info(reason, "corsair.dev", HashMap::new());
+    let status = Status::with_error_details(Code::InvalidArgument, "refused", details);
+    CliError::status(context, status)
+}
+
 /// Whether `desired`, canonicalized as the server would store it, equals `stored`.
 fn unchanged(desired: &PolicySpec, stored: Option<&PolicySpec>) -> bool {
-    let (Some(stored), (Some(policy), _)) = (stored, corsair_policy::lint(desired)) else {
+    let Some(stored) = stored else {
+        return false;
+    };
+    // The canonical form of a policy does not depend on what its sets hold: an empty set of
+    // each name will do.
+    let any_set = |name: &str| {
+        lint_set(&OriginSetSpec {
+            name: name.to_owned(),
+            ..OriginSetSpec::default()
+        })
+        .0
+    };
+    let (Some(policy), _) = lint_with_sets(desired, &any_set) else {
         return false;
     };
     changed_fields(stored, &policy.into_spec()).is_empty()
@@ -470,24 +648,105 @@ fn unchanged(desired: &PolicySpec, stored: Option<&PolicySpec>) -> bool {
 
 /// One document's outcome, as `apply -o json|yaml` prints it.
 #[derive(Debug, Serialize)]
-struct Applied {
-    service: String,
+pub(crate) struct Applied {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_set: Option<String>,
     source: String,
     /// `created`, `updated`, `unchanged`, or `failed`.
-    action: &'static str,
+    pub(crate) action: &'static str,
     dry_run: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    revision: Option<i64>,
+    pub(crate) revision: Option<i64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    changed_fields: Vec<&'static str>,
+    pub(crate) changed_fields: Vec<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    findings: Vec<FindingView>,
+    pub(crate) findings: Vec<FindingView>,
+    /// For an origin set: the services whose effective policy the write changes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) affected_services: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
-/// `policy apply -f …`: creates or updates every policy in the inputs, compare-and-set on
-/// the etag; policies that would not change are not written. Returns whether all succeeded.
+impl Applied {
+    /// A policy document not yet applied.
+    fn policy(sourced: &Sourced, dry_run: bool) -> Self {
+        Applied {
+            service: Some(sourced.doc.service.clone()),
+            origin_set: None,
+            ..Applied::blank(&sourced.source, dry_run)
+        }
+    }
+
+    /// An origin set document not yet applied.
+    pub(crate) fn origin_set(sourced: &Sourced<OriginSetDoc>, dry_run: bool) -> Self {
+        Applied {
+            service: None,
+            origin_set: Some(sourced.doc.name.clone()),
+            ..Applied::blank(&sourced.source, dry_run)
+        }
+    }
+
+    fn blank(source: &str, dry_run: bool) -> Self {
+        Applied {
+            service: None,
+            origin_set: None,
+            source: source.to_owned(),
+            action: "unchanged",
+            dry_run,
+            revision: None,
+            changed_fields: Vec::new(),
+            findings: Vec::new(),
+            affected_services: Vec::new(),
+            error: None,
+        }
+    }
+
+    fn failed(self, error: &CliError) -> Self {
+        Applied {
+            action: "failed",
+            revision: None,
+            changed_fields: Vec::new(),
+            findings: Vec::new(),
+            affected_services: Vec::new(),
+            error: Some(error.to_string()),
+            ..self
+        }
+    }
+
+    /// The resource name: `services/{service}/policy` or `originSets/{set}`.
+    fn resource(&self) -> String {
+        match (&self.service, &self.origin_set) {
+            (Some(service), _) => policy_name(service),
+            (None, Some(set)) => origin_set_name(set),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// Runs `attempt` again, backing off, while the server says the caller writes faster than
+/// its per-identity rate (`RESOURCE_EXHAUSTED`); applying is idempotent, as every attempt
+/// plans anew.
+async fn retrying<T, F>(mut attempt: impl FnMut() -> F) -> Result<T, CliError>
+where
+    F: Future<Output = Result<T, CliError>>,
+{
+    let mut result = attempt().await;
+    let mut tries = 0u32;
+    while tries < 8 && matches!(&result, Err(e) if e.code() == Some(Code::ResourceExhausted)) {
+        tokio::time::sleep(std::time::Duration::from_millis(250 << tries.min(3))).await;
+        tries += 1;
+        result = attempt().await;
+    }
+    result
+}
+
+/// `policy apply -f …`: creates or updates every origin set and then every policy in the
+/// inputs, compare-and-set on the etag; documents that would not change are not written.
+/// Sets go first, so that a policy can use a set the same files add or change. Returns
+/// whether all succeeded.
 pub async fn apply(
     client: &Client,
     inputs: &[PathBuf],
@@ -496,28 +755,27 @@ pub async fn apply(
 ) -> Result<bool, CliError> {
     let docs = doc::load(inputs)?;
     let mut results = Vec::new();
-    for sourced in &docs {
-        // Over the server's per-identity write rate: wait and re-plan (apply is idempotent).
-        let mut result = apply_one(client, sourced, opts).await;
-        let mut attempt = 0u32;
-        while attempt < 8 && matches!(&result, Err(e) if e.code() == Some(Code::ResourceExhausted))
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(250 << attempt.min(3))).await;
-            attempt += 1;
-            result = apply_one(client, sourced, opts).await;
+    // In a dry run, the sets that would change, for the policies to be checked against.
+    let mut pending = PendingSets::new();
+    for sourced in &docs.origin_sets {
+        let applied = match retrying(|| origin_set::apply_one(client, sourced, opts)).await {
+            Ok((applied, proposed)) => {
+                if opts.dry_run && applied.action != "unchanged" {
+                    pending.insert(proposed.name.clone(), proposed);
+                }
+                applied
+            }
+            Err(e) => Applied::origin_set(sourced, opts.dry_run).failed(&e),
+        };
+        if format == Format::Table {
+            report(&applied)?;
         }
-        let applied = match result {
+        results.push(applied);
+    }
+    for sourced in &docs.policies {
+        let applied = match retrying(|| apply_one(client, sourced, opts, &pending)).await {
             Ok(applied) => applied,
-            Err(e) => Applied {
-                service: sourced.doc.service.clone(),
-                source: sourced.source.clone(),
-                action: "failed",
-                dry_run: opts.dry_run,
-                revision: None,
-                changed_fields: Vec::new(),
-                findings: Vec::new(),
-                error: Some(e.to_string()),
-            },
+            Err(e) => Applied::policy(sourced, opts.dry_run).failed(&e),
         };
         if format == Format::Table {
             report(&applied)?;
@@ -536,22 +794,13 @@ async fn apply_one(
     client: &Client,
     sourced: &Sourced,
     opts: &WriteOptions,
+    pending: &PendingSets,
 ) -> Result<Applied, CliError> {
-    let planned = plan(client, sourced, &opts.acknowledge).await?;
-    let findings = planned
-        .findings
-        .iter()
-        .map(FindingView::from_proto)
-        .collect();
+    let planned = plan(client, sourced, &opts.acknowledge, pending).await?;
     let mut applied = Applied {
-        service: sourced.doc.service.clone(),
-        source: sourced.source.clone(),
-        action: "unchanged",
-        dry_run: opts.dry_run,
         revision: Some(planned.current_revision).filter(|r| *r != 0),
-        changed_fields: Vec::new(),
-        findings,
-        error: None,
+        findings: planned.findings,
+        ..Applied::policy(sourced, opts.dry_run)
     };
     let context = format!("{}: {}", sourced.source, planned.name);
     match planned.change {
@@ -600,7 +849,7 @@ async fn apply_one(
 }
 
 fn report(a: &Applied) -> Result<(), CliError> {
-    let name = policy_name(&a.service);
+    let name = a.resource();
     if let Some(error) = &a.error {
         eprintln!("error: {error}");
         return Ok(());
@@ -618,6 +867,13 @@ fn report(a: &Applied) -> Result<(), CliError> {
         line.push_str(&a.changed_fields.join(", "));
     }
     line.push('\n');
+    if !a.affected_services.is_empty() {
+        let verb = if a.dry_run { "would change" } else { "changes" };
+        line.push_str(&format!(
+            "  {verb} the effective policy of: {}\n",
+            a.affected_services.join(", ")
+        ));
+    }
     for f in &a.findings {
         line.push_str(&format!("  {}\n", f.line(true)));
     }
@@ -626,7 +882,7 @@ fn report(a: &Applied) -> Result<(), CliError> {
 
 /// A lint finding as printed: the API's `Finding`, its severity without the prefix (`RISK`).
 #[derive(Debug, Serialize)]
-struct FindingView {
+pub(crate) struct FindingView {
     field: String,
     code: String,
     severity: String,
@@ -634,7 +890,7 @@ struct FindingView {
 }
 
 impl FindingView {
-    fn from_proto(f: &v1::Finding) -> Self {
+    pub(crate) fn from_proto(f: &v1::Finding) -> Self {
         FindingView {
             field: f.field.clone(),
             code: f.code.clone(),
@@ -646,10 +902,20 @@ impl FindingView {
         }
     }
 
+    /// A finding of the lint run here.
+    fn from_finding(f: &corsair_policy::Finding) -> Self {
+        FindingView {
+            field: f.field.clone(),
+            code: f.code.as_str().to_owned(),
+            severity: f.severity.as_str().to_ascii_uppercase(),
+            message: f.message.clone(),
+        }
+    }
+
     /// One line for people: `acknowledged risk: allowed_origins[0]: why [CODE]`. A `written`
     /// policy's risks were accepted (an unacknowledged one refuses the write); `explain` only
     /// reports them.
-    fn line(&self, written: bool) -> String {
+    pub(crate) fn line(&self, written: bool) -> String {
         let severity = match self.severity.as_str() {
             "RISK" if written => "acknowledged risk",
             "RISK" => "risk",
@@ -676,44 +942,71 @@ pub enum DiffOutcome {
     Failed,
 }
 
-/// `policy diff -f …`: prints, as a unified diff of the YAML form, what `apply` would change.
+/// `policy diff -f …`: prints, as a unified diff of the YAML form, what `apply` would change:
+/// origin sets first, each followed by the policies whose effective policy it changes, then
+/// policies.
 pub async fn diff(
     client: &Client,
     inputs: &[PathBuf],
     acknowledge: &[String],
 ) -> Result<DiffOutcome, CliError> {
     let docs = doc::load(inputs)?;
-    let mut changes = false;
     let mut failed = false;
-    for sourced in &docs {
-        match plan(client, sourced, acknowledge).await {
+    let mut sets = Vec::new();
+    let mut pending = PendingSets::new();
+    for sourced in &docs.origin_sets {
+        match origin_set::plan(client, sourced, acknowledge).await {
             Err(e) => {
                 eprintln!("error: {e}");
                 failed = true;
             }
             Ok(planned) => {
-                if matches!(planned.change, Change::Unchanged) {
-                    continue;
+                if planned.change != Change::Unchanged {
+                    pending.insert(planned.proposed.name.clone(), planned.proposed.clone());
                 }
-                changes = true;
-                let old = match &planned.current {
-                    Some(spec) => output::yaml(&PolicyDoc::from_spec(spec.clone()))?,
-                    None => String::new(),
-                };
-                let new = output::yaml(&PolicyDoc::from_spec(planned.proposed.clone()))?;
-                let old_label = match &planned.current {
-                    Some(_) => format!("{} (revision {})", planned.name, planned.current_revision),
-                    None => format!("{} (none)", planned.name),
-                };
-                let new_label = format!("{} ({})", planned.name, sourced.source);
-                let text = similar::TextDiff::from_lines(&old, &new)
-                    .unified_diff()
-                    .context_radius(50)
-                    .header(&old_label, &new_label)
-                    .to_string();
-                output::print(&text)?;
+                sets.push((sourced, planned));
             }
         }
+    }
+    let mut policies = Vec::new();
+    for sourced in &docs.policies {
+        match plan(client, sourced, acknowledge, &pending).await {
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed = true;
+            }
+            Ok(planned) => policies.push((sourced, planned)),
+        }
+    }
+    let mut changes = false;
+    for (sourced, planned) in &sets {
+        if planned.change == Change::Unchanged {
+            continue;
+        }
+        changes = true;
+        let newly: Vec<String> = policies
+            .iter()
+            .filter(|(_, p)| p.newly_references(&planned.proposed.name))
+            .map(|(_, p)| p.name.clone())
+            .collect();
+        output::print(&origin_set::diff_text(sourced, planned, &newly)?)?;
+    }
+    for (sourced, planned) in &policies {
+        if planned.change == Change::Unchanged {
+            continue;
+        }
+        changes = true;
+        let old = match &planned.current {
+            Some(spec) => output::yaml(&PolicyDoc::from_spec(spec.clone()))?,
+            None => String::new(),
+        };
+        let new = output::yaml(&PolicyDoc::from_spec(planned.proposed.clone()))?;
+        let old_label = match &planned.current {
+            Some(_) => format!("{} (revision {})", planned.name, planned.current_revision),
+            None => format!("{} (none)", planned.name),
+        };
+        let new_label = format!("{} ({})", planned.name, sourced.source);
+        output::print(&unified_diff(&old, &new, &old_label, &new_label))?;
     }
     Ok(if failed {
         DiffOutcome::Failed
@@ -722,6 +1015,15 @@ pub async fn diff(
     } else {
         DiffOutcome::Same
     })
+}
+
+/// A unified diff of two YAML texts.
+pub(crate) fn unified_diff(old: &str, new: &str, old_label: &str, new_label: &str) -> String {
+    similar::TextDiff::from_lines(old, new)
+        .unified_diff()
+        .context_radius(50)
+        .header(old_label, new_label)
+        .to_string()
 }
 
 /// The request `policy explain` describes.
@@ -798,11 +1100,18 @@ pub async fn explain(client: &Client, args: &ExplainArgs, format: Format) -> Res
         ),
         (None, Some(file)) => {
             let docs = doc::load(std::slice::from_ref(file))?;
-            let [one] = docs.as_slice() else {
+            if !docs.origin_sets.is_empty() {
+                return Err(CliError::Input(format!(
+                    "{}: holds origin sets; explain evaluates one policy, with the sets it \
+                     references as the control plane holds them (apply the sets first)",
+                    file.display()
+                )));
+            }
+            let [one] = docs.policies.as_slice() else {
                 return Err(CliError::Input(format!(
                     "{}: holds {} policies; explain needs exactly one",
                     file.display(),
-                    docs.len()
+                    docs.policies.len()
                 )));
             };
             (

@@ -450,7 +450,7 @@ fn write_new(path: &Path, contents: &str) -> Result<(), CliError> {
 /// Returns whether it was created.
 async fn ensure_demo_policy(client: &Client) -> Result<bool, CliError> {
     let docs = doc::parse("the example policy", DEMO_POLICY, Some(false))?;
-    let policy = v1::Policy::from(&docs[0].doc.spec());
+    let policy = v1::Policy::from(&docs.policies[0].doc.spec());
     let created = client
         .call(
             "creating the example policy",
@@ -752,7 +752,7 @@ mod tests {
 
     #[test]
     fn the_example_policies_parse() {
-        let docs = doc::parse("demo.yaml", DEMO_POLICY, None).unwrap();
+        let docs = doc::parse("demo.yaml", DEMO_POLICY, None).unwrap().policies;
         assert_eq!(docs.len(), 1);
         assert_eq!(docs[0].doc.service, DEMO_SERVICE);
         let (valid, findings) = corsair_policy::lint(&docs[0].doc.spec());
@@ -761,7 +761,9 @@ mod tests {
 
     #[test]
     fn the_second_example_adds_an_origin() {
-        let docs = doc::parse("add.yaml", &add_origin_example(), None).unwrap();
+        let docs = doc::parse("add.yaml", &add_origin_example(), None)
+            .unwrap()
+            .policies;
         assert_eq!(
             docs[0].doc.allowed_origins,
             ["https://app.example.com", "https://admin.example.com"]
