@@ -103,10 +103,9 @@ pub enum Reason {
     /// The origin matched this entry of `allowed_origins`, and everything else asked for is
     /// allowed.
     Allowed {
-        /// Index into the policy's `allowed_origins`.
+        /// Index into the policy's `allowed_origins` (for a `set:` reference,
+        /// [`CompiledPolicy::set_entry`] names the set's entry).
         entry: u32,
-        /// When that entry is a `set:` reference, the index of the set's entry that matched.
-        member: Option<u32>,
     },
     /// The origin matched no entry.
     OriginNotAllowed,
@@ -315,7 +314,7 @@ impl CompiledPolicy {
                 headers: Some(CorsHeaders::vary_only(Vary::ORIGIN)),
             });
         }
-        let (entry, member) = match self.match_origin(origin) {
+        let entry = match self.match_origin(origin) {
             Ok(matched) => matched,
             Err(reason) => return self.deny(kind, reason),
         };
@@ -325,7 +324,7 @@ impl CompiledPolicy {
             origin_value.clone()
         };
         match kind {
-            Kind::Preflight => self.preflight(req, entry, member, allow_origin),
+            Kind::Preflight => self.preflight(req, entry, allow_origin),
             _ => {
                 if !self.method_allowed(req.method.as_str()) {
                     return self.deny(kind, Reason::MethodNotAllowed);
@@ -333,7 +332,7 @@ impl CompiledPolicy {
                 self.finish(Decision {
                     kind,
                     allowed: true,
-                    reason: Reason::Allowed { entry, member },
+                    reason: Reason::Allowed { entry },
                     action: Action::Forward,
                     headers: Some(CorsHeaders {
                         allow_origin: Some(allow_origin),
@@ -370,13 +369,7 @@ impl CompiledPolicy {
         })
     }
 
-    fn preflight(
-        &self,
-        req: &Request<'_>,
-        entry: u32,
-        member: Option<u32>,
-        allow_origin: HeaderValue,
-    ) -> Decision<'_> {
+    fn preflight(&self, req: &Request<'_>, entry: u32, allow_origin: HeaderValue) -> Decision<'_> {
         let mut acrm = req
             .headers
             .get_all(ACCESS_CONTROL_REQUEST_METHOD)
@@ -399,7 +392,7 @@ impl CompiledPolicy {
         self.finish(Decision {
             kind: Kind::Preflight,
             allowed: true,
-            reason: Reason::Allowed { entry, member },
+            reason: Reason::Allowed { entry },
             action: Action::Respond(StatusCode::NO_CONTENT),
             headers: Some(CorsHeaders {
                 allow_origin: Some(allow_origin),
@@ -447,36 +440,71 @@ impl CompiledPolicy {
     }
 
     /// Finds the allowed-origin entry that matches a request origin: the policy's own
-    /// entries first, then its sets', then `*`. For a set's entry, also its index in the set.
-    fn match_origin(&self, origin: &str) -> Result<(u32, Option<u32>), Reason> {
-        let in_sets = |find: &dyn Fn(&OriginMatcher) -> Option<u32>| {
-            self.sets
-                .iter()
-                .find_map(|(entry, set)| find(set.matcher()).map(|m| (*entry, Some(m))))
-        };
+    /// entries first, then its sets' (the `set:` reference's index), then `*`. A policy
+    /// without sets takes the short way, which never looks at them.
+    fn match_origin(&self, origin: &str) -> Result<u32, Reason> {
+        if !self.sets.is_empty() {
+            return self.match_origin_with_sets(origin);
+        }
         if origin == "null" {
-            return match self.origins.null {
-                Some(entry) => Ok((entry, None)),
-                None => in_sets(&|m| m.null).ok_or(Reason::NullNotAllowed),
-            };
+            return self.origins.null.ok_or(Reason::NullNotAllowed);
         }
         if let Some(entry) = self.origins.exact(origin) {
-            return Ok((entry, None));
-        }
-        if let Some(found) = in_sets(&|m| m.exact(origin)) {
-            return Ok(found);
+            return Ok(entry);
         }
         let parsed = RequestOrigin::parse(origin).ok_or(Reason::OriginMalformed)?;
-        if let Some(entry) = self.origins.pattern(origin, &parsed) {
-            return Ok((entry, None));
-        }
-        if let Some(found) = in_sets(&|m| m.pattern(origin, &parsed)) {
-            return Ok(found);
-        }
         self.origins
-            .any
-            .map(|entry| (entry, None))
+            .pattern(origin, &parsed)
+            .or(self.origins.any)
             .ok_or(Reason::OriginNotAllowed)
+    }
+
+    /// [`match_origin`](Self::match_origin) for a policy that references sets: each kind of
+    /// entry is asked of the policy, then of its sets.
+    fn match_origin_with_sets(&self, origin: &str) -> Result<u32, Reason> {
+        if origin == "null" {
+            return self
+                .origins
+                .null
+                .or_else(|| self.in_sets(|m| m.null))
+                .ok_or(Reason::NullNotAllowed);
+        }
+        if let Some(entry) = self
+            .origins
+            .exact(origin)
+            .or_else(|| self.in_sets(|m| m.exact(origin)))
+        {
+            return Ok(entry);
+        }
+        let parsed = RequestOrigin::parse(origin).ok_or(Reason::OriginMalformed)?;
+        self.origins
+            .pattern(origin, &parsed)
+            .or_else(|| self.in_sets(|m| m.pattern(origin, &parsed)))
+            .or(self.origins.any)
+            .ok_or(Reason::OriginNotAllowed)
+    }
+
+    /// The index of the first referenced set `find` finds an entry in.
+    fn in_sets(&self, find: impl Fn(&OriginMatcher) -> Option<u32>) -> Option<u32> {
+        self.sets
+            .iter()
+            .find(|(_, set)| find(set.matcher()).is_some())
+            .map(|(entry, _)| *entry)
+    }
+
+    /// When `allowed_origins[entry]` is a `set:` reference, the set's entry that matches
+    /// `origin`: the name of an allowed decision's origin for people, found again rather
+    /// than carried in every decision.
+    pub fn set_entry(&self, entry: u32, origin: &str) -> Option<&str> {
+        let (_, set) = self.sets.iter().find(|(at, _)| *at == entry)?;
+        let m = set.matcher();
+        let index = if origin == "null" {
+            m.null
+        } else {
+            m.exact(origin)
+                .or_else(|| m.pattern(origin, &RequestOrigin::parse(origin)?))
+        }?;
+        set.origins().get(index as usize).map(String::as_str)
     }
 
     /// `GET`, `HEAD` and `POST` are CORS-safelisted (byte-exact); anything else must be listed.
@@ -564,13 +592,9 @@ impl CompiledPolicy {
                 .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned())
                 .unwrap_or_default()
         };
-        let entry = |i: u32, member: Option<u32>| {
+        let entry = |i: u32| {
             let written = &self.policy.spec.allowed_origins[i as usize];
-            let from_set = member.and_then(|m| {
-                let (_, set) = self.sets.iter().find(|(at, _)| *at == i)?;
-                set.origins().get(m as usize)
-            });
-            match from_set {
+            match self.set_entry(i, &origin()) {
                 Some(origin) => format!("allowed_origins[{i}] ({origin}, from {written})"),
                 None => format!("allowed_origins[{i}] ({written})"),
             }
@@ -583,9 +607,7 @@ impl CompiledPolicy {
         let text = match decision.reason {
             Reason::NoOrigin => "no Origin header: not a CORS request".to_owned(),
             Reason::SameOrigin => format!("origin {} is the request's own origin", origin()),
-            Reason::Allowed { entry: i, member } => {
-                format!("origin {} allowed by {}", origin(), entry(i, member))
-            }
+            Reason::Allowed { entry: i } => format!("origin {} allowed by {}", origin(), entry(i)),
             Reason::OriginNotAllowed => format!("origin {} matches no allowed origin", origin()),
             Reason::NullNotAllowed => {
                 "origin null is not listed (only an explicit `null` entry allows it)".to_owned()

@@ -164,16 +164,33 @@ pub(crate) fn is_dns_name(host: &str) -> bool {
         return false;
     }
     let mut label = 0;
-    for b in host.bytes() {
-        match b {
-            b'.' if label == 0 => return false,
-            b'.' => label = 0,
-            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' if label < 63 => label += 1,
+    for &b in host.as_bytes() {
+        match DNS_BYTES[b as usize] {
+            LABEL if label < 63 => label += 1,
+            DOT if label > 0 => label = 0,
             _ => return false,
         }
     }
     label > 0
 }
+
+/// What each byte is in a DNS name: [`LABEL`], [`DOT`] or neither (0). A table keeps the
+/// loop above one load and one branch per byte, which every cross-origin request pays.
+const DNS_BYTES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = match b as u8 {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => LABEL,
+            b'.' => DOT,
+            _ => 0,
+        };
+        b += 1;
+    }
+    table
+};
+const LABEL: u8 = 1;
+const DOT: u8 = 2;
 
 /// One allowed-origin entry of a policy, parsed.
 #[derive(Debug, Clone)]

@@ -75,10 +75,7 @@ const D: Case = Case {
     authority: None,
     upstream: &[],
     kind: Kind::Actual,
-    reason: Reason::Allowed {
-        entry: 0,
-        member: None,
-    },
+    reason: Reason::Allowed { entry: 0 },
     respond: None,
     response: Some(&[]),
 };

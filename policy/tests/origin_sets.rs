@@ -187,33 +187,28 @@ fn the_engine_allows_a_sets_entries_and_names_where_they_came_from() {
     };
     assert_eq!(
         decide("https://app.example.com").0,
-        Reason::Allowed {
-            entry: 0,
-            member: None
-        }
+        Reason::Allowed { entry: 0 }
     );
     let (reason, text) = decide("https://checkout.example.com");
-    assert_eq!(
-        reason,
-        Reason::Allowed {
-            entry: 1,
-            member: Some(1)
-        }
+    assert_eq!(reason, Reason::Allowed { entry: 1 });
+    assert!(
+        text.contains("(https://checkout.example.com, from set:corp)"),
+        "{text}"
     );
-    assert!(text.contains("from set:corp"), "{text}");
+    assert_eq!(
+        engine.set_entry(1, "https://checkout.example.com"),
+        Some("https://checkout.example.com")
+    );
     assert_eq!(
         decide("https://eu.corp.example").0,
-        Reason::Allowed {
-            entry: 1,
-            member: Some(0)
-        }
+        Reason::Allowed { entry: 1 }
     );
     assert_eq!(
-        decide("null").0,
-        Reason::Allowed {
-            entry: 1,
-            member: Some(2)
-        }
+        engine.set_entry(1, "https://eu.corp.example"),
+        Some("https://*.corp.example")
     );
+    assert_eq!(decide("null").0, Reason::Allowed { entry: 1 });
+    assert_eq!(engine.set_entry(1, "null"), Some("null"));
+    assert_eq!(engine.set_entry(0, "https://app.example.com"), None);
     assert_eq!(decide("https://evil.example").0, Reason::OriginNotAllowed);
 }

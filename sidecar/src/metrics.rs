@@ -467,22 +467,8 @@ mod tests {
             Outcome::ShadowDenied,
             Reason::OriginNotAllowed,
         );
-        metrics.decided(
-            Kind::Actual,
-            Outcome::Allowed,
-            Reason::Allowed {
-                entry: 0,
-                member: None,
-            },
-        );
-        metrics.decided(
-            Kind::Actual,
-            Outcome::Allowed,
-            Reason::Allowed {
-                entry: 3,
-                member: None,
-            },
-        );
+        metrics.decided(Kind::Actual, Outcome::Allowed, Reason::Allowed { entry: 0 });
+        metrics.decided(Kind::Actual, Outcome::Allowed, Reason::Allowed { entry: 3 });
         metrics.upstream_error(UpstreamError::Timeout);
         let text = metrics.render(&PolicySet::default(), None);
         for line in [
