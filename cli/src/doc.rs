@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use corsair_policy::{Mode, PolicySpec};
+use corsair_policy::{Mode, PolicySpec, RouteSpec};
 use corsair_proto::v1;
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +45,9 @@ pub struct PolicyDoc {
     /// How sidecars apply the policy.
     #[serde(default)]
     pub mode: Mode,
+    /// Rules for some paths, each overriding the fields it sets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
     /// Output only: the revision that last changed the policy. Ignored by `apply`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,
@@ -76,6 +79,7 @@ impl PolicyDoc {
             max_age: self.max_age,
             allow_private_network: self.allow_private_network,
             mode: self.mode,
+            routes: self.routes.clone(),
         }
     }
 
@@ -92,6 +96,7 @@ impl PolicyDoc {
             max_age,
             allow_private_network,
             mode,
+            routes,
         } = spec;
         PolicyDoc {
             service,
@@ -103,6 +108,7 @@ impl PolicyDoc {
             max_age,
             allow_private_network,
             mode,
+            routes,
             revision: None,
             etag: None,
             create_time: None,
@@ -304,6 +310,30 @@ mod tests {
     }
 
     #[test]
+    fn routes_in_yaml() {
+        let text = "service: shop\nallowed_origins: [https://app.example]\nroutes:\n  - path: /public/\n    allowed_origins: [\"*\"]\n  - path: /api/\n    allow_credentials: true\n    mode: enforce\n";
+        let docs = parse("p.yaml", text, None).unwrap();
+        let routes = &docs[0].doc.routes;
+        assert_eq!(routes.len(), 2);
+        assert_eq!(
+            routes[0].allowed_origins.as_deref(),
+            Some(&["*".to_owned()][..])
+        );
+        assert_eq!(routes[0].allow_credentials, None);
+        assert_eq!(routes[1].allow_credentials, Some(true));
+        assert_eq!(routes[1].mode, Some(Mode::Enforce));
+        assert_eq!(docs[0].doc.spec().routes, *routes);
+        let err = parse(
+            "p.yaml",
+            "service: shop\nroutes:\n  - path: /a/\n    max_ages: 1\n",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_ages"), "{err}");
+    }
+
+    #[test]
     fn what_get_prints_parses_back() {
         let doc = PolicyDoc {
             etag: Some("abc".into()),
@@ -313,6 +343,12 @@ mod tests {
                 service: "shop".into(),
                 allowed_origins: vec!["https://a.example".into()],
                 max_age: Some(5),
+                routes: vec![RouteSpec {
+                    path: "/api/".into(),
+                    allowed_methods: Some(Vec::new()),
+                    allow_credentials: Some(false),
+                    ..RouteSpec::default()
+                }],
                 ..PolicySpec::default()
             })
         };

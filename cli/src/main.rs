@@ -219,6 +219,9 @@ enum PolicyCommand {
         /// The preflight asks for private network access.
         #[arg(long)]
         private_network: bool,
+        /// The request's path, which picks the policy's route (a query is ignored).
+        #[arg(long, default_value = "")]
+        path: String,
     },
 }
 
@@ -423,6 +426,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                     credentials,
                     preflight,
                     private_network,
+                    path,
                 } => {
                     let args = policy::ExplainArgs {
                         service: service.clone(),
@@ -433,6 +437,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                         credentials: *credentials,
                         preflight: *preflight,
                         private_network: *private_network,
+                        path: path.clone(),
                     };
                     policy::explain(&client, &args, format).await
                 }

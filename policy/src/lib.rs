@@ -21,10 +21,13 @@
 //! ```
 //!
 //! # Layout
-//! - [`model`]: [`PolicySpec`] (input) and [`Policy`] (validated, canonical), [`Mode`].
+//! - [`model`]: [`PolicySpec`] (input, with its [`RouteSpec`]s) and [`Policy`] (validated,
+//!   canonical), [`Mode`].
 //! - [`origin`]: the serialized-origin grammar and [`OriginPattern`], one parsed
 //!   allowed-origin entry.
 //! - [`lint`]: validation and lint, [`Finding`]s with field paths and stable [`Code`]s.
+//! - [`route`]: per-route rules: canonical route paths, the readings of a request path, the
+//!   route table.
 //! - [`engine`]: [`CompiledPolicy`], [`Request`] in, [`Decision`] out.
 //! - [`headers`]: [`CorsHeaders`], written into a response with `Vary` merged.
 
@@ -33,9 +36,11 @@ pub mod headers;
 pub mod lint;
 pub mod model;
 pub mod origin;
+pub mod route;
 
 pub use engine::{Action, CompiledPolicy, Decision, Kind, Reason, Request, is_same_origin};
 pub use headers::{CorsHeaders, Vary};
 pub use lint::{Code, Finding, Rejected, Severity, Validated, lint};
-pub use model::{Mode, Policy, PolicySpec};
+pub use model::{Mode, Policy, PolicySpec, RouteSpec};
 pub use origin::{OriginPattern, Scheme};
+pub use route::RouteIndex;
