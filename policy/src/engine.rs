@@ -547,9 +547,11 @@ impl CompiledPolicy {
         }
     }
 
-    /// A sentence explaining `decision` for `req` to an operator.
+    /// A sentence explaining `decision` for `req` to an operator. It names the request's
+    /// path, never its query (which may hold secrets).
     pub fn describe(&self, req: &Request<'_>, decision: &Decision<'_>) -> String {
         let rules = self.rules(decision.route);
+        let path = without_query(req.path);
         let spec = &self.policy.spec;
         let origin = || {
             req.headers
@@ -630,13 +632,12 @@ impl CompiledPolicy {
         let route = match (&self.routes, decision.route) {
             (None, _) => String::new(),
             (Some(_), Some(i)) => format!("; route {i} ({}) decided", spec.routes[i.get()].path),
-            (Some(_), None) if req.path.is_empty() => {
+            (Some(_), None) if path.is_empty() => {
                 "; no path given, so the policy's own rules decided".to_owned()
             }
-            (Some(_), None) => format!(
-                "; no route matches {}, so the policy's own rules decided",
-                req.path
-            ),
+            (Some(_), None) => {
+                format!("; no route matches {path}, so the policy's own rules decided")
+            }
         };
         format!("{text}{route}{shadow}")
     }
@@ -656,17 +657,16 @@ impl CompiledPolicy {
             })
             .collect();
         let readings = route::readings(req.path);
+        let path = without_query(req.path);
         if routes.len() < 2 {
             return format!(
-                "the path {} reads in more ways than Corsair follows ({} at most, or {} bytes for a path with escapes, dot segments, `//`, `\\` or `;`): a cross-origin request to it is refused",
-                req.path,
+                "the path {path} reads in more ways than Corsair follows ({} at most, or {} bytes for a path with escapes, dot segments, `//`, `\\` or `;`): a cross-origin request to it is refused",
                 route::MAX_READINGS,
                 route::MAX_READ_PATH_BYTES,
             );
         }
         format!(
-            "the path {} reads as {} on different servers (by how they decode escapes, `\\`, `;` and dot segments, and letter case), which fall under {}: a cross-origin request to it is refused, since the upstream may serve another path than the one the rules would be chosen for",
-            req.path,
+            "the path {path} reads as {} on different servers (by how they decode escapes, `\\`, `;` and dot segments, and letter case), which fall under {}: a cross-origin request to it is refused, since the upstream may serve another path than the one the rules would be chosen for",
             readings.join(" or "),
             routes.join(" and "),
         )
@@ -890,6 +890,11 @@ fn ambiguous<'p>(req: &Request<'_>, mode: Mode) -> Decision<'p> {
         return same_origin(mode, None);
     }
     deny(mode, None, kind, Reason::PathAmbiguous)
+}
+
+/// A request target without its query or fragment.
+fn without_query(target: &str) -> &str {
+    target.split(['?', '#']).next().unwrap_or_default()
 }
 
 /// A request with `Origin`: a preflight (`OPTIONS` with `Access-Control-Request-Method`) or

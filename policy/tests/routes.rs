@@ -361,7 +361,7 @@ fn each_decision_names_its_route_and_mode() {
     let d = engine.decide(&req);
     assert_eq!(
         engine.describe(&req, &d),
-        "origin https://app.example.com allowed by allowed_origins[0] (https://app.example.com); no route matches /top?x=1, so the policy's own rules decided"
+        "origin https://app.example.com allowed by allowed_origins[0] (https://app.example.com); no route matches /top, so the policy's own rules decided"
     );
 }
 
@@ -510,6 +510,13 @@ fn an_ambiguous_path_is_denied_without_cors_headers() {
                 && text.contains("routes[1] (/api/)"),
             "{text}"
         );
+    }
+    // The explanation names the path, never the query (which may hold secrets).
+    let h = headers(&[("origin", ADMIN)]);
+    for target in ["/public/..%2Fapi/users?token=s3cr3t", "/other?token=s3cr3t"] {
+        let req = Request::new(&Method::GET, &h).with_path(target);
+        let text = engine.describe(&req, &engine.decide(&req));
+        assert!(!text.contains("s3cr3t"), "{text}");
     }
     // A preflight: answered here, without headers.
     let h = headers(&[("origin", ADMIN), ("access-control-request-method", "GET")]);
