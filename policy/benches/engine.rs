@@ -141,6 +141,16 @@ fn benches(c: &mut Criterion) {
         &actual,
         "/api/v42/..%2F..%2Fpublic/43/status",
     );
+    // The most work a path can ask for: 2 KiB, not plain, every reading under one route.
+    let hostile_path = format!("/api/v42/{}", "a;b/c%41\\d%2F/".repeat(150));
+    decide_path(
+        c,
+        "actual/100_routes_hostile_2k_path",
+        &routed,
+        &Method::GET,
+        &actual,
+        &hostile_path[..2040],
+    );
     let tenant = headers(&[("origin", "https://eu.shop.tenant977.example.net")]);
     decide(
         c,

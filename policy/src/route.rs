@@ -447,6 +447,14 @@ fn has_upper(path: &[u8]) -> bool {
 pub const MAX_READ_PATH_BYTES: usize = 2 * MAX_ROUTE_PATH_BYTES;
 /// A path that reads more ways than this is refused.
 pub const MAX_READINGS: usize = 32;
+/// A path whose readings would hold more bytes than this in all is refused: what a hostile
+/// path costs to read is bounded by it, not by the path's length times [`MAX_READINGS`].
+pub const MAX_READ_BYTES: usize = 16 * 1024;
+
+/// How many ways a path of `len` bytes may read.
+fn readings_limit(len: usize) -> usize {
+    (MAX_READ_BYTES / len.max(1)).min(MAX_READINGS)
+}
 
 /// One way a server may read a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -469,24 +477,29 @@ impl Reading {
         }
     }
 
+    /// Another reading made the same way, of `bytes`.
     fn with(&self, bytes: Vec<u8>) -> Reading {
         Reading {
             bytes,
-            ..self.clone()
+            decoded: self.decoded,
+            folded: self.folded,
         }
     }
 }
 
-/// Adds to `readings` what `step` makes of each of them, if new; `None` beyond
-/// [`MAX_READINGS`].
-fn grow(readings: &mut Vec<Reading>, step: impl Fn(&Reading) -> Vec<Reading>) -> Option<()> {
+/// Adds to `readings` what `step` makes of each of them, if new; `None` beyond `limit`.
+fn grow(
+    readings: &mut Vec<Reading>,
+    limit: usize,
+    step: impl Fn(&Reading) -> Vec<Reading>,
+) -> Option<()> {
     for i in 0..readings.len() {
         for made in step(&readings[i]) {
             if !readings.contains(&made) {
                 readings.push(made);
             }
         }
-        if readings.len() > MAX_READINGS {
+        if readings.len() > limit {
             return None;
         }
     }
@@ -497,9 +510,10 @@ fn grow(readings: &mut Vec<Reading>, step: impl Fn(&Reading) -> Vec<Reading>) ->
 /// order they take them: `;parameters` dropped; escapes decoded (none, RFC 3986's
 /// unreserved only, every one once, or twice); `\` read as `/`; `;parameters` dropped (after
 /// decoding); dot segments removed, `//` merged, or both; letters lowercased (where `fold`,
-/// or where a reading has an uppercase letter). `None` when there are more than
-/// [`MAX_READINGS`] different ones.
+/// or where a reading has an uppercase letter). `None` when there are more different ones
+/// than [`MAX_READINGS`], or than fit in [`MAX_READ_BYTES`].
 fn all_readings(path: &[u8], fold: bool) -> Option<Vec<Reading>> {
+    let limit = readings_limit(path.len());
     let mut readings = vec![Reading {
         bytes: path.to_vec(),
         decoded: false,
@@ -512,8 +526,8 @@ fn all_readings(path: &[u8], fold: bool) -> Option<Vec<Reading>> {
             Vec::new()
         }
     };
-    grow(&mut readings, parameters)?;
-    grow(&mut readings, |r| {
+    grow(&mut readings, limit, parameters)?;
+    grow(&mut readings, limit, |r| {
         if !r.bytes.contains(&b'%') {
             return Vec::new();
         }
@@ -528,7 +542,7 @@ fn all_readings(path: &[u8], fold: bool) -> Option<Vec<Reading>> {
         made.extend(twice.map(decoded));
         made
     })?;
-    grow(&mut readings, |r| {
+    grow(&mut readings, limit, |r| {
         if r.bytes.contains(&b'\\') {
             let slashes = r.bytes.iter().map(|&b| if b == b'\\' { b'/' } else { b });
             vec![r.with(slashes.collect())]
@@ -536,15 +550,19 @@ fn all_readings(path: &[u8], fold: bool) -> Option<Vec<Reading>> {
             Vec::new()
         }
     })?;
-    grow(&mut readings, parameters)?;
-    grow(&mut readings, |r| {
-        vec![
-            r.with(resolve_segments(&r.bytes, false)),
-            r.with(resolve_segments(&r.bytes, true)),
-            r.with(merge_slashes(&r.bytes)),
-        ]
+    grow(&mut readings, limit, parameters)?;
+    grow(&mut readings, limit, |r| {
+        if has_empty_or_dot_segment(&r.bytes) {
+            vec![
+                r.with(resolve_segments(&r.bytes, false)),
+                r.with(resolve_segments(&r.bytes, true)),
+                r.with(merge_slashes(&r.bytes)),
+            ]
+        } else {
+            Vec::new()
+        }
     })?;
-    grow(&mut readings, |r| {
+    grow(&mut readings, limit, |r| {
         if fold || has_upper(&r.bytes) || (r.decoded && r.bytes.iter().any(u8::is_ascii_uppercase))
         {
             vec![Reading {
@@ -561,8 +579,8 @@ fn all_readings(path: &[u8], fold: bool) -> Option<Vec<Reading>> {
 
 /// The distinct readings of a request target's path (query and fragment dropped), in the
 /// form route paths are written in, as sent first (see the module's documentation). A
-/// target that is not a path (`*`, empty) has none; one that reads too many ways, its first
-/// [`MAX_READINGS`].
+/// target that is not a path (`*`, empty) has none; one that reads too many ways, only
+/// itself.
 pub fn readings(target: &str) -> Vec<String> {
     let (end, _, _) = scan(target.as_bytes());
     let path = &target.as_bytes()[..end];
@@ -772,9 +790,11 @@ impl RouteTable {
     #[cold]
     fn select_readings(&self, path: &[u8]) -> Result<Option<RouteIndex>, Disagreement> {
         let literal = self.table.find(path);
-        let readings = match all_readings(path, self.folded.is_some()) {
-            Some(readings) if path.len() <= MAX_READ_PATH_BYTES => readings,
-            _ => return Err(Disagreement(literal, literal)),
+        let readings = (path.len() <= MAX_READ_PATH_BYTES)
+            .then(|| all_readings(path, self.folded.is_some()))
+            .flatten();
+        let Some(readings) = readings else {
+            return Err(Disagreement(literal, literal));
         };
         for reading in &readings {
             let table = if reading.folded {

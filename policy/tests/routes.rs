@@ -584,6 +584,24 @@ fn routes_with_uppercase_letters_match_case_sensitively_and_refuse_case_variants
 }
 
 #[test]
+fn a_path_that_reads_too_many_ways_is_refused() {
+    let engine = compile(SPLIT);
+    let shape = "a;b/c%41\\d%2F/";
+    assert_eq!(route_of(&engine, &format!("/public/{shape}")), Ok(route(0)));
+    // The same shape many times over reads in more ways than are followed.
+    let long = format!("/public/{}", shape.repeat(60));
+    assert_eq!(route_of(&engine, &long), Err(()));
+    // So does a path with escapes over 2 KiB, however it reads.
+    let escaped = format!("/public/{}", "a%20".repeat(600));
+    assert_eq!(route_of(&engine, &escaped[..1500]), Ok(route(0)));
+    assert_eq!(route_of(&engine, &escaped), Err(()));
+    let h = headers(&[("origin", APP)]);
+    let req = Request::new(&Method::GET, &h).with_path(&escaped);
+    let text = engine.describe(&req, &engine.decide(&req));
+    assert!(text.contains("longer than 2048 bytes"), "{text}");
+}
+
+#[test]
 fn very_long_paths_cost_a_bounded_lookup() {
     let engine = compile(NESTED);
     let deep = format!("/api/v2/{}", "a/".repeat(30_000));
