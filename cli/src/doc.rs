@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use corsair_policy::{Mode, OriginSetSpec, PolicySpec};
+use corsair_policy::{Mode, OriginSetSpec, PolicySpec, RouteSpec};
 use corsair_proto::names::parse_origin_set_name;
 use corsair_proto::v1;
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,9 @@ pub struct PolicyDoc {
     pub allow_private_network: bool,
     /// How sidecars apply the policy.
     pub mode: Mode,
+    /// Rules for some paths, each overriding the fields it sets.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
     /// Output only: the revision that last changed the policy. Ignored by `apply`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,
@@ -89,6 +92,7 @@ impl PolicyDoc {
             max_age: self.max_age,
             allow_private_network: self.allow_private_network,
             mode: self.mode,
+            routes: self.routes.clone(),
         }
     }
 
@@ -105,6 +109,7 @@ impl PolicyDoc {
             max_age,
             allow_private_network,
             mode,
+            routes,
         } = spec;
         PolicyDoc {
             service,
@@ -116,6 +121,7 @@ impl PolicyDoc {
             max_age,
             allow_private_network,
             mode,
+            routes,
             revision: None,
             etag: None,
             create_time: None,
@@ -256,6 +262,7 @@ struct AnyDoc {
     max_age: Option<u32>,
     allow_private_network: Option<bool>,
     mode: Option<Mode>,
+    routes: Option<Vec<RouteSpec>>,
     effective_revision: Option<i64>,
     effective_origins: Option<Vec<EffectiveOrigin>>,
     name: Option<String>,
@@ -294,6 +301,7 @@ impl AnyDoc {
                 self.allow_private_network.is_some(),
             ),
             ("mode", self.mode.is_some()),
+            ("routes", self.routes.is_some()),
             ("effective_revision", self.effective_revision.is_some()),
             ("effective_origins", self.effective_origins.is_some()),
         ];
@@ -330,6 +338,7 @@ impl AnyDoc {
                     max_age: self.max_age,
                     allow_private_network: self.allow_private_network.unwrap_or_default(),
                     mode: self.mode.unwrap_or_default(),
+                    routes: self.routes.unwrap_or_default(),
                     revision: self.revision,
                     etag: self.etag,
                     create_time: self.create_time,
@@ -745,5 +754,51 @@ service: blog
         let json = serde_json::to_string(&[&set]).unwrap();
         let back = parse("-", &json, None).unwrap();
         assert_eq!(back.origin_sets[0].doc, set);
+    }
+
+    #[test]
+    fn routes_in_yaml() {
+        let text = "service: shop\nallowed_origins: [https://app.example]\nroutes:\n  - path: /public/\n    allowed_origins: [\"*\"]\n  - path: /api/\n    allow_credentials: true\n    mode: enforce\n";
+        let docs = parse("p.yaml", text, None).unwrap();
+        let routes = &docs.policies[0].doc.routes;
+        assert_eq!(routes.len(), 2);
+        assert_eq!(
+            routes[0].allowed_origins.as_deref(),
+            Some(&["*".to_owned()][..])
+        );
+        assert_eq!(routes[0].allow_credentials, None);
+        assert_eq!(routes[1].allow_credentials, Some(true));
+        assert_eq!(routes[1].mode, Some(Mode::Enforce));
+        assert_eq!(docs.policies[0].doc.spec().routes, *routes);
+        let err = parse(
+            "p.yaml",
+            "service: shop\nroutes:\n  - path: /a/\n    max_ages: 1\n",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_ages"), "{err}");
+    }
+
+    #[test]
+    fn a_policy_with_routes_prints_and_parses_back() {
+        let doc = PolicyDoc {
+            etag: Some("abc".into()),
+            revision: Some(7),
+            ..PolicyDoc::from_spec(PolicySpec {
+                service: "shop".into(),
+                allowed_origins: vec!["https://a.example".into()],
+                routes: vec![RouteSpec {
+                    path: "/api/".into(),
+                    allowed_methods: Some(Vec::new()),
+                    allow_credentials: Some(false),
+                    ..RouteSpec::default()
+                }],
+                ..PolicySpec::default()
+            })
+        };
+        let yaml = serde_saphyr::to_string(&doc).unwrap();
+        let back = parse("-", &yaml, None).unwrap();
+        assert_eq!(back.policies[0].doc, doc);
     }
 }

@@ -228,6 +228,9 @@ enum PolicyCommand {
         /// The preflight asks for private network access.
         #[arg(long)]
         private_network: bool,
+        /// The request's path, which picks the policy's route (a query is ignored).
+        #[arg(long, default_value = "")]
+        path: String,
     },
 }
 
@@ -482,6 +485,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                     credentials,
                     preflight,
                     private_network,
+                    path,
                 } => {
                     let args = policy::ExplainArgs {
                         service: service.clone(),
@@ -492,6 +496,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                         credentials: *credentials,
                         preflight: *preflight,
                         private_network: *private_network,
+                        path: path.clone(),
                     };
                     policy::explain(&client, &args, format).await
                 }

@@ -104,6 +104,7 @@ fn policy_table(docs: &[PolicyDoc]) -> Table {
         "MODE",
         "ORIGINS",
         "CREDENTIALS",
+        "ROUTES",
         "REVISION",
         "UPDATED",
         "BY",
@@ -114,6 +115,7 @@ fn policy_table(docs: &[PolicyDoc]) -> Table {
             format!("{:?}", d.mode).to_lowercase(),
             output::list(&d.allowed_origins, 60),
             if d.allow_credentials { "yes" } else { "no" }.into(),
+            d.routes.len().to_string(),
             d.revision.map_or_else(|| "-".into(), |r| r.to_string()),
             d.update_time.clone().unwrap_or_else(|| "-".into()),
             d.update_actor.clone().unwrap_or_else(|| "-".into()),
@@ -354,6 +356,7 @@ pub fn changed_fields(a: &PolicySpec, b: &PolicySpec) -> Vec<&'static str> {
         "allow_private_network",
     );
     check(a.mode != b.mode, "mode");
+    check(a.routes != b.routes, "routes");
     fields
 }
 
@@ -1045,6 +1048,8 @@ pub struct ExplainArgs {
     pub preflight: bool,
     /// Whether the preflight asks for private network access.
     pub private_network: bool,
+    /// The request's path (which picks the policy's route).
+    pub path: String,
 }
 
 /// A method as a browser sends it: the six methods fetch normalizes are uppercased, any other
@@ -1082,6 +1087,9 @@ struct Explained {
     headers: Vec<HeaderView>,
     revision: i64,
     findings: Vec<FindingView>,
+    /// The path of the route that decided; absent when the policy's own rules did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<String>,
 }
 
 /// A response header: the API's `Header`.
@@ -1144,6 +1152,7 @@ pub async fn explain(client: &Client, args: &ExplainArgs, format: Format) -> Res
                         private_network: args.private_network,
                         host: String::new(),
                         scheme: String::new(),
+                        path: args.path.clone(),
                     }),
                 })),
         )
@@ -1170,6 +1179,7 @@ pub async fn explain(client: &Client, args: &ExplainArgs, format: Format) -> Res
             .collect(),
         revision: resp.revision,
         findings: resp.findings.iter().map(FindingView::from_proto).collect(),
+        route: (!resp.route.is_empty()).then_some(resp.route),
     };
     if format != Format::Table {
         return output::emit(format, &view, Table::default);
@@ -1177,6 +1187,9 @@ pub async fn explain(client: &Client, args: &ExplainArgs, format: Format) -> Res
     let mut t = Table::default();
     t.row(vec!["decision:".into(), view.decision.clone()]);
     t.row(vec!["request:".into(), view.kind.clone()]);
+    if let Some(route) = &view.route {
+        t.row(vec!["route:".into(), route.clone()]);
+    }
     t.row(vec!["reason:".into(), view.reason.clone()]);
     let answer = match view.status {
         Some(status) => format!("{status} from the sidecar; the service never sees it"),
@@ -1243,5 +1256,13 @@ mod tests {
         };
         assert_eq!(changed_fields(&a, &b), ["allowed_origins", "max_age"]);
         assert!(changed_fields(&a, &a).is_empty());
+        let c = PolicySpec {
+            routes: vec![corsair_policy::RouteSpec {
+                path: "/api/".into(),
+                ..Default::default()
+            }],
+            ..a.clone()
+        };
+        assert_eq!(changed_fields(&a, &c), ["routes"]);
     }
 }

@@ -225,6 +225,119 @@ fn a_stale_etag_is_refused_clearly() {
     assert_eq!(cp.json(&["policy", "get", "shop"])["mode"], "standard");
 }
 
+const ROUTED: &str = "\
+service: shop
+allowed_origins: [https://shop.example.com]
+routes:
+  - path: /public/
+    allowed_origins: [\"*\"]
+  - path: /api/
+    allowed_origins: [https://admin.example.com]
+    allow_credentials: true
+";
+
+#[test]
+fn routes_apply_show_diff_and_explain() {
+    let cp = ControlPlane::start();
+    let routed = cp.file("routed.yaml", ROUTED);
+    let applied = cp.ctl(&["policy", "apply", "-f", &routed, "--reason", "routes"]);
+    assert_eq!(applied.code, 0, "{applied:?}");
+
+    // `get` shows the routes, with only the fields each sets, and what it prints applies back
+    // unchanged.
+    let yaml = cp.ctl(&["policy", "get", "shop", "-o", "yaml"]);
+    assert!(
+        yaml.stdout
+            .contains("routes:\n- path: /public/\n  allowed_origins:\n  - \"*\"\n- path: /api/\n"),
+        "{yaml:?}"
+    );
+    let json = cp.json(&["policy", "get", "shop"]);
+    assert_eq!(json["routes"][1]["allow_credentials"], true);
+    assert!(
+        json["routes"][0].get("allow_credentials").is_none(),
+        "{json}"
+    );
+    let table = cp.ctl(&["policy", "get", "shop"]);
+    assert!(
+        table.stdout.lines().next().unwrap().contains("ROUTES"),
+        "{table:?}"
+    );
+    let again = cp.file("again.yaml", &yaml.stdout);
+    let out = cp.ctl(&["policy", "apply", "-f", &again]);
+    assert!(out.stdout.contains("unchanged"), "{out:?}");
+
+    // A change to a route is a change of `routes`, shown in the diff and the history.
+    let edited = cp.file(
+        "edited.yaml",
+        &ROUTED.replace(
+            "allow_credentials: true",
+            "allow_credentials: true\n    max_age: 60",
+        ),
+    );
+    let diff = cp.ctl(&["policy", "diff", "-f", &edited]);
+    assert_eq!(diff.code, 1, "{diff:?}");
+    assert!(diff.stdout.contains("+  max_age: 60"), "{diff:?}");
+    let out = cp.ctl(&["policy", "apply", "-f", &edited, "--reason", "cache"]);
+    assert!(out.stdout.contains(": routes"), "{out:?}");
+
+    // Explain picks the route by the path, and says which.
+    let explain = |path: &str, origin: &str| {
+        cp.json(&[
+            "policy",
+            "explain",
+            "--service",
+            "shop",
+            "--origin",
+            origin,
+            "--path",
+            path,
+        ])
+    };
+    let public = explain("/public/logo.png", "https://evil.example");
+    assert_eq!(public["decision"], "ALLOWED");
+    assert_eq!(public["route"], "/public/");
+    let api = explain("/api/orders?page=2", "https://admin.example.com");
+    assert_eq!(api["decision"], "ALLOWED");
+    assert_eq!(api["route"], "/api/");
+    let own = explain("/", "https://shop.example.com");
+    assert_eq!(own["decision"], "ALLOWED");
+    assert!(own.get("route").is_none(), "{own}");
+    let sneaky = explain("/public/..%2Fapi/orders", "https://admin.example.com");
+    assert_eq!(sneaky["decision"], "DENIED");
+    assert!(
+        sneaky["reason"].as_str().unwrap().contains("reads as"),
+        "{sneaky}"
+    );
+    let table = cp.ctl(&[
+        "policy",
+        "explain",
+        "--service",
+        "shop",
+        "--origin",
+        "https://evil.example",
+        "--path",
+        "/public/x",
+    ]);
+    assert!(
+        table
+            .stdout
+            .starts_with("decision:  ALLOWED\nrequest:   ACTUAL\nroute:     /public/\n"),
+        "{table:?}"
+    );
+
+    // A bad route is refused with its field path.
+    let bad = cp.file(
+        "bad.yaml",
+        &ROUTED.replace("path: /api/", "path: /api/../admin/"),
+    );
+    let out = cp.ctl(&["policy", "apply", "-f", &bad]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("routes[1].path") && out.stderr.contains("INVALID_ROUTE_PATH"),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn history_rollback_delete_and_explain() {
     let cp = ControlPlane::start();

@@ -109,7 +109,7 @@ impl Snapshot {
     /// effective revision.
     fn put_policy(&mut self, service: &str, mut policy: v1::Policy) {
         self.drop_refs(service);
-        let refs = referenced(&policy.allowed_origins);
+        let refs = referenced(&policy);
         policy.effective_revision = refs
             .iter()
             .filter_map(|name| self.sets.get(name).map(|s| s.revision))
@@ -130,7 +130,7 @@ impl Snapshot {
 
     fn drop_refs(&mut self, service: &str) {
         if let Some(old) = self.policies.get(service) {
-            for name in referenced(&old.allowed_origins) {
+            for name in referenced(old) {
                 if let Some(services) = self.referrers.get_mut(&name) {
                     services.remove(service);
                     if services.is_empty() {
@@ -163,9 +163,17 @@ impl Snapshot {
     }
 }
 
-/// The set names a policy's origins reference.
-pub fn referenced(origins: &[String]) -> Vec<String> {
-    crate::store::origin_sets::referenced(origins)
+/// The set names a policy references, in its own or its routes' allowed origins.
+pub fn referenced(policy: &v1::Policy) -> Vec<String> {
+    crate::store::origin_sets::referenced(
+        policy.allowed_origins.iter().chain(
+            policy
+                .routes
+                .iter()
+                .filter_map(|r| r.allowed_origins.as_ref())
+                .flat_map(|list| list.values.iter()),
+        ),
+    )
 }
 
 /// Rows read per query while catching up.

@@ -854,6 +854,228 @@ async fn explain_answers_like_a_sidecar(backend: Backend) {
     server.stop().await;
 }
 
+fn list(values: &[&str]) -> Option<v1::StringList> {
+    Some(v1::StringList {
+        values: values.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+/// `/public/` open to any origin, `/api/` to the admin origin with credentials, `/internal/`
+/// to none.
+fn routed(service: &str) -> v1::Policy {
+    v1::Policy {
+        routes: vec![
+            v1::Route {
+                path: "/public/".into(),
+                allowed_origins: list(&["*"]),
+                ..Default::default()
+            },
+            v1::Route {
+                path: "/api/".into(),
+                allowed_origins: list(&["HTTPS://Admin.Example.com"]),
+                allow_credentials: Some(true),
+                mode: Some(v1::PolicyMode::Enforce as i32),
+                ..Default::default()
+            },
+            v1::Route {
+                path: "/internal/".into(),
+                allowed_origins: list(&[]),
+                ..Default::default()
+            },
+        ],
+        ..policy(service, &["https://app.example.com"])
+    }
+}
+
+fn violations(err: &tonic::Status) -> Vec<(String, String)> {
+    err.get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| (v.field.clone(), v.reason.clone()))
+        .collect()
+}
+
+async fn routes_are_stored_updated_and_explained(backend: Backend) {
+    let Some(db) = fresh_db(backend).await else {
+        return;
+    };
+    let server = TestServer::start(&db.url).await;
+    let mut client = server.policies().await;
+
+    // Stored canonical, an empty list kept apart from an unset one, with the findings of the
+    // route's rules under its field path.
+    let created = client
+        .create_policy(create(routed("shop")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        created.routes[1].allowed_origins,
+        list(&["https://admin.example.com"])
+    );
+    assert_eq!(created.routes[1].allowed_methods, None);
+    assert_eq!(created.routes[2].allowed_origins, list(&[]));
+    assert_eq!(created.routes[0].allow_credentials, None);
+    assert_eq!(created.routes[1].mode, Some(v1::PolicyMode::Enforce as i32));
+    let findings: Vec<(&str, &str)> = created
+        .findings
+        .iter()
+        .map(|f| (f.field.as_str(), f.code.as_str()))
+        .collect();
+    assert_eq!(findings, [("routes[2].allowed_origins", "NO_ORIGINS")]);
+    let got = client
+        .get_policy(v1::GetPolicyRequest {
+            name: "services/shop/policy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.routes, created.routes);
+
+    // An update limited to `routes` replaces the whole list and nothing else; one limited to
+    // another field keeps the routes.
+    let mut change = policy("shop", &["https://other.example.com"]);
+    change.etag = got.etag.clone();
+    change.routes = vec![v1::Route {
+        path: "/api/health".into(),
+        allowed_origins: list(&["*"]),
+        ..Default::default()
+    }];
+    let updated = client
+        .update_policy(v1::UpdatePolicyRequest {
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["routes".into()],
+            }),
+            ..update(change.clone())
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.allowed_origins, ["https://app.example.com"]);
+    assert_eq!(updated.routes.len(), 1);
+    assert_eq!(updated.routes[0].path, "/api/health");
+    change.etag = updated.etag.clone();
+    let updated = client
+        .update_policy(v1::UpdatePolicyRequest {
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["allowed_origins".into()],
+            }),
+            ..update(change)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.allowed_origins, ["https://other.example.com"]);
+    assert_eq!(updated.routes[0].path, "/api/health");
+    let mut audit = server.audit().await;
+    let events = audit
+        .list_audit_events(v1::ListAuditEventsRequest {
+            service: "shop".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let changed: Vec<Vec<String>> = events.iter().map(|e| e.changed_fields.clone()).collect();
+    assert_eq!(changed[0], ["allowed_origins"]);
+    assert_eq!(changed[1], ["routes"]);
+    assert_eq!(events[1].after.as_ref().unwrap().routes.len(), 1);
+
+    // Refusals name the route's field.
+    let mut bad = routed("web");
+    bad.routes[0].allow_credentials = Some(true);
+    bad.routes[2].path = "/internal/../admin/".into();
+    let err = client.create_policy(create(bad)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        violations(&err),
+        [
+            (
+                "policy.routes[0].allowed_origins[0]".into(),
+                "WILDCARD_WITH_CREDENTIALS".into()
+            ),
+            ("policy.routes[2].path".into(), "INVALID_ROUTE_PATH".into()),
+        ]
+    );
+    let mut bad = routed("web");
+    bad.routes[1].path = "/public/".into();
+    let err = client.create_policy(create(bad)).await.unwrap_err();
+    assert_eq!(
+        violations(&err),
+        [("policy.routes[1].path".into(), "DUPLICATE_ROUTE".into())]
+    );
+    let mut bad = routed("web");
+    bad.routes[1].mode = Some(9);
+    let err = client.create_policy(create(bad)).await.unwrap_err();
+    assert_eq!(violations(&err)[0].0, "policy.routes[1].mode");
+    let err = client
+        .update_policy(v1::UpdatePolicyRequest {
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["routes[0]".into()],
+            }),
+            ..update(routed("shop"))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err)[0].0, "update_mask");
+
+    // Explain picks the route by the path and names it.
+    client.create_policy(create(routed("web"))).await.unwrap();
+    let explain = |path: &str, origin: &str, credentials: bool| v1::ExplainRequestRequest {
+        target: Some(v1::explain_request_request::Target::Name(
+            "services/web/policy".into(),
+        )),
+        request: Some(v1::ExplainedRequest {
+            origin: origin.into(),
+            method: "GET".into(),
+            credentials,
+            path: path.into(),
+            ..Default::default()
+        }),
+    };
+    let mut ask = async |path: &str, origin: &str, credentials: bool| {
+        client
+            .explain_request(explain(path, origin, credentials))
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let public = ask("/public/logo.png", "https://evil.example", false).await;
+    assert_eq!(public.decision, v1::Decision::Allowed as i32);
+    assert_eq!(public.route, "/public/");
+    assert!(public.reason.contains("routes[0]"), "{}", public.reason);
+    // Credentials are the route's to allow: the policy's own rules do not.
+    let api = ask("/api/orders?page=2", "https://admin.example.com", true).await;
+    assert_eq!(api.decision, v1::Decision::Allowed as i32, "{}", api.reason);
+    assert_eq!(api.route, "/api/");
+    let own = ask("/orders", "https://app.example.com", true).await;
+    assert_eq!(own.decision, v1::Decision::Denied as i32);
+    assert_eq!(own.route, "");
+    let enforced = ask("/api/orders", "https://app.example.com", false).await;
+    assert_eq!(
+        (enforced.decision, enforced.status),
+        (v1::Decision::Denied as i32, 403)
+    );
+    let sneaky = ask(
+        "/public/..%2Fapi/orders",
+        "https://admin.example.com",
+        false,
+    )
+    .await;
+    assert_eq!(sneaky.decision, v1::Decision::Denied as i32);
+    assert_eq!(sneaky.route, "");
+    assert!(sneaky.reason.contains("/api/orders"), "{}", sneaky.reason);
+    let no_path = ask("", "https://app.example.com", false).await;
+    assert_eq!(
+        (no_path.decision, no_path.route.as_str()),
+        (v1::Decision::Allowed as i32, "")
+    );
+    server.stop().await;
+}
+
 /// The `google.rpc.ErrorInfo` of a status: its reason and metadata, in Corsair's domain.
 fn error_info(status: &tonic::Status) -> (String, std::collections::HashMap<String, String>) {
     let info = status
@@ -1205,6 +1427,7 @@ on_both_backends!(
     restart_keeps_everything,
     watch_tails_the_log_live,
     explain_answers_like_a_sidecar,
+    routes_are_stored_updated_and_explained,
 );
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use std::hint::black_box;
 
-use corsair_policy::{CompiledPolicy, Policy, PolicySpec, Request};
+use corsair_policy::{CompiledPolicy, Policy, PolicySpec, Request, RouteSpec};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
 
@@ -47,6 +47,37 @@ fn large_policy() -> CompiledPolicy {
     policy(origins)
 }
 
+/// The bench policy with 100 routes: 50 prefixes (`/api/v{i}/`) with origins and
+/// credentials of their own, 50 exact paths (`/public/{i}/status`) open to any origin.
+fn routed_policy() -> CompiledPolicy {
+    let routes = (0..100)
+        .map(|i| {
+            if i % 2 == 0 {
+                RouteSpec {
+                    path: format!("/api/v{i}/"),
+                    allowed_origins: Some(vec![
+                        "https://app.example.com".into(),
+                        format!("https://partner{i}.example.org"),
+                    ]),
+                    allow_credentials: Some(true),
+                    ..RouteSpec::default()
+                }
+            } else {
+                RouteSpec {
+                    path: format!("/public/{i}/status"),
+                    allowed_origins: Some(vec!["*".into()]),
+                    allow_credentials: Some(false),
+                    ..RouteSpec::default()
+                }
+            }
+        })
+        .collect();
+    compile(PolicySpec {
+        routes,
+        ..small_policy().policy().spec().clone()
+    })
+}
+
 fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (name, value) in pairs {
@@ -58,6 +89,25 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
 fn decide(c: &mut Criterion, name: &str, engine: &CompiledPolicy, method: &Method, h: &HeaderMap) {
     c.bench_function(name, |b| {
         b.iter(|| black_box(engine.decide(&Request::new(black_box(method), black_box(h)))))
+    });
+}
+
+fn decide_path(
+    c: &mut Criterion,
+    name: &str,
+    engine: &CompiledPolicy,
+    method: &Method,
+    h: &HeaderMap,
+    path: &str,
+) {
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            black_box(
+                engine.decide(
+                    &Request::new(black_box(method), black_box(h)).with_path(black_box(path)),
+                ),
+            )
+        })
     });
 }
 
@@ -73,6 +123,33 @@ fn benches(c: &mut Criterion) {
         &large,
         &Method::GET,
         &actual,
+    );
+    let routed = routed_policy();
+    decide_path(
+        c,
+        "allowed_actual/100_routes",
+        &routed,
+        &Method::GET,
+        &actual,
+        "/api/v42/items/7?page=2",
+    );
+    decide_path(
+        c,
+        "denied_actual/100_routes_ambiguous_path",
+        &routed,
+        &Method::GET,
+        &actual,
+        "/api/v42/..%2F..%2Fpublic/43/status",
+    );
+    // The most work a path can ask for: 2 KiB, not plain, every reading under one route.
+    let hostile_path = format!("/api/v42/{}", "a;b/c%41\\d%2F/".repeat(150));
+    decide_path(
+        c,
+        "actual/100_routes_hostile_2k_path",
+        &routed,
+        &Method::GET,
+        &actual,
+        &hostile_path[..2040],
     );
     let tenant = headers(&[("origin", "https://eu.shop.tenant977.example.net")]);
     decide(

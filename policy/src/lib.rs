@@ -21,12 +21,15 @@
 //! ```
 //!
 //! # Layout
-//! - [`model`]: [`PolicySpec`] (input) and [`Policy`] (validated, canonical), [`Mode`].
+//! - [`model`]: [`PolicySpec`] (input, with its [`RouteSpec`]s) and [`Policy`] (validated,
+//!   canonical), [`Mode`].
 //! - [`origin`]: the serialized-origin grammar and [`OriginPattern`], one parsed
 //!   allowed-origin entry.
 //! - [`origin_set`]: [`OriginSetSpec`] and [`OriginSet`], named origin lists that policies
 //!   reference as `set:NAME`, validated and compiled once however many policies share them.
 //! - [`lint`]: validation and lint, [`Finding`]s with field paths and stable [`Code`]s.
+//! - [`route`]: per-route rules: canonical route paths, the readings of a request path, the
+//!   route table.
 //! - [`engine`]: [`CompiledPolicy`], [`Request`] in, [`Decision`] out.
 //! - [`headers`]: [`CorsHeaders`], written into a response with `Vary` merged.
 
@@ -37,10 +40,12 @@ mod matcher;
 pub mod model;
 pub mod origin;
 pub mod origin_set;
+pub mod route;
 
 pub use engine::{Action, CompiledPolicy, Decision, Kind, Reason, Request, is_same_origin};
 pub use headers::{CorsHeaders, Vary};
 pub use lint::{Code, Finding, Rejected, Severity, Validated, blocking, lint, lint_with_sets};
-pub use model::{Mode, Policy, PolicySpec};
+pub use model::{Mode, Policy, PolicySpec, RouteSpec};
 pub use origin::{OriginPattern, Scheme};
 pub use origin_set::{OriginSet, OriginSetSpec, SET_PREFIX, SetLookup, lint_set};
+pub use route::RouteIndex;

@@ -4,13 +4,14 @@
 //! Errors always refuse the policy; risks refuse it unless the caller acknowledges their code;
 //! notices are returned and accepted.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
-use crate::model::{Policy, PolicySpec};
+use crate::model::{Policy, PolicySpec, RouteOrigins, RouteSpec};
 use crate::origin::{OriginEntryError, OriginPattern, REGEX_PREFIX, Scheme};
 use crate::origin_set::{OriginSet, SET_PREFIX, SetLookup};
+use crate::route::{self, MAX_ROUTES};
 
 /// At most this many allowed-origin entries.
 pub const MAX_ORIGINS: usize = 20_000;
@@ -101,6 +102,11 @@ codes! {
     CREDENTIALS_WITH_WILDCARD_EXPOSED_HEADERS => Error,
     /// Private network access granted to any origin.
     PRIVATE_NETWORK_WITH_WILDCARD => Error,
+    /// A route path is not in canonical form, so no request could be matched to it reliably.
+    INVALID_ROUTE_PATH => Error,
+    /// A route repeats the path of an earlier one (or differs from it only in letter case),
+    /// so one of them could never decide a request.
+    DUPLICATE_ROUTE => Error,
     /// `null` is allowed: sandboxed iframes, `file:` pages and redirects all send it.
     NULL_ORIGIN => Risk,
     /// An `http://` origin beside `https://` ones: anyone on the network path can inject it.
@@ -134,6 +140,8 @@ codes! {
     WILDCARD_IN_SET => Error,
     /// An origin set's description is longer than allowed.
     DESCRIPTION_TOO_LONG => Error,
+    /// A route sets no field: its paths get the policy's own rules.
+    ROUTE_OVERRIDES_NOTHING => Notice,
 }
 
 impl fmt::Display for Code {
@@ -315,17 +323,23 @@ pub fn lint_with_sets(spec: &PolicySpec, sets: SetLookup<'_>) -> (Option<Policy>
         .iter()
         .flat_map(|list| list.iter())
         .map(String::len)
-        .sum::<usize>();
-    if size > MAX_POLICY_BYTES {
+        .sum::<usize>()
+        + spec.routes.iter().map(RouteSpec::bytes).sum::<usize>();
+    // Routes are checked only within the size limit, which bounds the work they take.
+    let routes = if size > MAX_POLICY_BYTES {
         l.push(
             "".into(),
             Code::POLICY_TOO_LARGE,
             format!("the policy has {size} bytes of entries; the limit is {MAX_POLICY_BYTES}"),
         );
-    }
+        Vec::new()
+    } else {
+        l.routes(spec, sets)
+    };
 
     let Linter { findings } = l;
     let ok = !findings.iter().any(|f| f.severity == Severity::Error);
+    let (routes, route_origins) = routes.into_iter().unzip();
     let policy = ok.then(|| Policy {
         spec: PolicySpec {
             service: spec.service.clone(),
@@ -337,19 +351,45 @@ pub fn lint_with_sets(spec: &PolicySpec, sets: SetLookup<'_>) -> (Option<Policy>
             max_age: spec.max_age,
             allow_private_network: spec.allow_private_network,
             mode: spec.mode,
+            routes,
         },
         origins: origins.patterns,
         sets: origins.sets,
+        route_origins,
     });
     let mut findings = findings;
     findings.sort_by_key(|f| field_order(&f.field));
     (policy, findings)
 }
 
-/// Orders findings by field, then by index within the field.
-fn field_order(field: &str) -> (usize, usize) {
-    const FIELDS: [&str; 9] = [
+/// Orders findings by route (the policy's own fields first, the policy as a whole last),
+/// then by field, then by index within the field.
+fn field_order(field: &str) -> (usize, usize, usize) {
+    if field.is_empty() {
+        return (usize::MAX, 0, 0);
+    }
+    let route = field
+        .strip_prefix("routes[")
+        .and_then(|rest| rest.split_once(']'))
+        .and_then(|(i, rest)| Some((i.parse::<usize>().ok()?, rest)));
+    match route {
+        Some((i, rest)) => {
+            let (name, index) = name_order(rest.strip_prefix('.').unwrap_or(rest));
+            (1 + i, name, index)
+        }
+        None => {
+            let (name, index) = name_order(field);
+            (0, name, index)
+        }
+    }
+}
+
+/// A field's place among the fields, and its index (`allowed_origins[2]`).
+fn name_order(field: &str) -> (usize, usize) {
+    const FIELDS: [&str; 11] = [
+        "",
         "service",
+        "path",
         "allowed_origins",
         "allowed_methods",
         "allowed_headers",
@@ -357,7 +397,7 @@ fn field_order(field: &str) -> (usize, usize) {
         "allow_credentials",
         "max_age",
         "allow_private_network",
-        "",
+        "routes",
     ];
     let (name, index) = match field.split_once('[') {
         Some((name, rest)) => (name, rest.trim_end_matches(']').parse().unwrap_or(0)),
@@ -370,6 +410,58 @@ fn field_order(field: &str) -> (usize, usize) {
             .unwrap_or(FIELDS.len()),
         index,
     )
+}
+
+/// The field a cross-field finding on `list` also depends on.
+fn partner(code: Code) -> Option<&'static str> {
+    match code {
+        Code::WILDCARD_WITH_CREDENTIALS
+        | Code::CREDENTIALS_WITH_WILDCARD_METHODS
+        | Code::CREDENTIALS_WITH_WILDCARD_EXPOSED_HEADERS => Some("allow_credentials"),
+        Code::PRIVATE_NETWORK_WITH_WILDCARD => Some("allow_private_network"),
+        _ => None,
+    }
+}
+
+/// Which fields of the policy a route sets, by name.
+fn route_sets(route: &RouteSpec, field: &str) -> bool {
+    match field {
+        "allowed_origins" => route.allowed_origins.is_some(),
+        "allowed_methods" => route.allowed_methods.is_some(),
+        "allowed_headers" => route.allowed_headers.is_some(),
+        "exposed_headers" => route.exposed_headers.is_some(),
+        "allow_credentials" => route.allow_credentials.is_some(),
+        "max_age" => route.max_age.is_some(),
+        "allow_private_network" => route.allow_private_network.is_some(),
+        "mode" => route.mode.is_some(),
+        _ => false,
+    }
+}
+
+/// The rules a route applies, for checking: its own fields, the policy's for the rest. An
+/// inherited list stands in as `["*"]` when it has `*` (the only entry that combines with
+/// other fields) and as `[]` otherwise: findings on inherited lists are the policy's own, and
+/// a long list is not checked again for every route.
+fn rules_of(spec: &PolicySpec, route: &RouteSpec) -> PolicySpec {
+    let list = |own: &Option<Vec<String>>, inherited: &Vec<String>| match own {
+        Some(own) => own.clone(),
+        None if inherited.iter().any(|e| e == "*") => vec!["*".to_owned()],
+        None => Vec::new(),
+    };
+    PolicySpec {
+        service: spec.service.clone(),
+        allowed_origins: list(&route.allowed_origins, &spec.allowed_origins),
+        allowed_methods: list(&route.allowed_methods, &spec.allowed_methods),
+        allowed_headers: list(&route.allowed_headers, &spec.allowed_headers),
+        exposed_headers: list(&route.exposed_headers, &spec.exposed_headers),
+        allow_credentials: route.allow_credentials.unwrap_or(spec.allow_credentials),
+        max_age: route.max_age.or(spec.max_age),
+        allow_private_network: route
+            .allow_private_network
+            .unwrap_or(spec.allow_private_network),
+        mode: route.mode.unwrap_or(spec.mode),
+        routes: Vec::new(),
+    }
 }
 
 #[derive(Default)]
@@ -436,6 +528,120 @@ impl Linter {
             severity: code.severity(),
             message,
         });
+    }
+
+    /// Checks every route: its path, and every check of [`lint`] on the rules it applies
+    /// (what it sets, the rest inherited). A finding on a field the route sets is
+    /// reported under `routes[i].`; one that only the combination with an inherited field
+    /// makes is reported on the field the route sets; the rest are the policy's own and
+    /// reported once, at the top. Returns each route in canonical form, with its parsed
+    /// origins when it sets them.
+    fn routes(
+        &mut self,
+        spec: &PolicySpec,
+        sets: SetLookup<'_>,
+    ) -> Vec<(RouteSpec, Option<RouteOrigins>)> {
+        if spec.routes.len() > MAX_ROUTES {
+            self.push(
+                "routes".into(),
+                Code::TOO_MANY_ENTRIES,
+                format!("{} routes; the limit is {MAX_ROUTES}", spec.routes.len()),
+            );
+            return Vec::new();
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::with_capacity(spec.routes.len());
+        let mut seen_folded: HashMap<String, usize> = HashMap::with_capacity(spec.routes.len());
+        let mut out = Vec::with_capacity(spec.routes.len());
+        for (i, route) in spec.routes.iter().enumerate() {
+            let prefix = format!("routes[{i}]");
+            let path_field = format!("{prefix}.path");
+            if let Err(problem) = route::check_path(&route.path) {
+                self.push(path_field.clone(), Code::INVALID_ROUTE_PATH, problem);
+            }
+            if let Some(j) = seen.get(route.path.as_str()) {
+                self.push(
+                    path_field,
+                    Code::DUPLICATE_ROUTE,
+                    format!("{} is also the path of routes[{j}]", route.path),
+                );
+            } else if let Some(j) = seen_folded.get(&route.path.to_ascii_lowercase()) {
+                self.push(
+                    path_field,
+                    Code::DUPLICATE_ROUTE,
+                    format!(
+                        "{} differs from routes[{j}].path ({}) only in letter case: a server that ignores case serves both alike, so requests under either would be refused as ambiguous",
+                        route.path, spec.routes[*j].path
+                    ),
+                );
+            }
+            seen.entry(&route.path).or_insert(i);
+            seen_folded
+                .entry(route.path.to_ascii_lowercase())
+                .or_insert(i);
+            if route.overrides_nothing() {
+                self.push(
+                    prefix.clone(),
+                    Code::ROUTE_OVERRIDES_NOTHING,
+                    format!("the route sets no field, so {} gets the policy's own rules (which also stops a shorter route from applying to it)", route.path),
+                );
+            }
+
+            let (checked, findings) = lint_with_sets(&rules_of(spec, route), sets);
+            for finding in findings {
+                let name = finding.field.split('[').next().unwrap_or_default();
+                if route_sets(route, name) {
+                    self.push(
+                        format!("{prefix}.{}", finding.field),
+                        finding.code,
+                        finding.message,
+                    );
+                } else if let Some(partner) = partner(finding.code)
+                    && route_sets(route, partner)
+                {
+                    self.push(
+                        format!("{prefix}.{partner}"),
+                        finding.code,
+                        format!(
+                            "{} (the route inherits the policy's {name})",
+                            finding.message
+                        ),
+                    );
+                }
+            }
+            // A route whose rules do not check out refuses the policy through its findings
+            // (or the policy's own); its canonical form no longer matters.
+            let Some(checked) = checked else {
+                out.push((route.clone(), None));
+                continue;
+            };
+            let own = |set: bool, list: &Vec<String>| set.then(|| list.clone());
+            let canonical = RouteSpec {
+                path: route.path.clone(),
+                allowed_origins: own(
+                    route.allowed_origins.is_some(),
+                    &checked.spec.allowed_origins,
+                ),
+                allowed_methods: own(
+                    route.allowed_methods.is_some(),
+                    &checked.spec.allowed_methods,
+                ),
+                allowed_headers: own(
+                    route.allowed_headers.is_some(),
+                    &checked.spec.allowed_headers,
+                ),
+                exposed_headers: own(
+                    route.exposed_headers.is_some(),
+                    &checked.spec.exposed_headers,
+                ),
+                ..route.clone()
+            };
+            let origins = route.allowed_origins.as_ref().map(|_| RouteOrigins {
+                patterns: checked.origins,
+                sets: checked.sets,
+            });
+            out.push((canonical, origins));
+        }
+        out
     }
 
     fn service(&mut self, name: &str) {

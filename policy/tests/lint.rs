@@ -273,6 +273,177 @@ const CASES: &[Case] = &[
         expect: &[("allowed_origins", Code::NO_ORIGINS)],
         accepted: true,
     },
+    // ---- routes ------------------------------------------------------------------------------
+    Case {
+        name: "clean_routes_have_no_findings",
+        policy: r#"{"allowed_origins":["https://a.com"],"routes":[
+            {"path":"/api/","allowed_origins":["https://b.com"],"allow_credentials":true},
+            {"path":"/api/health","allowed_origins":["*"],"allow_credentials":false},
+            {"path":"/","max_age":60}]}"#,
+        expect: &[],
+        accepted: true,
+    },
+    Case {
+        name: "route_wildcard_origin_with_inherited_credentials_is_refused",
+        policy: r#"{"allowed_origins":["https://a.com"],"allow_credentials":true,
+            "routes":[{"path":"/p/","allowed_origins":["https://b.com","*"]}]}"#,
+        expect: &[(
+            "routes[0].allowed_origins[1]",
+            Code::WILDCARD_WITH_CREDENTIALS,
+        )],
+        accepted: false,
+    },
+    Case {
+        name: "route_credentials_with_inherited_wildcard_origin_is_refused",
+        policy: r#"{"allowed_origins":["*"],"routes":[{"path":"/api/","allow_credentials":true}]}"#,
+        expect: &[(
+            "routes[0].allow_credentials",
+            Code::WILDCARD_WITH_CREDENTIALS,
+        )],
+        accepted: false,
+    },
+    Case {
+        name: "route_credentials_with_inherited_wildcard_methods_is_refused",
+        policy: r#"{"allowed_origins":["https://a.com"],"allowed_methods":["*"],"exposed_headers":["*"],
+            "routes":[{"path":"/api/","allow_credentials":true}]}"#,
+        expect: &[
+            (
+                "routes[0].allow_credentials",
+                Code::CREDENTIALS_WITH_WILDCARD_METHODS,
+            ),
+            (
+                "routes[0].allow_credentials",
+                Code::CREDENTIALS_WITH_WILDCARD_EXPOSED_HEADERS,
+            ),
+        ],
+        accepted: false,
+    },
+    Case {
+        name: "route_private_network_with_inherited_wildcard_is_refused",
+        policy: r#"{"allowed_origins":["*"],"routes":[{"path":"/lan/","allow_private_network":true}]}"#,
+        expect: &[(
+            "routes[0].allow_private_network",
+            Code::PRIVATE_NETWORK_WITH_WILDCARD,
+        )],
+        accepted: false,
+    },
+    Case {
+        name: "a_route_that_takes_credentials_away_is_fine",
+        policy: r#"{"allowed_origins":["https://a.com"],"allow_credentials":true,
+            "routes":[{"path":"/public/","allowed_origins":["*"],"allow_credentials":false}]}"#,
+        expect: &[],
+        accepted: true,
+    },
+    Case {
+        name: "findings_of_inherited_fields_are_reported_once_at_the_top",
+        policy: r#"{"allowed_origins":["null","https://*.github.io"],"allowed_methods":["patch"],
+            "routes":[{"path":"/a/","max_age":60},{"path":"/b/","allow_credentials":true}]}"#,
+        expect: &[
+            ("allowed_origins[0]", Code::NULL_ORIGIN),
+            ("allowed_origins[1]", Code::WILDCARD_UNDER_PUBLIC_SUFFIX),
+            ("allowed_methods[0]", Code::LOWERCASE_METHOD),
+        ],
+        accepted: true,
+    },
+    Case {
+        name: "risky_route_origins_are_reported_under_the_route",
+        policy: r#"{"allowed_origins":["https://a.com"],"routes":[{"path":"/x/",
+            "allowed_origins":["https://a.com","null","http://b.com","regex:https://c.com","HTTPS://A.COM"]}]}"#,
+        expect: &[
+            ("routes[0].allowed_origins[1]", Code::NULL_ORIGIN),
+            ("routes[0].allowed_origins[2]", Code::INSECURE_ORIGIN),
+            ("routes[0].allowed_origins[3]", Code::REGEX_ORIGIN),
+            ("routes[0].allowed_origins[3]", Code::UNANCHORED_REGEX),
+            ("routes[0].allowed_origins[3]", Code::REGEX_UNESCAPED_DOT),
+            ("routes[0].allowed_origins[4]", Code::DUPLICATE_ENTRY),
+        ],
+        accepted: true,
+    },
+    Case {
+        name: "route_lists_are_checked_like_the_policys",
+        policy: r#"{"allowed_origins":["https://a.com"],"routes":[{"path":"/x/",
+            "allowed_origins":["https://a.com/path"],"allowed_methods":["patch","PUT","PUT"],
+            "allowed_headers":["x a","*"],"exposed_headers":["x-b","X-B"],"max_age":9000}]}"#,
+        expect: &[
+            ("routes[0].allowed_origins[0]", Code::INVALID_ORIGIN),
+            ("routes[0].allowed_methods[0]", Code::LOWERCASE_METHOD),
+            ("routes[0].allowed_methods[2]", Code::DUPLICATE_ENTRY),
+            ("routes[0].allowed_headers[0]", Code::INVALID_HEADER),
+            (
+                "routes[0].allowed_headers",
+                Code::WILDCARD_HEADERS_EXCLUDE_AUTHORIZATION,
+            ),
+            ("routes[0].exposed_headers[1]", Code::DUPLICATE_ENTRY),
+            ("routes[0].max_age", Code::MAX_AGE_ABOVE_BROWSER_CAP),
+        ],
+        accepted: false,
+    },
+    Case {
+        name: "a_route_without_origins_is_noted",
+        policy: r#"{"allowed_origins":["https://a.com"],"routes":[{"path":"/internal/","allowed_origins":[]}]}"#,
+        expect: &[("routes[0].allowed_origins", Code::NO_ORIGINS)],
+        accepted: true,
+    },
+    Case {
+        name: "a_route_that_overrides_nothing_is_noted",
+        policy: r#"{"allowed_origins":["https://a.com"],"routes":[{"path":"/api/"}]}"#,
+        expect: &[("routes[0]", Code::ROUTE_OVERRIDES_NOTHING)],
+        accepted: true,
+    },
+    Case {
+        name: "a_duplicate_route_path_is_refused",
+        policy: r#"{"allowed_origins":["https://a.com"],"routes":[
+            {"path":"/api/","max_age":1},{"path":"/b","max_age":1},{"path":"/api/","max_age":2}]}"#,
+        expect: &[("routes[2].path", Code::DUPLICATE_ROUTE)],
+        accepted: false,
+    },
+    Case {
+        name: "route_paths_that_differ_only_in_case_are_refused",
+        policy: r#"{"allowed_origins":["https://a.com"],"routes":[
+            {"path":"/Api/","max_age":1},{"path":"/api/","max_age":2}]}"#,
+        expect: &[("routes[1].path", Code::DUPLICATE_ROUTE)],
+        accepted: false,
+    },
+    Case {
+        name: "non_canonical_route_paths_are_refused",
+        policy: r#"{"allowed_origins":["https://a.com"],"routes":[
+            {"path":"api/","max_age":1},{"path":"/a/../b","max_age":1},{"path":"/a//b","max_age":1},
+            {"path":"/a%2Fb","max_age":1},{"path":"/a;b","max_age":1},{"path":"/a?x","max_age":1},
+            {"path":"/a\b","max_age":1},{"path":"/%61","max_age":1},{"path":"/a b","max_age":1},
+            {"path":"","max_age":1}]}"#,
+        expect: &[
+            ("routes[0].path", Code::INVALID_ROUTE_PATH),
+            ("routes[1].path", Code::INVALID_ROUTE_PATH),
+            ("routes[2].path", Code::INVALID_ROUTE_PATH),
+            ("routes[3].path", Code::INVALID_ROUTE_PATH),
+            ("routes[4].path", Code::INVALID_ROUTE_PATH),
+            ("routes[5].path", Code::INVALID_ROUTE_PATH),
+            ("routes[6].path", Code::INVALID_ROUTE_PATH),
+            ("routes[7].path", Code::INVALID_ROUTE_PATH),
+            ("routes[8].path", Code::INVALID_ROUTE_PATH),
+            ("routes[9].path", Code::INVALID_ROUTE_PATH),
+        ],
+        accepted: false,
+    },
+    Case {
+        name: "findings_sort_by_route_after_the_policys_own",
+        policy: r#"{"allowed_origins":["null"],"routes":[
+            {"path":"/b/","max_age":9000,"allowed_origins":["null"]},
+            {"path":"/a/","allowed_headers":["*"]},
+            {"path":"/a/"}]}"#,
+        expect: &[
+            ("allowed_origins[0]", Code::NULL_ORIGIN),
+            ("routes[0].allowed_origins[0]", Code::NULL_ORIGIN),
+            ("routes[0].max_age", Code::MAX_AGE_ABOVE_BROWSER_CAP),
+            (
+                "routes[1].allowed_headers",
+                Code::WILDCARD_HEADERS_EXCLUDE_AUTHORIZATION,
+            ),
+            ("routes[2]", Code::ROUTE_OVERRIDES_NOTHING),
+            ("routes[2].path", Code::DUPLICATE_ROUTE),
+        ],
+        accepted: false,
+    },
 ];
 
 fn spec(json: &str) -> PolicySpec {
@@ -378,6 +549,60 @@ fn canonical_policy_is_stable() {
 }
 
 #[test]
+fn a_policy_without_routes_is_stored_as_before() {
+    // Stored policies and audit hashes hold this JSON: a policy without routes must not
+    // change it.
+    let plain = spec(r#"{"allowed_origins":["https://a.com"],"max_age":5}"#);
+    assert_eq!(
+        serde_json::to_string(&plain).unwrap(),
+        r#"{"service":"svc","allowed_origins":["https://a.com"],"allowed_methods":[],"allowed_headers":[],"exposed_headers":[],"allow_credentials":false,"max_age":5,"allow_private_network":false,"mode":"standard"}"#
+    );
+    let with_route = spec(
+        r#"{"allowed_origins":["https://a.com"],"routes":[{"path":"/api/","allow_credentials":true}]}"#,
+    );
+    let json = serde_json::to_string(&with_route).unwrap();
+    assert!(
+        json.ends_with(
+            r#""mode":"standard","routes":[{"path":"/api/","allow_credentials":true}]}"#
+        ),
+        "{json}"
+    );
+    assert_eq!(
+        serde_json::from_str::<PolicySpec>(&json).unwrap(),
+        with_route
+    );
+    let unknown = r#"{"service":"svc","routes":[{"path":"/a/","allowed_origin":["x"]}]}"#;
+    assert!(serde_json::from_str::<PolicySpec>(unknown).is_err());
+}
+
+#[test]
+fn canonical_routes_are_stable() {
+    let spec = spec(
+        r#"{"allowed_origins":["https://a.com"],"routes":[{"path":"/api/",
+            "allowed_origins":["HTTPS://B.com:443","https://b.com"],"allowed_headers":["X-A","x-a"]}]}"#,
+    );
+    let policy = Policy::check(&spec, &[] as &[&str]).unwrap().policy;
+    let route = &policy.spec().routes[0];
+    assert_eq!(
+        route.allowed_origins.as_deref(),
+        Some(&["https://b.com".to_owned()][..])
+    );
+    assert_eq!(
+        route.allowed_headers.as_deref(),
+        Some(&["X-A".to_owned()][..])
+    );
+    assert_eq!(route.allowed_methods, None);
+    let again = Policy::check(policy.spec(), &[] as &[&str]).unwrap().policy;
+    assert_eq!(again, policy);
+    // A route's effective rules: its own fields, the policy's for the rest.
+    let effective = policy.spec().effective(0).unwrap();
+    assert_eq!(effective.allowed_origins, ["https://b.com"]);
+    assert_eq!(effective.allowed_headers, ["X-A"]);
+    assert!(effective.routes.is_empty());
+    assert!(policy.spec().effective(1).is_none());
+}
+
+#[test]
 fn limits_are_enforced() {
     let many: Vec<String> = (0..20_001)
         .map(|i| format!("https://h{i}.example.com"))
@@ -419,6 +644,58 @@ fn limits_are_enforced() {
     let spec = PolicySpec {
         service: "svc".into(),
         allowed_origins: big,
+        ..PolicySpec::default()
+    };
+    assert!(
+        lint(&spec)
+            .1
+            .iter()
+            .any(|f| f.code == Code::POLICY_TOO_LARGE)
+    );
+
+    let route = |path: String| corsair_policy::RouteSpec {
+        path,
+        max_age: Some(1),
+        ..Default::default()
+    };
+    let spec = PolicySpec {
+        service: "svc".into(),
+        routes: (0..1001).map(|i| route(format!("/r{i}/"))).collect(),
+        ..PolicySpec::default()
+    };
+    let (policy, findings) = lint(&spec);
+    assert!(policy.is_none());
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.code == Code::TOO_MANY_ENTRIES && f.field == "routes")
+    );
+    let spec = PolicySpec {
+        service: "svc".into(),
+        routes: (0..1000).map(|i| route(format!("/r{i}/"))).collect(),
+        ..PolicySpec::default()
+    };
+    assert!(lint(&spec).0.is_some());
+
+    let spec = PolicySpec {
+        service: "svc".into(),
+        routes: vec![route(format!("/{}", "a".repeat(1024)))],
+        ..PolicySpec::default()
+    };
+    assert_eq!(lint(&spec).1[1].code, Code::INVALID_ROUTE_PATH);
+
+    // Route entries count toward the size of the policy.
+    let big: Vec<String> = (0..9_000)
+        .map(|i| format!("https://{}{i}.example.com", "h".repeat(60)))
+        .collect();
+    let spec = PolicySpec {
+        service: "svc".into(),
+        allowed_origins: big.clone(),
+        routes: vec![corsair_policy::RouteSpec {
+            path: "/a/".into(),
+            allowed_origins: Some(big),
+            ..Default::default()
+        }],
         ..PolicySpec::default()
     };
     assert!(

@@ -126,7 +126,7 @@ impl PolicySet {
             let used: std::collections::HashSet<&str> = current
                 .services
                 .values()
-                .flat_map(|a| a.compiled.policy().sets().iter().map(|(_, s)| s.name()))
+                .flat_map(|a| a.compiled.policy().all_sets().map(|s| s.name()))
                 .collect();
             let sets: HashMap<String, HeldSet> = current
                 .sets

@@ -541,10 +541,13 @@ fn handle<'a>(
         // The decision borrows the snapshot's compiled policy, which `snapshot` keeps alive.
         let cors = match active {
             Some(active) => {
+                // The target as the upstream will get it picks the route.
+                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
                 let request = CorsRequest::new(req.method(), req.headers())
-                    .with_own_origin(config.public_scheme, authority);
+                    .with_own_origin(config.public_scheme, authority)
+                    .with_path(target);
                 let decision = active.compiled.decide(&request);
-                let shadow = active.compiled.policy().mode() == Mode::Shadow;
+                let shadow = active.compiled.mode(&decision) == Mode::Shadow;
                 let outcome = match (decision.allowed, shadow) {
                     (true, _) => Outcome::Allowed,
                     (false, false) => Outcome::Denied,
@@ -966,10 +969,14 @@ fn log_denial(
     let Some(suppressed) = config.observer.denials.admit() else {
         return;
     };
+    let route = decision.route.map_or("", |i| {
+        compiled.policy().spec().routes[i.get()].path.as_str()
+    });
     tracing::info!(
         service = %config.service,
         kind = decision.kind.as_str(),
         reason = decision.reason.class(),
+        route,
         suppressed,
         "{}",
         compiled.describe(request, decision),

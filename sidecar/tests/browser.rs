@@ -1,6 +1,6 @@
 //! What a real browser allows through the sidecar: headless Chromium loads a page from one
 //! origin, and the page fetches from sidecars on other origins (same host, other ports) and
-//! reports what the browser let its script see.
+//! reports what the browser let its script see, per-route rules included.
 //!
 //! Needs Debian's `chromium` (or `CORSAIR_CHROMIUM`). Without it the test skips (see
 //! [`support::skip`]), or fails under `CI=true`.
@@ -79,7 +79,13 @@ async fn upstream(seen: Arc<Mutex<Vec<String>>>) -> SocketAddr {
                 .map(|c| c.to_str().unwrap().to_owned())
                 .unwrap_or_default();
             let request_id = ("x-request-id", "rid-42".to_owned());
-            match req.uri().path() {
+            // The same resources under the routes' prefixes.
+            let path = req.uri().path();
+            let path = ["/api", "/public"]
+                .iter()
+                .find_map(|prefix| path.strip_prefix(prefix))
+                .unwrap_or(path);
+            match path {
                 "/set-cookie" => reply(
                     StatusCode::OK,
                     &[("set-cookie", "session=s3cr3t; Path=/; SameSite=Lax".into())],
@@ -150,7 +156,7 @@ const PAGE: &str = r#"<!doctype html>
 <meta charset="utf-8">
 <title>corsair browser checks</title>
 <script>
-const SHOP = "__SHOP__", PLAIN = "__PLAIN__", CLOSED = "__CLOSED__";
+const SHOP = "__SHOP__", PLAIN = "__PLAIN__", CLOSED = "__CLOSED__", ROUTED = "__ROUTED__";
 const results = {};
 let n = 0;
 // Every URL is distinct, so no preflight or response cache answers for the sidecar.
@@ -189,6 +195,18 @@ async function swap(to) {
     { method: "PUT", headers: { "X-Custom": "1" }, body: "{}" })));
   await swap("open");
   await check("after_swap_open", async () => text(await fetch(url(SHOP, "/data"))));
+  // One sidecar, per-route rules: `/public/` is open to any origin without credentials,
+  // `/api/` to this page's origin with them; the rest to another origin.
+  await check("route_public_get", async () => text(await fetch(url(ROUTED, "/public/data"))));
+  await check("route_public_credentials_refused", async () =>
+    text(await fetch(url(ROUTED, "/public/echo-cookie"), { credentials: "include" })));
+  await check("route_public_preflight_refused", async () => text(await fetch(url(ROUTED, "/public/data"),
+    { method: "PUT", headers: { "X-Custom": "1" }, body: "{}" })));
+  await check("route_api_credentials", async () =>
+    text(await fetch(url(ROUTED, "/api/echo-cookie"), { credentials: "include" })));
+  await check("route_api_preflighted_put", async () => text(await fetch(url(ROUTED, "/api/data"),
+    { method: "PUT", headers: { "X-Custom": "1" }, body: "{}", credentials: "include" })));
+  await check("route_none_matches", async () => text(await fetch(url(ROUTED, "/data"))));
  } catch (e) {
   // The test then fails on this entry instead of waiting for a report that never comes.
   results.page_error = String(e);
@@ -240,10 +258,42 @@ async fn the_browser_allows_exactly_what_the_policy_says() {
     )
     .await;
 
+    let list = |values: &[&str]| {
+        Some(v1::StringList {
+            values: values.iter().map(|s| s.to_string()).collect(),
+        })
+    };
+    let (routed, _) = sidecar(
+        up,
+        v1::Policy {
+            service: "routed".into(),
+            allowed_origins: vec!["https://elsewhere.example".into()],
+            max_age_seconds: Some(0),
+            routes: vec![
+                v1::Route {
+                    path: "/public/".into(),
+                    allowed_origins: list(&["*"]),
+                    ..Default::default()
+                },
+                v1::Route {
+                    path: "/api/".into(),
+                    allowed_origins: list(&[&page_origin]),
+                    allowed_methods: list(&["PUT"]),
+                    allowed_headers: list(&["x-custom"]),
+                    allow_credentials: Some(true),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+
     let page = PAGE
         .replace("__SHOP__", &shop)
         .replace("__PLAIN__", &plain)
-        .replace("__CLOSED__", &closed_url);
+        .replace("__CLOSED__", &closed_url)
+        .replace("__ROUTED__", &routed);
     let (results_tx, mut results_rx) = mpsc::channel::<String>(1);
     let revision = Arc::new(Mutex::new(1));
     let page_server = {
@@ -338,6 +388,12 @@ async fn the_browser_allows_exactly_what_the_policy_says() {
         ("after_swap_closed", "blocked: TypeError"),
         ("after_swap_closed_put", "blocked: TypeError"),
         ("after_swap_open", "200 hello"),
+        ("route_public_get", "200 hello"),
+        ("route_public_credentials_refused", "blocked: TypeError"),
+        ("route_public_preflight_refused", "blocked: TypeError"),
+        ("route_api_credentials", "200 cookie=session=s3cr3t"),
+        ("route_api_preflighted_put", "200 hello"),
+        ("route_none_matches", "blocked: TypeError"),
     ]
     .into_iter()
     .collect();
@@ -351,9 +407,6 @@ async fn the_browser_allows_exactly_what_the_policy_says() {
     // none of the refused preflights' PUTs.
     let seen = seen.lock().unwrap().clone();
     assert!(!seen.iter().any(|s| s.starts_with("OPTIONS")), "{seen:?}");
-    assert_eq!(
-        seen.iter().filter(|s| s.starts_with("PUT")).count(),
-        1,
-        "{seen:?}"
-    );
+    let puts: Vec<&String> = seen.iter().filter(|s| s.starts_with("PUT")).collect();
+    assert_eq!(puts, ["PUT /data", "PUT /api/data"], "{seen:?}");
 }

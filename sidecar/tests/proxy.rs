@@ -501,6 +501,169 @@ async fn actual_requests_get_the_policy_headers_over_the_upstream_ones() {
     assert_eq!(headers["access-control-allow-origin"], APP);
 }
 
+/// `/public/` open to any origin, `/api/` to the admin origin with credentials (enforced),
+/// the rest to `APP`.
+fn routed_policy(revision: i64) -> v1::DiscoveryResponse {
+    let list = |values: &[&str]| {
+        Some(v1::StringList {
+            values: values.iter().map(|s| s.to_string()).collect(),
+        })
+    };
+    v1::DiscoveryResponse {
+        revision,
+        snapshot: true,
+        upserts: vec![v1::Policy {
+            service: "shop".into(),
+            allowed_origins: vec![APP.into()],
+            routes: vec![
+                v1::Route {
+                    path: "/public/".into(),
+                    allowed_origins: list(&["*"]),
+                    ..Default::default()
+                },
+                v1::Route {
+                    path: "/api/".into(),
+                    allowed_origins: list(&[ADMIN]),
+                    allow_credentials: Some(true),
+                    allowed_methods: list(&["DELETE"]),
+                    mode: Some(v1::PolicyMode::Enforce as i32),
+                    ..Default::default()
+                },
+            ],
+            revision,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+const ADMIN: &str = "https://admin.example.com";
+const EVIL: &str = "https://evil.example";
+
+/// Each path gets its route's answer, preflights by their own path, over HTTP/1 and HTTP/2;
+/// a path that servers read differently gets none, and reaches the upstream as it was sent.
+#[tokio::test]
+async fn routes_give_each_path_its_own_answer() {
+    let (up, hits) = upstream().await;
+    let sidecar = Sidecar::start(up, NoPolicy::Deny).await;
+    sidecar.set.apply(&routed_policy(1)).unwrap();
+    let h2 = || {
+        Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http()
+    };
+    let h1 = || Client::builder(TokioExecutor::new()).build_http();
+    for client in [h1(), h2()] {
+        let (status, headers, _) = sidecar
+            .send_with(
+                client.clone(),
+                Method::GET,
+                "/public/logo.png",
+                &[("origin", EVIL)],
+                "",
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["access-control-allow-origin"], "*");
+        assert!(headers.get("access-control-allow-credentials").is_none());
+
+        let (_, headers, _) = sidecar
+            .send_with(
+                client.clone(),
+                Method::GET,
+                "/api/orders",
+                &[("origin", ADMIN)],
+                "",
+            )
+            .await;
+        assert_eq!(headers["access-control-allow-origin"], ADMIN);
+        assert_eq!(headers["access-control-allow-credentials"], "true");
+        // The enforced route refuses another origin before the upstream.
+        let before = hits.load(Ordering::SeqCst);
+        let (status, _, _) = sidecar
+            .send_with(
+                client.clone(),
+                Method::GET,
+                "/api/orders",
+                &[("origin", APP)],
+                "",
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(hits.load(Ordering::SeqCst), before);
+        // The policy's own rules elsewhere.
+        let (_, headers, _) = sidecar
+            .send_with(
+                client.clone(),
+                Method::GET,
+                "/orders",
+                &[("origin", APP)],
+                "",
+            )
+            .await;
+        assert_eq!(headers["access-control-allow-origin"], APP);
+
+        // Preflights are matched by their own path.
+        let preflight = |path: &'static str, origin: &'static str| {
+            let client = client.clone();
+            let sidecar = &sidecar;
+            async move {
+                sidecar
+                    .send_with(
+                        client,
+                        Method::OPTIONS,
+                        path,
+                        &[
+                            ("origin", origin),
+                            ("access-control-request-method", "DELETE"),
+                        ],
+                        "",
+                    )
+                    .await
+            }
+        };
+        let (status, headers, _) = preflight("/api/orders/7", ADMIN).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert_eq!(headers["access-control-allow-methods"], "DELETE");
+        assert_eq!(headers["access-control-allow-credentials"], "true");
+        let (status, headers, _) = preflight("/public/orders/7", ADMIN).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert!(
+            headers.get("access-control-allow-origin").is_none(),
+            "{headers:?}"
+        );
+    }
+
+    // A path the upstream may read as under `/api/`, sent to look like `/public/`: no CORS
+    // headers (the policy enforces a route, so 403), never the public `*`.
+    for path in [
+        "/public/..%2Fapi/orders",
+        "/public/..;/api/orders",
+        "//api/orders",
+        "/API/orders",
+    ] {
+        let (status, headers, _) = sidecar
+            .send(Method::GET, path, &[("origin", EVIL)], "")
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        assert!(
+            headers.get("access-control-allow-origin").is_none(),
+            "{path}"
+        );
+    }
+    // Without an Origin it is not CORS, and goes through as it was sent.
+    let (status, headers, _) = sidecar
+        .send(Method::GET, "/public/..%2Fapi/orders?x=1", &[], "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-saw-uri"], "/public/..%2Fapi/orders?x=1");
+    assert!(headers.get("access-control-allow-origin").is_none());
+    let metrics = sidecar.observer.metrics.render(&sidecar.set, None);
+    let line =
+        r#"corsair_sidecar_requests_total{kind="actual",outcome="denied",reason="malformed"} 4"#;
+    assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+}
+
 #[tokio::test]
 async fn enforce_mode_blocks_before_the_upstream() {
     let (up, hits) = upstream().await;

@@ -508,7 +508,7 @@ impl Discovery {
                         Some(p) => {
                             let commit = p.update_time.as_ref().map(crate::convert::micros);
                             committed_at = committed_at.max(commit);
-                            for name in crate::cache::referenced(&p.allowed_origins) {
+                            for name in crate::cache::referenced(p) {
                                 let Some(set) = snap.sets.get(&name) else {
                                     continue;
                                 };

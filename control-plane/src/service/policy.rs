@@ -216,8 +216,8 @@ fn no_policy(service: &str, hint: &str) -> WriteError {
     )
 }
 
-/// Fields an update mask may name (wire names).
-const MASK_FIELDS: [&str; 8] = [
+/// Fields an update mask may name (wire names). `routes` is the whole list.
+const MASK_FIELDS: [&str; 9] = [
     "allowed_origins",
     "allowed_methods",
     "allowed_headers",
@@ -226,6 +226,7 @@ const MASK_FIELDS: [&str; 8] = [
     "max_age_seconds",
     "allow_private_network",
     "mode",
+    "routes",
 ];
 
 /// Applies the masked fields of `incoming` onto `base`. No mask, or `*`, replaces everything.
@@ -244,6 +245,7 @@ fn apply_mask(base: &PolicySpec, incoming: &PolicySpec, mask: &[String]) -> Poli
             "max_age_seconds" => out.max_age = incoming.max_age,
             "allow_private_network" => out.allow_private_network = incoming.allow_private_network,
             "mode" => out.mode = incoming.mode,
+            "routes" => out.routes = incoming.routes.clone(),
             _ => {}
         }
     }
@@ -308,9 +310,8 @@ impl PolicyService for Policies {
                 )
             })?;
             wire.effective_revision = policy
-                .sets()
-                .iter()
-                .filter_map(|(_, set)| sets.revision(set.name()))
+                .all_sets()
+                .filter_map(|set| sets.revision(set.name()))
                 .fold(stored.revision, i64::max);
             wire.effective_origins = policy
                 .effective_origins()
@@ -784,9 +785,13 @@ fn explain(
         }
     };
     let authority = (!explained.host.is_empty()).then_some(explained.host.as_str());
-    let cors_request = CorsRequest::new(&method, &headers).with_own_origin(scheme, authority);
+    let cors_request = CorsRequest::new(&method, &headers)
+        .with_own_origin(scheme, authority)
+        .with_path(&explained.path);
     let decision = engine.decide(&cors_request);
     let mut reason = engine.describe(&cors_request, &decision);
+    let spec = engine.policy().spec();
+    let route = decision.route.map(|i| &spec.routes[i.get()]);
 
     let response_headers = decision
         .headers
@@ -801,7 +806,10 @@ fn explain(
         && decision.kind != corsair_policy::Kind::SameOrigin
         && decision.kind != corsair_policy::Kind::NotCors
     {
-        if !engine.policy().spec().allow_credentials {
+        if !route
+            .and_then(|r| r.allow_credentials)
+            .unwrap_or(spec.allow_credentials)
+        {
             allowed = false;
             reason.push_str("; but the request carries credentials and the policy does not allow them, so the browser blocks it");
         } else if response_headers
@@ -840,5 +848,6 @@ fn explain(
             .collect(),
         revision,
         findings: findings.iter().map(finding_to_proto).collect(),
+        route: route.map(|r| r.path.clone()).unwrap_or_default(),
     })
 }

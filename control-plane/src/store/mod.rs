@@ -884,6 +884,7 @@ pub fn changed_fields(before: Option<&PolicySpec>, after: &PolicySpec) -> Vec<St
         b.allow_private_network != after.allow_private_network,
     );
     diff("mode", b.mode != after.mode);
+    diff("routes", b.routes != after.routes);
     fields
 }
 
