@@ -212,3 +212,46 @@ fn the_engine_allows_a_sets_entries_and_names_where_they_came_from() {
     assert_eq!(engine.set_entry(0, "https://app.example.com"), None);
     assert_eq!(decide("https://evil.example").0, Reason::OriginNotAllowed);
 }
+
+#[test]
+fn a_route_may_take_its_origins_from_a_set() {
+    let known = sets(&[set("partners", &["https://p.example.com"])]);
+    let lookup = |name: &str| known.get(name).cloned();
+    let spec = PolicySpec {
+        routes: vec![corsair_policy::RouteSpec {
+            path: "/partners/".into(),
+            allowed_origins: Some(vec!["set:partners".into()]),
+            ..Default::default()
+        }],
+        ..policy(&["https://app.example.com"])
+    };
+    assert_eq!(spec.origin_set_refs(), ["partners"]);
+    // Unresolved, the route's reference is refused with its field.
+    let (none, findings) = corsair_policy::lint(&spec);
+    assert!(none.is_none());
+    assert!(
+        codes(&findings).contains(&(
+            "routes[0].allowed_origins[0]".into(),
+            Code::UNKNOWN_ORIGIN_SET
+        )),
+        "{findings:?}"
+    );
+    let policy = Policy::check_with_sets(&spec, &[] as &[&str], &lookup)
+        .unwrap()
+        .policy;
+    assert_eq!(policy.all_sets().count(), 1);
+    let engine = CompiledPolicy::new(policy);
+    let allowed = |origin: &str, path: &str| {
+        let mut h = HeaderMap::new();
+        h.insert("origin", HeaderValue::from_str(origin).unwrap());
+        let req = Request::new(&Method::GET, &h).with_path(path);
+        let d = engine.decide(&req);
+        (d.allowed, engine.describe(&req, &d))
+    };
+    let (ok, text) = allowed("https://p.example.com", "/partners/orders");
+    assert!(ok, "{text}");
+    assert!(text.contains("from set:partners"), "{text}");
+    assert!(!allowed("https://p.example.com", "/orders").0);
+    assert!(!allowed("https://app.example.com", "/partners/orders").0);
+    assert!(allowed("https://app.example.com", "/orders").0);
+}

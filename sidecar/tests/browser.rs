@@ -100,11 +100,19 @@ async fn upstream(seen: Arc<Mutex<Vec<String>>>) -> SocketAddr {
 
 /// A sidecar in front of `upstream` enforcing `policy`.
 async fn sidecar(upstream: SocketAddr, policy: v1::Policy) -> (String, Arc<PolicySet>) {
+    sidecar_from(upstream, snapshot(1, policy)).await
+}
+
+/// A sidecar in front of `upstream` enforcing what `first` brings.
+async fn sidecar_from(
+    upstream: SocketAddr,
+    first: v1::DiscoveryResponse,
+) -> (String, Arc<PolicySet>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let set = Arc::new(PolicySet::default());
-    let service = policy.service.clone();
-    set.apply(&snapshot(1, policy)).unwrap();
+    let service = first.upserts[0].service.clone();
+    set.apply(&first).unwrap();
     let config = ProxyConfig {
         upstream: upstream.to_string().parse().unwrap(),
         service,
@@ -121,6 +129,25 @@ async fn sidecar(upstream: SocketAddr, policy: v1::Policy) -> (String, Arc<Polic
         std::future::pending(),
     ));
     (format!("http://{addr}"), set)
+}
+
+/// The origin set `frontends` as the control plane sends it: whole (`base` 0), or as the
+/// delta from `base` that adds `added`.
+fn frontends(revision: i64, base: i64, all: &[&str], added: &[&str]) -> v1::OriginSetContent {
+    let mut all: Vec<String> = all.iter().map(|s| s.to_string()).collect();
+    all.sort();
+    v1::OriginSetContent {
+        name: "frontends".into(),
+        revision,
+        digest: corsair_policy::origin_set::digest(&all).to_vec(),
+        base_revision: base,
+        added: if base == 0 {
+            all
+        } else {
+            added.iter().map(|s| s.to_string()).collect()
+        },
+        removed: Vec::new(),
+    }
 }
 
 fn snapshot(revision: i64, policy: v1::Policy) -> v1::DiscoveryResponse {
@@ -156,7 +183,8 @@ const PAGE: &str = r#"<!doctype html>
 <meta charset="utf-8">
 <title>corsair browser checks</title>
 <script>
-const SHOP = "__SHOP__", PLAIN = "__PLAIN__", CLOSED = "__CLOSED__", ROUTED = "__ROUTED__";
+const SHOP = "__SHOP__", PLAIN = "__PLAIN__", CLOSED = "__CLOSED__", ROUTED = "__ROUTED__",
+  FRONTENDS = "__FRONTENDS__";
 const results = {};
 let n = 0;
 // Every URL is distinct, so no preflight or response cache answers for the sidecar.
@@ -207,6 +235,11 @@ async function swap(to) {
   await check("route_api_preflighted_put", async () => text(await fetch(url(ROUTED, "/api/data"),
     { method: "PUT", headers: { "X-Custom": "1" }, body: "{}", credentials: "include" })));
   await check("route_none_matches", async () => text(await fetch(url(ROUTED, "/data"))));
+  // A policy that takes its origins from an origin set; then the set gains this page's
+  // origin, as a delta, with no restart.
+  await check("set_before", async () => text(await fetch(url(FRONTENDS, "/data"))));
+  await swap("set");
+  await check("set_after", async () => text(await fetch(url(FRONTENDS, "/data"))));
  } catch (e) {
   // The test then fails on this entry instead of waiting for a report that never comes.
   results.page_error = String(e);
@@ -289,7 +322,41 @@ async fn the_browser_allows_exactly_what_the_policy_says() {
     )
     .await;
 
+    let uses_set = v1::Policy {
+        service: "corp".into(),
+        allowed_origins: vec!["set:frontends".into()],
+        revision: 1,
+        effective_revision: 1,
+        ..Default::default()
+    };
+    let (frontends_url, frontends_set) = sidecar_from(
+        up,
+        v1::DiscoveryResponse {
+            revision: 1,
+            snapshot: true,
+            upserts: vec![uses_set.clone()],
+            origin_sets: vec![frontends(1, 0, &["https://elsewhere.example"], &[])],
+            ..Default::default()
+        },
+    )
+    .await;
+    let set_write = v1::DiscoveryResponse {
+        revision: 2,
+        upserts: vec![v1::Policy {
+            effective_revision: 2,
+            ..uses_set
+        }],
+        origin_sets: vec![frontends(
+            2,
+            1,
+            &["https://elsewhere.example", &page_origin],
+            &[&page_origin],
+        )],
+        ..Default::default()
+    };
+
     let page = PAGE
+        .replace("__FRONTENDS__", &frontends_url)
         .replace("__SHOP__", &shop)
         .replace("__PLAIN__", &plain)
         .replace("__CLOSED__", &closed_url)
@@ -305,6 +372,7 @@ async fn the_browser_allows_exactly_what_the_policy_says() {
                 shop_set.clone(),
                 revision.clone(),
             );
+            let (frontends_set, set_write) = (frontends_set.clone(), set_write.clone());
             let (open, closed) = (open.clone(), closed.clone());
             async move {
                 let path = req.uri().path().to_owned();
@@ -315,6 +383,10 @@ async fn the_browser_allows_exactly_what_the_policy_says() {
                         &[("content-type", "text/html".into())],
                         page.to_string(),
                     ),
+                    "/swap" if query == "to=set" => {
+                        frontends_set.apply(&set_write).unwrap();
+                        reply(StatusCode::OK, &[], "swapped")
+                    }
                     "/swap" => {
                         let policy = if query == "to=closed" { closed } else { open };
                         let mut revision = revision.lock().unwrap();
@@ -394,6 +466,8 @@ async fn the_browser_allows_exactly_what_the_policy_says() {
         ("route_api_credentials", "200 cookie=session=s3cr3t"),
         ("route_api_preflighted_put", "200 hello"),
         ("route_none_matches", "blocked: TypeError"),
+        ("set_before", "blocked: TypeError"),
+        ("set_after", "200 hello"),
     ]
     .into_iter()
     .collect();
