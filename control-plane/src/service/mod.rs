@@ -77,6 +77,40 @@ pub struct Shared {
 }
 
 /// Refuses a write's `reason` longer than the audit log keeps.
+/// The paths of an update mask, refused (`INVALID_UPDATE_MASK`) when one names a field that
+/// is not in `fields` (`*` stands for all of them).
+pub(crate) fn mask_paths(
+    mask: Option<&prost_types::FieldMask>,
+    fields: &[&str],
+) -> Result<Vec<String>, crate::store::WriteError> {
+    let paths = mask.map(|m| m.paths.clone()).unwrap_or_default();
+    match paths
+        .iter()
+        .find(|p| *p != "*" && !fields.contains(&p.as_str()))
+    {
+        Some(unknown) => Err(crate::store::WriteError::bad_request(
+            "update_mask",
+            format!(
+                "unknown field {unknown:?}; updatable fields: {}",
+                fields.join(", ")
+            ),
+        )),
+        None => Ok(paths),
+    }
+}
+
+/// Whether a caller's etag names `current`, with or without the double quotes around it
+/// (AIP-154 etags are quoted strings, and clients send them either way).
+pub(crate) fn same_etag(given: &str, current: &str) -> bool {
+    let unquoted = |e: &str| {
+        e.strip_prefix('"')
+            .and_then(|e| e.strip_suffix('"'))
+            .unwrap_or(e)
+            .to_owned()
+    };
+    unquoted(given) == unquoted(current)
+}
+
 pub(crate) fn check_reason(reason: &str) -> Result<(), crate::store::WriteError> {
     use crate::store::caps::REASON;
     if reason.len() > REASON {

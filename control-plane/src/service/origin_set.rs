@@ -231,7 +231,7 @@ fn check_etag(
         return Ok(());
     }
     let current_etag = current.etag();
-    if etag.trim_matches('"') != current_etag.trim_matches('"') {
+    if !super::same_etag(etag, &current_etag) {
         return Err(WriteError::Conflict {
             message: format!(
                 "etag {etag} is stale: originSets/{} is now at revision {} (etag {current_etag}); read it again and retry",
@@ -385,33 +385,16 @@ impl OriginSetService for OriginSets {
     ) -> Result<Response<v1::OriginSet>, Status> {
         let req = request.get_ref();
         let findings = Arc::new(Mutex::new(Vec::new()));
-        let mask: Vec<String> = req
-            .update_mask
-            .as_ref()
-            .map(|m| m.paths.clone())
-            .unwrap_or_default();
         let parsed = match req.origin_set.as_ref() {
             None => Err(WriteError::bad_request("origin_set", "required")),
             Some(set) => spec_from_wire(set).map(|spec| (spec, set.etag.clone())),
         }
         .and_then(|parsed| {
-            match mask
-                .iter()
-                .find(|p| *p != "*" && !MASK_FIELDS.contains(&p.as_str()))
-            {
-                Some(unknown) => Err(WriteError::bad_request(
-                    "update_mask",
-                    format!(
-                        "unknown field {unknown:?}; updatable fields: {}",
-                        MASK_FIELDS.join(", ")
-                    ),
-                )),
-                None => Ok(parsed),
-            }
+            super::mask_paths(req.update_mask.as_ref(), &MASK_FIELDS).map(|mask| (parsed, mask))
         });
         let (name, planner): (String, SetPlanner) = match parsed {
             Err(e) => (String::new(), refuse(e)),
-            Ok((spec, etag)) => {
+            Ok(((spec, etag), mask)) => {
                 let acknowledged = req.acknowledged_risks.clone();
                 let allow_missing = req.allow_missing;
                 let out = findings.clone();

@@ -186,7 +186,7 @@ fn check_etag(
         return Ok(());
     }
     let current_etag = current.etag();
-    if unquoted(etag) != unquoted(&current_etag) {
+    if !super::same_etag(etag, &current_etag) {
         return Err(WriteError::Conflict {
             message: format!(
                 "etag {etag} is stale: the policy of {} is now at revision {} (etag {current_etag}); read it again and retry",
@@ -197,14 +197,6 @@ fn check_etag(
         });
     }
     Ok(())
-}
-
-/// An etag without the double quotes around it (AIP-154 etags are quoted strings, and
-/// clients send them either way).
-fn unquoted(etag: &str) -> &str {
-    etag.strip_prefix('"')
-        .and_then(|e| e.strip_suffix('"'))
-        .unwrap_or(etag)
 }
 
 /// A service that has no policy.
@@ -418,29 +410,12 @@ impl PolicyService for Policies {
     ) -> Result<Response<v1::Policy>, Status> {
         let req = request.get_ref();
         let findings = Arc::new(Mutex::new(Vec::new()));
-        let mask: Vec<String> = req
-            .update_mask
-            .as_ref()
-            .map(|m| m.paths.clone())
-            .unwrap_or_default();
         let parsed = match req.policy.as_ref() {
             None => Err(WriteError::bad_request("policy", "required")),
             Some(p) => spec_from_proto(p).map(|spec| (spec, p.etag.clone())),
         }
         .and_then(|parsed| {
-            match mask
-                .iter()
-                .find(|p| *p != "*" && !MASK_FIELDS.contains(&p.as_str()))
-            {
-                Some(unknown) => Err(WriteError::bad_request(
-                    "update_mask",
-                    format!(
-                        "unknown field {unknown:?}; updatable fields: {}",
-                        MASK_FIELDS.join(", ")
-                    ),
-                )),
-                None => Ok(parsed),
-            }
+            super::mask_paths(req.update_mask.as_ref(), &MASK_FIELDS).map(|mask| (parsed, mask))
         });
         let (service, planner): (String, Planner) = match parsed {
             Err(e) => (
@@ -450,7 +425,7 @@ impl PolicyService for Policies {
                     .unwrap_or_default(),
                 refuse(e),
             ),
-            Ok((spec, etag)) => {
+            Ok(((spec, etag), mask)) => {
                 let acknowledged = req.acknowledged_risks.clone();
                 let allow_missing = req.allow_missing;
                 let out = findings.clone();
