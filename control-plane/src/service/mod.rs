@@ -99,16 +99,43 @@ pub(crate) fn mask_paths(
     }
 }
 
-/// Whether a caller's etag names `current`, with or without the double quotes around it
-/// (AIP-154 etags are quoted strings, and clients send them either way).
-pub(crate) fn same_etag(given: &str, current: &str) -> bool {
+/// Checks a caller's etag against a resource's current one (`current_etag`, at
+/// `current_revision`), with or without the double quotes around it (AIP-154 etags are
+/// quoted strings, and clients send them either way). Empty means "no condition" unless
+/// `required`. `noun` names the kind of resource in the hint, `what` the resource itself.
+pub(crate) fn check_etag(
+    etag: &str,
+    required: bool,
+    field: &str,
+    (current_etag, current_revision): (String, i64),
+    noun: &str,
+    what: &str,
+) -> Result<(), crate::store::WriteError> {
+    if etag.is_empty() {
+        if required {
+            return Err(crate::store::WriteError::bad_request(
+                field,
+                format!("required: pass the etag of the {noun} being changed (compare-and-set)"),
+            ));
+        }
+        return Ok(());
+    }
     let unquoted = |e: &str| {
         e.strip_prefix('"')
             .and_then(|e| e.strip_suffix('"'))
             .unwrap_or(e)
             .to_owned()
     };
-    unquoted(given) == unquoted(current)
+    if unquoted(etag) != unquoted(&current_etag) {
+        return Err(crate::store::WriteError::Conflict {
+            message: format!(
+                "etag {etag} is stale: {what} is now at revision {current_revision} (etag {current_etag}); read it again and retry"
+            ),
+            current_etag,
+            current_revision,
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn check_reason(reason: &str) -> Result<(), crate::store::WriteError> {

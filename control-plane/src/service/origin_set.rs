@@ -214,34 +214,21 @@ fn validated_put(
     }
 }
 
-/// Checks a caller's etag against the current set, with or without quotes.
+/// Checks a caller's etag against the current set (see [`super::check_etag`]).
 fn check_etag(
     current: &StoredSet,
     etag: &str,
     required: bool,
     field: &str,
 ) -> Result<(), WriteError> {
-    if etag.is_empty() {
-        if required {
-            return Err(WriteError::bad_request(
-                field,
-                "required: pass the etag of the origin set being changed (compare-and-set)",
-            ));
-        }
-        return Ok(());
-    }
-    let current_etag = current.etag();
-    if !super::same_etag(etag, &current_etag) {
-        return Err(WriteError::Conflict {
-            message: format!(
-                "etag {etag} is stale: originSets/{} is now at revision {} (etag {current_etag}); read it again and retry",
-                current.spec.name, current.revision,
-            ),
-            current_etag,
-            current_revision: current.revision,
-        });
-    }
-    Ok(())
+    super::check_etag(
+        etag,
+        required,
+        field,
+        (current.etag(), current.revision),
+        "origin set",
+        &format!("originSets/{}", current.spec.name),
+    )
 }
 
 /// The wire set a read or write returns.

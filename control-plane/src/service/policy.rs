@@ -168,35 +168,21 @@ fn validated_put(
     }
 }
 
-/// Checks a caller's etag against the current policy, with or without its surrounding
-/// quotes. Empty means "no condition" unless `required`.
+/// Checks a caller's etag against the current policy (see [`super::check_etag`]).
 fn check_etag(
     current: &StoredPolicy,
     etag: &str,
     required: bool,
     field: &str,
 ) -> Result<(), WriteError> {
-    if etag.is_empty() {
-        if required {
-            return Err(WriteError::bad_request(
-                field,
-                "required: pass the etag of the policy being changed (compare-and-set)",
-            ));
-        }
-        return Ok(());
-    }
-    let current_etag = current.etag();
-    if !super::same_etag(etag, &current_etag) {
-        return Err(WriteError::Conflict {
-            message: format!(
-                "etag {etag} is stale: the policy of {} is now at revision {} (etag {current_etag}); read it again and retry",
-                current.spec.service, current.revision,
-            ),
-            current_etag,
-            current_revision: current.revision,
-        });
-    }
-    Ok(())
+    super::check_etag(
+        etag,
+        required,
+        field,
+        (current.etag(), current.revision),
+        "policy",
+        &format!("the policy of {}", current.spec.service),
+    )
 }
 
 /// A service that has no policy.
