@@ -2687,7 +2687,9 @@ async fn past_the_connection_limit_clients_wait_until_one_closes() {
     third
         .send(b"GET /third HTTP/1.1\r\nHost: shop\r\n\r\n")
         .await;
+    let limit = Deadline::new("the sidecar to count a connection past its limit");
     while sidecar.metric("corsair_sidecar_connection_limit_reached_total") == 0 {
+        limit.check("");
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     // Not answered while the two stay open.
